@@ -1,0 +1,94 @@
+"""Engine settings and per-request sampling settings.
+
+Both are pydantic models: they are built from user input (serve_config.yaml, HTTP bodies),
+so validation errors must be clear and early. Everything inside the engine reads them only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+PromptTemplate = Literal["auto", "chat", "alpaca"]
+
+
+class EngineConfig(BaseModel):
+    """How the engine loads its model and schedules work."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Built-in name, Hugging Face hub id, local checkpoint folder or .gguf file.",
+    )
+    dtype: Dtype = "auto"
+    device: Device = "auto"
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters to load at start: name -> folder or hub id."
+    )
+    hf_token: str | None = Field(None, repr=False, description="Token for gated hub models.")
+    cache_dir: str | None = Field(
+        None, description="Where converted built-in models are kept (default ~/.cache/lora-serve)."
+    )
+    prompt_template: PromptTemplate = Field(
+        "auto", description="auto: the tokenizer's chat template if it has one, else alpaca."
+    )
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_kv_tokens: int = Field(
+        65536, ge=1, description="Budget of reserved KV-cache tokens (prompt + max_tokens per row)."
+    )
+    max_waiting: int = Field(1024, ge=1, description="Requests allowed to wait for admission.")
+    max_input_tokens: int | None = Field(
+        None, ge=1, description="Cap on prompt tokens; default: the model's context window."
+    )
+    max_tokens_cap: int = Field(4096, ge=1, description="Hard cap on a request's max_tokens.")
+    max_consecutive_newlines: int = Field(
+        32, ge=0, description="Stop a row after this many newlines in a row (0 disables)."
+    )
+
+
+class SamplingParams(BaseModel):
+    """Per-request generation settings. Temperature 0 means greedy decoding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_not_empty(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
+    def uses_filters(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0

@@ -1,0 +1,96 @@
+"""Incremental detokenization and stop strings.
+
+Text is released only once it is final: a token that ends inside a multi-byte UTF-8
+character is held until the character completes, and text that could be the start of a
+stop string is held until it is known not to be one. So a stop string is never emitted,
+not even partly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decodes a short window (from `prefix` on) so that tokenizers that drop a leading space
+    or merge bytes across tokens still produce exactly the text of decoding everything.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    tokens: list[int] = field(default_factory=list)
+    prefix: int = 0
+    read: int = 0
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the newly final text (maybe empty)."""
+        self.tokens.append(token_id)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith(REPLACEMENT_CHAR):
+            return ""
+        self.prefix, self.read = self.read, len(self.tokens)
+        return after[len(before) :]
+
+
+@dataclass
+class StopMatcher:
+    """Holds back text that may begin a stop string; reports when one is complete.
+
+    Also stops after `max_newlines` consecutive newlines (blank-only whitespace between them
+    counts as part of the run); 0 disables that guard.
+    """
+
+    stop: Sequence[str]
+    max_newlines: int = 0
+    pending: str = ""
+    newline_run: int = 0
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit now, whether generation must stop)."""
+        self.pending += text
+        cut = self._first_stop()
+        if cut is not None:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        keep = self._held_suffix_length()
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out) :]
+        return out, self._too_many_newlines(text)
+
+    def flush(self) -> str:
+        """The held-back text, released when generation ends for another reason."""
+        out, self.pending = self.pending, ""
+        return out
+
+    def _first_stop(self) -> int | None:
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held_suffix_length(self) -> int:
+        """Length of the longest end of `pending` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def _too_many_newlines(self, text: str) -> bool:
+        if not self.max_newlines:
+            return False
+        for char in text:
+            if char == "\n":
+                self.newline_run += 1
+            elif not char.isspace():
+                self.newline_run = 0
+        return self.newline_run >= self.max_newlines

@@ -1,0 +1,64 @@
+"""What goes into the engine (GenerationRequest) and what comes out (Delta, RequestStats)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.config import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete. `adapter` None means the base model."""
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None
+    request_id: str = field(default_factory=new_request_id)
+    extra_stop: list[str] = field(default_factory=list)
+    dropped_messages: int = 0
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.params.stop) + [s for s in self.extra_stop if s not in self.params.stop]
+
+
+@dataclass
+class RequestStats:
+    """Numbers about one finished request; times in seconds."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    dropped_messages: int
+    latency: float
+    time_to_first_token: float | None
+    tokens_per_second: float | None
+
+
+@dataclass
+class Delta:
+    """A piece of one request's output. The last delta has finish_reason and stats set."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    stats: RequestStats | None = None
+
+    def merge(self, later: Delta) -> Delta:
+        """This delta followed by `later`, as one."""
+        return Delta(
+            text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids,
+            finish_reason=later.finish_reason,
+            error=later.error,
+            stats=later.stats,
+        )

@@ -1,0 +1,95 @@
+"""Choose the next token of every row from its logits, each row with its own settings.
+
+Penalties run per row (only rows that ask for them); temperature, top-k, top-p and min-p run
+vectorized over the rows that sample; each sampling row draws from its own torch.Generator,
+so a seeded request gives the same tokens alone or inside any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import SamplingParams
+
+
+@dataclass
+class RowSampler:
+    """The sampling state of one row: its settings, its generator and the tokens it has seen."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device) -> RowSampler:
+        generator = torch.Generator(device=device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        return cls(params=params, generator=generator, prompt_ids=prompt_ids)
+
+
+def apply_penalties(logits: torch.Tensor, row: RowSampler) -> torch.Tensor:
+    """HF-style repetition penalty over prompt and output; OpenAI presence/frequency over output."""
+    p = row.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(row.prompt_ids + row.output_ids, device=logits.device).unique()
+        picked = logits[seen]
+        logits[seen] = torch.where(
+            picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
+        )
+    if row.output_ids and (p.presence_penalty or p.frequency_penalty):
+        ids = torch.tensor(row.output_ids, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
+        logits -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p; masked entries become -inf. Rows: [n, vocab]."""
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
+    logits = logits / temps.unsqueeze(-1)
+    if not any(p.uses_filters for p in params):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    top_k = torch.tensor([p.top_k or vocab for p in params], device=device).unsqueeze(-1)
+    remove = ranks >= top_k
+    probs = sorted_logits.softmax(dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=probs.dtype).unsqueeze(-1)
+    remove |= (probs.cumsum(dim=-1) - probs) >= top_p  # keep the smallest set reaching top_p
+    min_p = torch.tensor([p.min_p for p in params], device=device, dtype=probs.dtype).unsqueeze(-1)
+    remove |= probs < min_p * probs[:, :1]
+    remove[:, 0] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample_next_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int | None]:
+    """Next token id per row, or None for a row whose logits are not finite (NaN, inf).
+
+    logits: [len(rows), vocab]. A broken row (a bad adapter, fp16 overflow) never
+    affects the tokens chosen for the other rows.
+    """
+    logits = logits.float()
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    logits[~torch.tensor(finite, device=logits.device)] = 0.0
+    for i, row in enumerate(rows):
+        if row.params.uses_penalties:
+            apply_penalties(logits[i], row)
+    tokens: list[int | None] = logits.argmax(dim=-1).tolist()
+    sampling = [i for i, row in enumerate(rows) if not row.params.greedy and finite[i]]
+    if sampling:
+        filtered = filter_logits(logits[sampling], [rows[i].params for i in sampling])
+        probs = filtered.softmax(dim=-1)
+        for probs_row, i in zip(probs, sampling):
+            tokens[i] = int(torch.multinomial(probs_row, 1, generator=rows[i].generator))
+    return [token if ok else None for token, ok in zip(tokens, finite)]
+
