@@ -40,6 +40,14 @@ class IncrementalDetokenizer:
         self.prefix, self.read = self.read, len(self.tokens)
         return after[len(before) :]
 
+    def flush(self) -> str:
+        """Text still held at the end (an incomplete character decodes as U+FFFD)."""
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix :], skip_special_tokens=True)
+        self.prefix = self.read = len(self.tokens)
+        return after[len(before) :]
+
 
 @dataclass
 class StopMatcher:

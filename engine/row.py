@@ -68,13 +68,18 @@ class Row:
         self.sampler.output_ids.append(token)
         self.next_id = token
         if token in self.eos_ids:
-            return self.finish("stop", self.stops.flush())
+            return self.finish("stop", self._flush())
         text, stop = self.stops.feed(self.detok.add(token))
         if stop:
             return self.finish("stop", text, [token])
         if len(self.sampler.output_ids) >= self.request.params.max_tokens:
-            return self.finish("length", text + self.stops.flush(), [token])
+            return self.finish("length", text + self._flush(), [token])
         return Delta(text=text, token_ids=[token])
+
+    def _flush(self) -> str:
+        """Everything held back, at a finish that is not a stop string."""
+        text, _ = self.stops.feed(self.detok.flush())
+        return text + self.stops.flush()
 
     def finish(
         self, reason: FinishReason, text: str = "", token_ids: list[int] | None = None,

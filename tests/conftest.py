@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random models and adapters on disk, engines over them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from tests.tiny_models import save_tiny_adapter, save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two random LoRA adapters on different modules, and one whose weights are NaN."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "alpha": save_tiny_adapter(tiny_model_dir, root / "alpha", seed=1),
+        "beta": save_tiny_adapter(tiny_model_dir, root / "beta", seed=2, targets=("o_proj", "up_proj")),
+        "broken": save_tiny_adapter(tiny_model_dir, root / "broken", seed=3, fill=float("nan")),
+    }
+
+
+@pytest.fixture
+def engine_config(tiny_model_dir) -> EngineConfig:
+    return EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", max_tokens_cap=400)
+
+
+@pytest.fixture
+async def engine(engine_config):
+    engine = Engine.from_config(engine_config)
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir):
+    """HF `generate` greedy on a separately loaded copy: the ground truth for the engine."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    models = {None: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()}
+
+    def generate(prompt_ids: list[int], max_new_tokens: int, adapter_dir: Path | None = None) -> list[int]:
+        """Greedy continuation of one prompt, without the end-of-sequence token."""
+
+        key = str(adapter_dir) if adapter_dir else None
+        if key not in models:
+            base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+            models[key] = PeftModel.from_pretrained(base, adapter_dir).eval()
+        ids = torch.tensor([prompt_ids])
+        with torch.inference_mode():
+            out = models[key].generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            )
+        tokens = out[0, len(prompt_ids):].tolist()
+        return tokens[: tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens else tokens
+
+    return generate

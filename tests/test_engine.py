@@ -1,0 +1,247 @@
+"""The engine on a tiny random Llama: exactness against HF generate, adapters, control, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from engine.config import SamplingParams
+from engine.errors import InvalidRequestError, PromptTooLongError, UnknownAdapterError
+from engine.prompt import ChatMessage
+from engine.request import Delta, GenerationRequest
+
+PROMPTS = [
+    "Hello there",
+    "What is the capital of France? The capital",
+    "Once upon a time there was a small model that answered questions about the quick brown fox.",
+    "Привет",
+    "Continuous batching keeps every stream flowing",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+async def collect(stream) -> tuple[list[int], str, Delta]:
+    """All token ids and text of a stream, and its final delta."""
+    tokens, text = [], ""
+    async for delta in stream:
+        tokens += delta.token_ids
+        text += delta.text
+    return tokens, text, delta
+
+
+def encode(engine, text: str) -> list[int]:
+    return engine.loaded.tokenizer(text)["input_ids"]
+
+
+async def test_batched_greedy_equals_solo_generate(engine, reference):
+    requests = [GenerationRequest(encode(engine, p), GREEDY) for p in PROMPTS]
+    results = await asyncio.gather(*(collect(engine.submit(r)) for r in requests))
+    for request, (tokens, text, final) in zip(requests, results):
+        expected = reference(request.prompt_ids, GREEDY.max_tokens)
+        assert tokens == expected
+        assert text == engine.loaded.tokenizer.decode(expected, skip_special_tokens=True)
+        assert final.finish_reason == ("length" if len(expected) == GREEDY.max_tokens else "stop")
+
+
+async def test_requests_joining_mid_flight_match_solo_generate(engine, reference):
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    first = [GenerationRequest(encode(engine, p), long) for p in PROMPTS[:2]]
+    streams = [engine.submit(r) for r in first]
+    early = [await anext(s) for s in streams]  # the first rows are running now
+    late = [GenerationRequest(encode(engine, p), GREEDY) for p in PROMPTS[2:]]
+    late_results = await asyncio.gather(*(collect(engine.submit(r)) for r in late))
+    first_results = await asyncio.gather(*(collect(s) for s in streams))
+    for request, head, (tokens, _, _) in zip(first, early, first_results):
+        all_tokens = head.token_ids + tokens
+        expected = reference(request.prompt_ids, long.max_tokens)
+        assert all_tokens[: len(expected)] == expected
+    for request, (tokens, _, _) in zip(late, late_results):
+        assert tokens == reference(request.prompt_ids, GREEDY.max_tokens)
+
+
+async def test_mixed_adapter_batch_gives_each_row_its_adapter_output(engine, adapter_dirs, reference):
+    for name in ("alpha", "beta"):
+        await engine.load_adapter(name, str(adapter_dirs[name]))
+    prompt = encode(engine, PROMPTS[1])
+    plan = [None, "alpha", "beta", "alpha", None, "beta"]
+    requests = [GenerationRequest(prompt, GREEDY, adapter) for adapter in plan]
+    results = await asyncio.gather(*(collect(engine.submit(r)) for r in requests))
+    outputs = {}
+    for adapter, (tokens, _, _) in zip(plan, results):
+        expected = reference(prompt, GREEDY.max_tokens, adapter_dirs[adapter] if adapter else None)
+        assert tokens == expected, adapter
+        outputs[adapter] = tuple(tokens)
+    assert len(set(outputs.values())) == 3, "the adapters should change the output"
+
+
+async def test_seed_reproduces_alone_and_inside_a_batch(engine):
+    prompt = encode(engine, PROMPTS[0])
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=20, ignore_eos=True)
+    alone, _, _ = await collect(engine.submit(GenerationRequest(prompt, seeded)))
+    noise = [GenerationRequest(encode(engine, p), SamplingParams(max_tokens=20)) for p in PROMPTS]
+    batch = await asyncio.gather(
+        *(collect(engine.submit(r)) for r in noise[:3] + [GenerationRequest(prompt, seeded)] + noise[3:])
+    )
+    assert batch[3][0] == alone
+    other_seed = seeded.model_copy(update={"seed": 99})
+    different, _, _ = await collect(engine.submit(GenerationRequest(prompt, other_seed)))
+    assert different != alone
+
+
+async def test_stop_string_cuts_text_before_it(engine, reference):
+    prompt = encode(engine, PROMPTS[2])
+    full = engine.loaded.tokenizer.decode(reference(prompt, 24), skip_special_tokens=True)
+    stop = full[8:11]
+    assert stop.strip() and full.index(stop) > 0
+    params = GREEDY.model_copy(update={"stop": [stop]})
+    deltas = [d async for d in engine.submit(GenerationRequest(prompt, params))]
+    text = "".join(d.text for d in deltas)
+    assert text == full[: full.index(stop)]
+    assert deltas[-1].finish_reason == "stop"
+
+
+async def test_max_tokens_and_stop_token_ids(engine, reference):
+    prompt = encode(engine, PROMPTS[0])
+    expected = reference(prompt, 24)
+    tokens, _, final = await collect(engine.submit(GenerationRequest(prompt, GREEDY.model_copy(update={"max_tokens": 5}))))
+    assert tokens == expected[:5] and final.finish_reason == "length"
+    assert final.stats.completion_tokens == 5 and final.stats.prompt_tokens == len(prompt)
+    stop_id = expected[3]
+    params = GREEDY.model_copy(update={"stop_token_ids": [stop_id]})
+    tokens, _, final = await collect(engine.submit(GenerationRequest(prompt, params)))
+    assert tokens == expected[: expected.index(stop_id)] and final.finish_reason == "stop"
+
+
+async def test_cancel_frees_the_row_and_others_continue(engine, reference):
+    endless = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    victim = GenerationRequest(encode(engine, PROMPTS[0]), endless)
+    other = GenerationRequest(encode(engine, PROMPTS[1]), GREEDY)
+    victim_stream = engine.submit(victim)
+    await anext(victim_stream)
+    other_task = asyncio.create_task(collect(engine.submit(other)))
+    engine.cancel(victim.request_id)
+    tokens, _, final = await collect(victim_stream)
+    assert final.finish_reason == "cancelled"
+    assert final.stats.completion_tokens < 50
+    other_tokens, _, _ = await other_task
+    assert other_tokens == reference(other.prompt_ids, GREEDY.max_tokens)
+    assert engine.stats().running == 0 and engine.stats().batch_size == 0
+
+
+async def test_closing_the_stream_cancels_the_request(engine):
+    endless = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    stream = engine.submit(GenerationRequest(encode(engine, PROMPTS[0]), endless))
+    await anext(stream)
+    await stream.aclose()
+    for _ in range(100):
+        if engine.stats().running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.stats().running == 0
+    assert engine.stats().generated_tokens < 100
+
+
+async def test_batch_and_kv_budgets_hold_rows_back(engine_config, reference):
+    from engine.engine import Engine
+
+    engine = Engine.from_config(engine_config.model_copy(update={"max_batch_size": 2, "max_kv_tokens": 100}))
+    try:
+        requests = [GenerationRequest(encode(engine, p), GREEDY) for p in PROMPTS]
+        tasks = [asyncio.create_task(collect(engine.submit(r))) for r in requests]
+        peak = 0
+        while not all(t.done() for t in tasks):
+            stats = engine.stats()
+            peak = max(peak, stats.running)
+            assert stats.kv_tokens_reserved <= 100
+            await asyncio.sleep(0.001)
+        assert peak <= 2
+        for request, task in zip(requests, tasks):
+            assert task.result()[0] == reference(request.prompt_ids, GREEDY.max_tokens)
+    finally:
+        await engine.close()
+
+
+async def test_chat_history_is_trimmed_to_the_context_budget(tiny_model_dir):
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    engine = Engine.from_config(EngineConfig(model=str(tiny_model_dir), dtype="float32", max_input_tokens=60))
+    try:
+        history = [ChatMessage("system", "Be brief.")]
+        for i in range(6):
+            history += [ChatMessage("user", f"Question number {i}?"), ChatMessage("assistant", f"Answer {i}.")]
+        history.append(ChatMessage("user", "Last question?"))
+        request = engine.chat_request(history, GREEDY)
+        assert request.dropped_messages > 0 and len(request.prompt_ids) <= 60
+        text = engine.loaded.tokenizer.decode(request.prompt_ids)
+        assert "Be brief." in text and "Last question?" in text and "Question number 0" not in text
+        _, _, final = await collect(engine.submit(request))
+        assert final.stats.dropped_messages == request.dropped_messages
+        with pytest.raises(PromptTooLongError):
+            engine.chat_request([ChatMessage("user", "word " * 100)], GREEDY)
+    finally:
+        await engine.close()
+
+
+async def test_adapter_load_unload_and_unknown_adapter(engine, adapter_dirs):
+    prompt = encode(engine, PROMPTS[0])
+    with pytest.raises(UnknownAdapterError):
+        engine.submit(GenerationRequest(prompt, GREEDY, "alpha"))
+    await engine.load_adapter("alpha", str(adapter_dirs["alpha"]))
+    endless = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    stream = engine.submit(GenerationRequest(prompt, endless, "alpha"))
+    unloading = asyncio.create_task(engine.unload_adapter("alpha"))
+    await asyncio.sleep(0)
+    with pytest.raises(InvalidRequestError, match="being unloaded"):
+        engine.submit(GenerationRequest(prompt, GREEDY, "alpha"))
+    tokens, _, final = await collect(stream)
+    assert final.finish_reason == "length" and len(tokens) == 60  # the running row finished first
+    await unloading
+    assert engine.adapters.names == []
+    with pytest.raises(UnknownAdapterError):
+        engine.submit(GenerationRequest(prompt, GREEDY, "alpha"))
+    with pytest.raises(InvalidRequestError, match="cannot load"):
+        await engine.load_adapter("ghost", "/no/such/adapter")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"temperature": -0.5}, {"top_p": 1.5}, {"top_p": 0}, {"top_k": -1}, {"max_tokens": 0},
+     {"min_p": 2}, {"presence_penalty": 3}, {"repetition_penalty": 0}, {"stop": [""]}, {"bogus": 1}],
+)
+def test_invalid_sampling_params_are_rejected(bad):
+    with pytest.raises(ValidationError):
+        SamplingParams(**bad)
+
+
+async def test_request_level_limits(engine):
+    prompt = encode(engine, PROMPTS[0])
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=401)))
+    with pytest.raises(PromptTooLongError):
+        engine.submit(GenerationRequest(prompt * 200, SamplingParams(max_tokens=10)))
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.completion_request([1, 2, 10**6], GREEDY)
+
+
+async def test_a_broken_request_fails_alone(engine, adapter_dirs, reference):
+    await engine.load_adapter("broken", str(adapter_dirs["broken"]))
+    good = [GenerationRequest(encode(engine, p), GREEDY) for p in PROMPTS[:3]]
+    bad = GenerationRequest(encode(engine, PROMPTS[3]), GREEDY, "broken")
+    results = await asyncio.gather(*(collect(engine.submit(r)) for r in [good[0], bad, *good[1:]]))
+    assert results[1][2].finish_reason == "error" and "non-finite" in results[1][2].error
+    for request, (tokens, _, final) in zip(good, [results[0], *results[2:]]):
+        assert final.finish_reason != "error"
+        assert tokens == reference(request.prompt_ids, GREEDY.max_tokens)
+    tokens, _, _ = await collect(engine.submit(good[0]))  # still serving
+    assert tokens == reference(good[0].prompt_ids, GREEDY.max_tokens)
+
+
+async def test_stats_report_timing(engine):
+    _, _, final = await collect(engine.submit(GenerationRequest(encode(engine, PROMPTS[0]), GREEDY)))
+    stats = final.stats
+    assert 0 < stats.time_to_first_token <= stats.latency
+    assert stats.completion_tokens > 0
+    assert engine.stats().finished_requests == 1
