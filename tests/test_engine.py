@@ -245,3 +245,15 @@ async def test_stats_report_timing(engine):
     assert 0 < stats.time_to_first_token <= stats.latency
     assert stats.completion_tokens > 0
     assert engine.stats().finished_requests == 1
+
+
+async def test_model_work_runs_off_the_event_loop(engine):
+    import threading
+
+    threads = set()
+    hook = engine.loaded.model.register_forward_hook(lambda *_: threads.add(threading.current_thread()))
+    try:
+        await collect(engine.submit(GenerationRequest(encode(engine, PROMPTS[0]), GREEDY)))
+    finally:
+        hook.remove()
+    assert threads and threading.current_thread() not in threads
