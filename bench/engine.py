@@ -12,43 +12,36 @@ Two scenarios on one loaded model (the engine's own weights serve the baselines 
    max_tokens, with no streaming, so a request's first token reaches its client when its
    batch ends. Both use a real clock.
 
-    python bench/engine.py                    # full run (minutes on 2 CPU cores)
-    python bench/engine.py --quick            # a few seconds of work, to check the script
-    python bench/engine.py --output bench/results.md
+    python -m bench.engine                    # full run (minutes on 2 CPU cores)
+    python -m bench.engine --quick            # a few seconds of work, to check the script
+    python -m bench.engine --output bench/results.md
 
 Results go to stdout as a markdown table (and to --output if given); progress goes to logging.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+import asyncio
+import datetime
+import logging
+import math
+import platform
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import get_args
 
-# `python bench/engine.py` puts bench/ first on sys.path, where this very file would shadow the
-# `engine` package; put the repository root there instead.
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-sys.path.insert(0, str(BENCH_DIR.parent))
+import torch
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import datetime  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
-from collections.abc import AsyncIterator, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import get_args  # noqa: E402
-
-import torch  # noqa: E402
-
-from engine.config import Dtype, EngineConfig, SamplingParams  # noqa: E402
-from engine.engine import Engine  # noqa: E402
-from engine.loader import LoadedModel  # noqa: E402
-from engine.prompt import ChatMessage  # noqa: E402
-from engine.request import Delta  # noqa: E402
+from engine.config import Dtype, EngineConfig, SamplingParams
+from engine.engine import Engine
+from engine.loader import LoadedModel
+from engine.prompt import ChatMessage
+from engine.request import Delta
 
 log = logging.getLogger("bench.engine")
 
