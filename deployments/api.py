@@ -1,0 +1,217 @@
+"""The HTTP API as a FastAPI app over a backend that streams Deltas (no Ray in here).
+
+Request path: validate (pydantic) -> resolve model -> GenerateCall -> backend stream ->
+JSON or SSE frames. Errors use OpenAI's error JSON: 400 invalid input, 404 unknown model,
+413 prompt beyond the context window, 503 overloaded, 500 only for our own bugs. An error
+after streaming began arrives as an error event followed by `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from engine.prompt import alpaca_instruction_prompt
+from engine.request import Delta, RequestStats
+
+from deployments.messages import GenerateCall, RequestRejected
+from deployments.openai_format import DONE_FRAME, ResponseMeta, error_body, rejected_body, sse
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+
+log = logging.getLogger("ray.serve")
+Item = Delta | RequestRejected
+
+
+class Backend(Protocol):
+    def stream(self, call: GenerateCall) -> AsyncIterator[Item]: ...
+
+
+@dataclass
+class ApiSettings:
+    model_name: str
+    model_aliases: tuple[str, ...]
+    adapters: tuple[str, ...]
+    on_finish: Callable[[str, str, int, RequestStats | None], None] = lambda *args: None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type, param, code)
+
+
+def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
+    """The FastAPI app: OpenAI routes, /generate, /health."""
+    app = FastAPI(title="lora-serve", description="OpenAI-compatible chat serving for a base model and LoRA adapters")
+    service = ApiService(backend, settings)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(_describe(err), param=_first_param(err)), status_code=400)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body, status_code=err.status)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        call = GenerateCall(sampling=body, adapter=service.adapter_for(body.model), messages=body.chat_messages())
+        return await service.respond(call, ResponseMeta("chat", body.model), body.stream, _usage_wanted(body))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        call = GenerateCall(sampling=body, adapter=service.adapter_for(body.model), prompt=body.prompt)
+        return await service.respond(call, ResponseMeta("completion", body.model), body.stream, _usage_wanted(body))
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest):
+        """The seed REST API: Alpaca instruction prompt in, {"output": text} out."""
+        model = body.model or settings.model_name
+        prompt = alpaca_instruction_prompt(body.prompt_config.instruction, body.prompt_config.input)
+        call = GenerateCall(
+            sampling=body.generation_config.to_sampling_params(), adapter=service.adapter_for(model), prompt=prompt
+        )
+        text, _, _ = await service.complete(call, ResponseMeta("completion", model), "generate")
+        return {"output": text.strip()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": service.model_cards()}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    return app
+
+
+class ApiService:
+    """The work behind the routes: model resolution, collection, SSE."""
+
+    def __init__(self, backend: Backend, settings: ApiSettings):
+        self.backend, self.settings = backend, settings
+
+    def adapter_for(self, model: str) -> str | None:
+        """None for the base model, the adapter name for an adapter; 404 otherwise."""
+        if model == self.settings.model_name or model in self.settings.model_aliases:
+            return None
+        if model in self.settings.adapters:
+            return model
+        raise ApiError(404, f"The model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+
+    def model_cards(self) -> list[dict]:
+        base = self.settings.model_name
+        cards = [{"id": base, "object": "model", "created": 0, "owned_by": "lora-serve", "root": base, "parent": None}]
+        cards += [{"id": name, "object": "model", "created": 0, "owned_by": "lora-serve", "root": base, "parent": base}
+                  for name in self.settings.adapters]
+        return cards
+
+    async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, include_usage: bool):
+        if stream:
+            return await self.stream_sse(call, meta, include_usage)
+        text, finish, stats = await self.complete(call, meta, meta.kind)
+        return meta.response(text, finish, stats)
+
+    async def complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> tuple[str, str, RequestStats]:
+        """Run a call to the end; raise ApiError if it fails."""
+        text, final = "", None
+        try:
+            async for item in self.backend.stream(call):
+                if isinstance(item, RequestRejected):
+                    raise ApiError(item.status, item.message, item.type)
+                text += item.text
+                final = item
+        except ApiError as err:
+            self.settings.on_finish(meta.model, endpoint, err.status, None)
+            raise
+        except Exception as err:  # the replica died or the handle failed
+            log.exception("request %s failed", call.request_id)
+            self.settings.on_finish(meta.model, endpoint, 500, None)
+            raise ApiError(500, f"generation failed: {err}", "server_error") from err
+        return self._finished(text, final, meta, endpoint)
+
+    def _finished(self, text: str, final: Delta | None, meta: ResponseMeta, endpoint: str):
+        if final is None or final.finish_reason in ("error", "cancelled"):
+            message = final.error if final and final.error else "generation was interrupted"
+            self.settings.on_finish(meta.model, endpoint, 500, final.stats if final else None)
+            raise ApiError(500, message, "server_error")
+        self.settings.on_finish(meta.model, endpoint, 200, final.stats)
+        return text, final.finish_reason, final.stats
+
+    async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, include_usage: bool):
+        """Answer with SSE once the first item is in (so a rejection still gets its status)."""
+        stream = self.backend.stream(call)
+        try:
+            first = await anext(stream)
+        except Exception as err:
+            log.exception("request %s failed before its first token", call.request_id)
+            raise ApiError(500, f"generation failed: {err}", "server_error") from err
+        if isinstance(first, RequestRejected):
+            self.settings.on_finish(meta.model, meta.kind, first.status, None)
+            return JSONResponse(rejected_body(first), status_code=first.status)
+        frames = self._frames(first, stream, meta, include_usage)
+        return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _frames(self, first: Item, stream, meta: ResponseMeta, include_usage: bool) -> AsyncIterator[str]:
+        item, status, stats = first, 500, None
+        try:
+            if meta.kind == "chat":
+                yield sse(meta.chunk(role=True))
+            while True:
+                frame, status, stats = self._frame(item, meta, include_usage)
+                yield frame
+                if status:
+                    break
+                item = await anext(stream)
+        except StopAsyncIteration:
+            yield sse(error_body("the stream ended early", "server_error"))
+        except Exception as err:
+            log.exception("stream failed")
+            yield sse(error_body(f"generation failed: {err}", "server_error"))
+        finally:
+            if hasattr(stream, "cancel") and not status:
+                stream.cancel()
+            self.settings.on_finish(meta.model, meta.kind, status or 499, stats)
+        yield DONE_FRAME
+
+    def _frame(self, item: Item, meta: ResponseMeta, include_usage: bool) -> tuple[str, int, RequestStats | None]:
+        """SSE text for one item, and (status, stats) once the stream is over."""
+        if isinstance(item, RequestRejected):
+            return sse(rejected_body(item)), item.status, None
+        frame = sse(meta.chunk(item.text)) if item.text else ""
+        if item.finish_reason in ("error", "cancelled"):
+            message = item.error or "generation was cancelled"
+            return frame + sse(error_body(message, "server_error")), 500, item.stats
+        if not item.finish_reason:
+            return frame, 0, None
+        frame += sse(meta.chunk(finish_reason=item.finish_reason))
+        if include_usage:
+            frame += sse(meta.usage_chunk(item.stats))
+        return frame, 200, item.stats
+
+
+def _usage_wanted(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _describe(err: RequestValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+def _first_param(err: RequestValidationError) -> str | None:
+    for e in err.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        if loc:
+            return ".".join(loc)
+    return None

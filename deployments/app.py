@@ -1,0 +1,31 @@
+"""Application builder: `serve run serve_config.yaml` calls `build_app` with the config's args."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.ingress import Ingress
+from deployments.llm import LLMServer
+from deployments.settings import AppArgs
+
+
+def build_app(args: AppArgs) -> Application:
+    """Ingress -> LLM deployment, with resources and concurrency derived from the args.
+
+    Serve options in serve_config.yaml's `deployments` section override these defaults.
+    """
+    llm = serve.deployment(LLMServer).options(
+        name="LLMServer",
+        ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
+        max_ongoing_requests=args.max_batch_size + args.batch.batch_size,
+        user_config=args.batch.model_dump(),
+        health_check_period_s=10,
+        graceful_shutdown_timeout_s=30,
+    )
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(
+        name="Ingress",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1000,
+    )
+    return ingress.bind(llm.bind(args), args)

@@ -1,0 +1,127 @@
+"""The LLM deployment: one engine per replica, @serve.batch admission, multiplexed adapters.
+
+Ray glue only: requests arrive through a streaming DeploymentHandle (`stream`), are grouped
+by `@serve.batch` and handed to the engine as one admission group; their outputs flow back
+merged per step (see deployments/streams.py). Everything worth testing lives in `engine/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from engine.config import SamplingParams
+from engine.engine import Engine
+from engine.errors import EngineError, UnknownAdapterError
+from engine.request import Delta, GenerationRequest
+
+from deployments.messages import GenerateCall, RequestRejected
+from deployments.metrics import LLMMetrics
+from deployments.settings import AppArgs, BatchSettings
+from deployments.streams import merge_streams
+
+log = logging.getLogger("ray.serve")
+
+
+class AdapterLease:
+    """An adapter held by Serve's multiplexer; Serve calls `__del__` when it evicts it (LRU)."""
+
+    def __init__(self, engine: Engine, name: str, loop: asyncio.AbstractEventLoop):
+        self.engine, self.name, self.loop = engine, name, loop
+        self.released = False
+
+    def __del__(self) -> None:
+        """Unload the adapter (Serve runs this on a worker thread; waits for its rows)."""
+        if self.released or self.loop.is_closed():
+            return
+        self.released = True
+        future = asyncio.run_coroutine_threadsafe(self.engine.unload_adapter(self.name), self.loop)
+        future.result()
+
+
+class LLMServer:
+    """Holds the engine; `stream(call)` yields Deltas, or one RequestRejected."""
+
+    def __init__(self, args: AppArgs):
+        self.args = args
+        self.settings = args.batch
+        self.engine = Engine.from_config(args.engine_config())
+        self.metrics = LLMMetrics(args.model_name)
+        self._apply(self.settings)
+        self._gauges: asyncio.Task | None = None
+
+        async def load(name: str) -> AdapterLease:  # a plain function: Serve tags it with state
+            return await self._load_adapter(name)
+
+        self.adapter = serve.multiplexed(max_num_models_per_replica=args.max_adapters_per_replica)(load)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Change batching and generation defaults without a restart."""
+        self._apply(BatchSettings.model_validate(user_config))
+
+    def _apply(self, settings: BatchSettings) -> None:
+        self.settings = settings
+        self._batched.set_max_batch_size(settings.batch_size)
+        self._batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    async def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError("the engine loop has died")
+
+    async def models(self) -> list[str]:
+        return [self.args.model_name, *self.args.adapters]
+
+    async def stream(self, call: GenerateCall) -> AsyncIterator[Delta | RequestRejected]:
+        """Generate for one call; a client disconnect cancels its engine row."""
+        self._start_gauges()
+        try:
+            request = await self._prepare(call)
+        except (EngineError, ValueError) as err:
+            yield RequestRejected.from_error(err)
+            return
+        try:
+            async for item in self._batched(request):
+                if isinstance(item, Exception):
+                    yield RequestRejected.from_error(item)
+                    return
+                if item is not None:
+                    yield item
+        finally:
+            self.engine.cancel(request.request_id)
+
+    async def _prepare(self, call: GenerateCall) -> GenerationRequest:
+        """Load the adapter if needed, apply defaults, build the prompt within the context budget."""
+        if call.adapter:
+            if call.adapter not in self.args.adapters:
+                raise UnknownAdapterError(f"model {call.adapter!r} does not exist")
+            await self.adapter(call.adapter)
+        params = call.sampling
+        if not isinstance(params, SamplingParams):
+            params = params.to_sampling_params(self.settings.defaults)
+        if call.messages is not None:
+            request = self.engine.chat_request(call.messages, params, call.adapter)
+        else:
+            request = self.engine.completion_request(call.prompt, params, call.adapter)
+        request.request_id = call.request_id
+        return request
+
+    async def _load_adapter(self, name: str) -> AdapterLease:
+        """Load adapter `name` on this replica; `self.adapter` wraps this in Serve's multiplexer,
+        which LRU-evicts adapters beyond `max_adapters_per_replica`."""
+        await self.engine.load_adapter(name, self.args.adapter_source(name))
+        return AdapterLease(self.engine, name, asyncio.get_running_loop())
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
+    async def _batched(self, requests: list[GenerationRequest]):
+        """One admission group: submitted together, so the engine prefills them together."""
+        self.metrics.batch_size.observe(len(requests))
+        streams = self.engine.submit_group(requests)
+        async for step in merge_streams(streams, self.settings.stream_interval_s):
+            yield step
+
+    def _start_gauges(self) -> None:
+        if self._gauges is None:
+            self._gauges = asyncio.get_running_loop().create_task(self.metrics.watch(self.engine))

@@ -1,0 +1,56 @@
+"""What the ingress sends to the LLM deployment and what comes back, besides engine Deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from engine.config import SamplingParams
+from engine.errors import EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError
+from engine.prompt import ChatMessage
+from engine.request import new_request_id
+
+from deployments.protocol import SamplingFields
+
+ErrorType = Literal["invalid_request_error", "not_found_error", "overloaded_error", "server_error"]
+
+
+@dataclass
+class GenerateCall:
+    """One generation: a chat (messages) or a completion (prompt), for the base model or an adapter.
+
+    `sampling` is either the client's fields (server defaults fill the gaps in the LLM
+    replica, so `reconfigure` can change them) or complete engine settings.
+    """
+
+    sampling: SamplingFields | SamplingParams
+    adapter: str | None = None
+    messages: list[ChatMessage] | None = None
+    prompt: str | list[int] | None = None
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a GenerateCall has either messages or a prompt")
+        self.request_id = self.request_id or new_request_id()
+
+
+@dataclass
+class RequestRejected:
+    """The request failed before producing any token; `status` is the HTTP status to answer."""
+
+    status: int
+    type: ErrorType
+    message: str
+
+    @classmethod
+    def from_error(cls, err: Exception) -> RequestRejected:
+        if isinstance(err, UnknownAdapterError):
+            return cls(404, "not_found_error", str(err))
+        if isinstance(err, PromptTooLongError):
+            return cls(413, "invalid_request_error", str(err))
+        if isinstance(err, (InvalidRequestError, ValueError)):
+            return cls(400, "invalid_request_error", str(err))
+        if isinstance(err, EngineOverloadedError):
+            return cls(503, "overloaded_error", str(err))
+        return cls(500, "server_error", f"internal error: {err}")

@@ -1,0 +1,99 @@
+"""The application's settings: the `args` of serve_config.yaml, validated by pydantic.
+
+One place to configure the model, adapters, batching, limits and generation defaults.
+Ray Serve options (replicas, autoscaling, num_gpus overrides) live beside these in the
+`deployments` section of serve_config.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.config import DEFAULT_MODEL, Device, Dtype, EngineConfig, PromptTemplate
+
+from deployments.protocol import GenerationDefaults
+
+
+class BatchSettings(BaseModel):
+    """What `reconfigure` may change on a running LLM replica (its `user_config`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(16, ge=1, description="@serve.batch: requests admitted as one group.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, description="How long a group waits to fill.")
+    stream_interval_s: float = Field(
+        0.05, ge=0.0, description="Least time between two messages of one stream (coalesces tokens)."
+    )
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+
+
+class AppArgs(BaseModel):
+    """Everything serve_config.yaml's `args` can set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL, description="Built-in name, hub id, local folder or .gguf file.")
+    served_model_name: str | None = Field(None, description="Name clients use; default: `model`.")
+    dtype: Dtype = "auto"
+    device: Device = "auto"
+    num_gpus: float = Field(0, ge=0, description="GPUs per LLM replica (ray_actor_options).")
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per LLM replica.")
+    hf_token: str | None = Field(None, repr=False, description="Default: the HF_TOKEN environment variable.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters: name -> folder or hub id.")
+    preload_adapters: list[str] | Literal["all"] = "all"
+    max_adapters_per_replica: int = Field(8, ge=1)
+    prompt_template: PromptTemplate = "auto"
+    max_batch_size: int = Field(64, ge=1, description="Rows the engine decodes together at most.")
+    max_kv_tokens: int = Field(262144, ge=1)
+    max_input_tokens: int | None = Field(None, ge=1)
+    max_tokens_cap: int = Field(4096, ge=1)
+    max_consecutive_newlines: int = Field(32, ge=0)
+    max_waiting: int = Field(256, ge=1, description="Requests a replica queues before answering 503.")
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    request_log_file: str | None = Field(None, description="Also append one line per request here.")
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _preloads_are_known(self) -> AppArgs:
+        if self.preload_adapters != "all":
+            unknown = set(self.preload_adapters) - set(self.adapters)
+            if unknown:
+                raise ValueError(f"preload_adapters names unknown adapters: {sorted(unknown)}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def preloaded(self) -> dict[str, str]:
+        names = list(self.adapters) if self.preload_adapters == "all" else self.preload_adapters
+        return {name: self.adapters[name] for name in names[: self.max_adapters_per_replica]}
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=_expand(self.model),
+            dtype=self.dtype,
+            device=self.device,
+            adapters={name: _expand(source) for name, source in self.preloaded().items()},
+            hf_token=self.hf_token or os.environ.get("HF_TOKEN"),
+            cache_dir=self.cache_dir,
+            prompt_template=self.prompt_template,
+            max_batch_size=self.max_batch_size,
+            max_kv_tokens=self.max_kv_tokens,
+            max_waiting=self.max_waiting,
+            max_input_tokens=self.max_input_tokens,
+            max_tokens_cap=self.max_tokens_cap,
+            max_consecutive_newlines=self.max_consecutive_newlines,
+        )
+
+    def adapter_source(self, name: str) -> str:
+        return _expand(self.adapters[name])
+
+
+def _expand(source: str) -> str:
+    """Expand ~ in local paths; leave hub ids alone."""
+    return str(Path(source).expanduser()) if source.startswith(("~", "/", ".")) else source
