@@ -58,7 +58,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body, status_code=err.status)
+        return error_response(err.body, err.status)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -155,7 +155,7 @@ class ApiService:
             raise ApiError(500, f"generation failed: {err}", "server_error") from err
         if isinstance(first, RequestRejected):
             self.settings.on_finish(meta.model, meta.kind, first.status, None)
-            return JSONResponse(rejected_body(first), status_code=first.status)
+            return error_response(rejected_body(first), first.status)
         frames = self._frames(first, stream, meta, include_usage)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -171,8 +171,10 @@ class ApiService:
                     break
                 item = await anext(stream)
         except StopAsyncIteration:
+            status = 500
             yield sse(error_body("the stream ended early", "server_error"))
         except Exception as err:
+            status = 500
             log.exception("stream failed")
             yield sse(error_body(f"generation failed: {err}", "server_error"))
         finally:
@@ -197,12 +199,20 @@ class ApiService:
         return frame, 200, item.stats
 
 
+def error_response(body: dict, status: int) -> JSONResponse:
+    """OpenAI error JSON; 503s tell the client when to retry."""
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def _usage_wanted(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
 def _describe(err: RequestValidationError) -> str:
     parts = []
+    if any(e.get("type") == "json_invalid" for e in err.errors()):
+        return "invalid request: the body is not valid JSON"
     for e in err.errors()[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))

@@ -10,11 +10,13 @@ from deployments.llm import LLMServer
 from deployments.settings import AppArgs
 
 
-def build_app(args: AppArgs) -> Application:
+def build_app(args: AppArgs | dict) -> Application:
     """Ingress -> LLM deployment, with resources and concurrency derived from the args.
 
+    `args` is serve_config.yaml's `args` mapping (validated here) or an AppArgs.
     Serve options in serve_config.yaml's `deployments` section override these defaults.
     """
+    args = AppArgs.model_validate(args)
     llm = serve.deployment(LLMServer).options(
         name="LLMServer",
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},

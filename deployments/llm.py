@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from engine.config import SamplingParams
-from engine.engine import Engine
+from engine.engine import Engine, EngineStats
 from engine.errors import EngineError, UnknownAdapterError
 from engine.request import Delta, GenerationRequest
 
@@ -73,6 +73,12 @@ class LLMServer:
 
     async def models(self) -> list[str]:
         return [self.args.model_name, *self.args.adapters]
+
+    async def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def loaded_adapters(self) -> list[str]:
+        return self.engine.adapters.names
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[Delta | RequestRejected]:
         """Generate for one call; a client disconnect cancels its engine row."""

@@ -97,6 +97,7 @@ class Engine:
         self, messages: Sequence[ChatMessage], params: SamplingParams, adapter: str | None = None
     ) -> GenerationRequest:
         """A request for a chat reply, with the history trimmed to the context budget."""
+        self._check_params(params)
         prompt = self.prompts.chat(messages, params.max_tokens)
         return GenerationRequest(
             prompt.token_ids, params, adapter, extra_stop=prompt.stop,
@@ -106,6 +107,7 @@ class Engine:
     def completion_request(
         self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None
     ) -> GenerationRequest:
+        self._check_params(params)
         return GenerationRequest(self.prompts.completion(prompt, params.max_tokens).token_ids, params, adapter)
 
     def submit(self, request: GenerationRequest) -> AsyncIterator[Delta]:
@@ -192,9 +194,7 @@ class Engine:
     def _check(self, request: GenerationRequest) -> None:
         if not self.alive:
             raise EngineDeadError("the engine loop has stopped")
-        cap = self.config.max_tokens_cap
-        if request.params.max_tokens > cap:
-            raise InvalidRequestError(f"max_tokens is {request.params.max_tokens}; at most {cap} allowed")
+        self._check_params(request.params)
         self.adapters.check(request.adapter)
         if request.adapter in self._draining:
             raise InvalidRequestError(f"adapter {request.adapter!r} is being unloaded")
@@ -209,6 +209,11 @@ class Engine:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         if len(self._waiting) >= self.config.max_waiting:
             raise EngineOverloadedError(f"{len(self._waiting)} requests are already waiting")
+
+    def _check_params(self, params: SamplingParams) -> None:
+        cap = self.config.max_tokens_cap
+        if params.max_tokens > cap:
+            raise InvalidRequestError(f"max_tokens is {params.max_tokens}; at most {cap} allowed")
 
     async def _stream(self, row: Row) -> AsyncIterator[Delta]:
         try:

@@ -1,0 +1,178 @@
+"""The Ray Serve application on a tiny model, driven over HTTP by the openai SDK and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from engine.prompt import ChatMessage, PromptBuilder, alpaca_instruction_prompt
+from tests.serve_fixtures import llm_handle, local_ray, serve_app
+from tests.tiny_models import build_tokenizer
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapter_dirs):
+    args = {
+        "model": str(tiny_model_dir),
+        "served_model_name": MODEL,
+        "dtype": "float32",
+        "num_cpus": 0,
+        "adapters": {"alpha": str(adapter_dirs["alpha"]), "beta": str(adapter_dirs["beta"])},
+        "max_tokens_cap": 480,
+        "batch": {"batch_size": 4, "stream_interval_s": 0.0, "defaults": {"temperature": 0.0}},
+    }
+    with local_ray(), serve_app(args) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return PromptBuilder(build_tokenizer(), "auto", context_window=512)
+
+
+@pytest.fixture(scope="module")
+def expected_chat(prompts, reference):
+    """The reply greedy HF generate gives to one user message (with an adapter if given)."""
+    tokenizer = prompts.tokenizer
+
+    def expected(text: str, max_tokens: int, adapter_dir=None) -> str:
+        ids = prompts.chat([ChatMessage("user", text)], max_tokens).token_ids
+        return tokenizer.decode(reference(ids, max_tokens, adapter_dir), skip_special_tokens=True)
+
+    return expected
+
+
+def chat(client, text: str, model: str = MODEL, **kwargs):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], temperature=0, **kwargs
+    )
+
+
+def test_chat_completion_matches_reference(client, expected_chat):
+    reply = chat(client, "Hello there", max_tokens=12)
+    assert reply.object == "chat.completion" and reply.model == MODEL
+    assert reply.choices[0].message.content == expected_chat("Hello there", 12)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 0
+
+
+def test_streaming_chat_with_usage(client, expected_chat):
+    chunks = list(chat(client, "Hello there", max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_chat("Hello there", 12)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+
+
+def test_completions_stream_and_not(client, prompts, reference):
+    tokenizer = prompts.tokenizer
+    ids = tokenizer("Once upon a time")["input_ids"]
+    expected = tokenizer.decode(reference(ids, 10), skip_special_tokens=True)
+    whole = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert whole.choices[0].text == expected
+    streamed = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_generate_endpoint_follows_the_seed(server, prompts, reference):
+    body = {"generation_config": {"temperature": 0.1, "top_p": 0.75, "top_k": 40, "num_beams": 1, "do_sample": False,
+                                  "max_new_tokens": 16},
+            "prompt_config": {"instruction": "Say hello", "input": "politely"}}
+    response = httpx.post(f"{server}/generate", json=body, timeout=60)
+    assert response.status_code == 200
+    ids = prompts.tokenizer(alpaca_instruction_prompt("Say hello", "politely"))["input_ids"]
+    expected = prompts.tokenizer.decode(reference(ids, 16), skip_special_tokens=True)
+    assert response.json() == {"output": expected.strip()}
+    beams = httpx.post(f"{server}/generate", json={**body, "generation_config": {"num_beams": 4}}, timeout=60)
+    assert beams.status_code == 400 and "num_beams" in beams.json()["error"]["message"]
+
+
+def test_models_lists_base_and_adapters(client):
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {MODEL, "alpha", "beta"}
+    assert models["alpha"].model_extra["parent"] == MODEL
+
+
+def test_model_field_selects_the_adapter(client, expected_chat, adapter_dirs):
+    for name in ("alpha", "beta"):
+        reply = chat(client, "Hello there", model=name, max_tokens=12)
+        assert reply.choices[0].message.content == expected_chat("Hello there", 12, adapter_dirs[name])
+    assert expected_chat("Hello there", 12, adapter_dirs["alpha"]) != expected_chat("Hello there", 12)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"{not json", 400, "json"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}]}, 413, "prompt"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 481}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400, "logit_bias"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, needle):
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    response = httpx.post(f"{server}/v1/chat/completions", timeout=60, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle in error["message"].lower() or needle == error.get("param")
+
+
+def test_too_long_prompt_in_a_stream_gets_413(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}], "stream": True}
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 413
+
+
+def test_client_disconnect_cancels_generation(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "stream": True,
+            "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+    handle = llm_handle()
+    before = handle.stats.remote().result().generated_tokens
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 10
+    while handle.stats.remote().result().running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = handle.stats.remote().result()
+    assert stats.running == 0
+    assert stats.generated_tokens - before < 480
+
+
+async def test_eight_concurrent_streams_complete_correctly(server, expected_chat):
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+    questions = [f"Question {i}: what is {i} plus {i}?" for i in range(8)]
+
+    async def ask(text: str) -> str:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=20, temperature=0, stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    answers = await asyncio.gather(*(ask(q) for q in questions))
+    assert answers == [expected_chat(q, 20) for q in questions]
+
+
+def test_raw_sse_frames_end_with_done(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3}
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and all(json.loads(e)["object"] for e in events[:-1])
