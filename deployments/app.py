@@ -7,7 +7,7 @@ from ray.serve import Application
 
 from deployments.ingress import Ingress
 from deployments.llm import LLMServer
-from deployments.settings import AppArgs
+from deployments.settings import AppArgs, BatchSettings
 
 
 def build_app(args: AppArgs | dict) -> Application:
@@ -30,4 +30,7 @@ def build_app(args: AppArgs | dict) -> Application:
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000,
     )
-    return ingress.bind(llm.bind(args), args)
+    # The LLM replicas get their batch settings only through user_config, so a change of
+    # `batch` alone is a live `reconfigure`, not a restart with a model reload.
+    replica_args = args.model_copy(update={"batch": BatchSettings()})
+    return ingress.bind(llm.bind(replica_args), args)

@@ -34,29 +34,41 @@ class AdapterLease:
         self.released = False
 
     def __del__(self) -> None:
-        """Unload the adapter (Serve runs this on a worker thread; waits for its rows)."""
+        """Unload the adapter once its rows finish. Serve calls this on a worker thread and
+        waits; a call on the loop's own thread (garbage collection) must not block it."""
         if self.released or self.loop.is_closed():
             return
         self.released = True
         future = asyncio.run_coroutine_threadsafe(self.engine.unload_adapter(self.name), self.loop)
-        future.result()
+        if not _on_thread_of(self.loop):
+            future.result()
+
+
+def _on_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 class LLMServer:
     """Holds the engine; `stream(call)` yields Deltas, or one RequestRejected."""
 
-    def __init__(self, args: AppArgs):
+    async def __init__(self, args: AppArgs):
+        """Load the model off the event loop, then the preloaded adapters through the multiplexer
+        (so they count towards `max_adapters_per_replica` and are evicted like the others)."""
         self.args = args
-        self.settings = args.batch
-        self.engine = Engine.from_config(args.engine_config())
+        self.engine = await asyncio.to_thread(Engine.from_config, args.engine_config())
         self.metrics = LLMMetrics(args.model_name)
-        self._apply(self.settings)
+        self._apply(args.batch)
         self._gauges: asyncio.Task | None = None
 
         async def load(name: str) -> AdapterLease:  # a plain function: Serve tags it with state
             return await self._load_adapter(name)
 
         self.adapter = serve.multiplexed(max_num_models_per_replica=args.max_adapters_per_replica)(load)
+        for name in args.preloaded():
+            await self.adapter(name)
 
     def reconfigure(self, user_config: dict) -> None:
         """Change batching and generation defaults without a restart."""

@@ -69,16 +69,16 @@ class AppArgs(BaseModel):
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
-    def preloaded(self) -> dict[str, str]:
+    def preloaded(self) -> list[str]:
+        """Adapters each replica loads at start (at most `max_adapters_per_replica`)."""
         names = list(self.adapters) if self.preload_adapters == "all" else self.preload_adapters
-        return {name: self.adapters[name] for name in names[: self.max_adapters_per_replica]}
+        return names[: self.max_adapters_per_replica]
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             model=_expand(self.model),
             dtype=self.dtype,
             device=self.device,
-            adapters={name: _expand(source) for name, source in self.preloaded().items()},
             hf_token=self.hf_token or os.environ.get("HF_TOKEN"),
             cache_dir=self.cache_dir,
             prompt_template=self.prompt_template,

@@ -62,6 +62,7 @@ class AdapterRegistry:
         except (OSError, ValueError) as err:
             raise InvalidRequestError(f"cannot load adapter {name!r} from {source!r}: {err}") from err
         self._sources[name] = source
+        self._keep_active_adapter_valid()
 
     def unload(self, name: str) -> None:
         """Delete a loaded adapter's weights; the caller ensures no row still uses it."""
@@ -69,6 +70,13 @@ class AdapterRegistry:
         assert self._peft is not None
         self._peft.delete_adapter(name)
         del self._sources[name]
+        self._keep_active_adapter_valid()
+
+    def _keep_active_adapter_valid(self) -> None:
+        """PEFT reads its "active" adapter's config on every forward, even when each row names
+        its own adapter; after the active one is deleted, point it at any loaded adapter."""
+        if self._peft is not None and self._sources and self._peft.active_adapter not in self._sources:
+            self._peft.set_adapter(next(iter(self._sources)))
 
     def forward(self, row_adapters: Sequence[str | None], **inputs: torch.Tensor):
         """Run the model on a batch whose row i uses adapter row_adapters[i] (None: base)."""

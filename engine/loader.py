@@ -132,10 +132,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
     source, gguf_file = resolve_checkpoint(config.model, config.cache_dir)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source, token=config.hf_token, **extra)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, token=config.hf_token, **extra
-    ).to(device)
-    model.eval()
+    if device.type == "cuda":
+        extra["device_map"] = str(device)  # load shards straight onto the GPU
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, token=config.hf_token, **extra)
+    model.to(device).eval()
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -206,6 +206,16 @@ async def test_adapter_load_unload_and_unknown_adapter(engine, adapter_dirs):
         await engine.load_adapter("ghost", "/no/such/adapter")
 
 
+async def test_adapters_swap_after_the_last_one_is_unloaded(engine, adapter_dirs, reference):
+    prompt = encode(engine, PROMPTS[0])
+    await engine.load_adapter("alpha", str(adapter_dirs["alpha"]))
+    await engine.unload_adapter("alpha")
+    await engine.load_adapter("beta", str(adapter_dirs["beta"]))
+    for adapter, directory in ((None, None), ("beta", adapter_dirs["beta"])):
+        tokens, _, _ = await collect(engine.submit(GenerationRequest(prompt, GREEDY, adapter)))
+        assert tokens == reference(prompt, GREEDY.max_tokens, directory)
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"temperature": -0.5}, {"top_p": 1.5}, {"top_p": 0}, {"top_k": -1}, {"max_tokens": 0},

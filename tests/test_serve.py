@@ -176,3 +176,50 @@ def test_raw_sse_frames_end_with_done(server):
     response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
     events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and all(json.loads(e)["object"] for e in events[:-1])
+
+
+def test_reconfigure_changes_defaults_without_a_restart(server, client):
+    """Serve calls `reconfigure(user_config)` when only the `batch` settings change; call it the same way."""
+    handle = llm_handle()
+    served_before = handle.stats.remote().result().finished_requests
+    assert served_before > 0
+    handle.reconfigure.remote({"batch_size": 2, "defaults": {"temperature": 0.0, "max_tokens": 3}}).result()
+    try:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hello"}], extra_body={"ignore_eos": True}
+        )
+        assert reply.usage.completion_tokens == 3
+        assert handle.stats.remote().result().finished_requests == served_before + 1  # same engine
+    finally:
+        handle.reconfigure.remote({"batch_size": 4, "stream_interval_s": 0.0, "defaults": {"temperature": 0.0}}).result()
+
+
+def test_adapters_beyond_the_per_replica_cap_are_evicted_lru(server, tiny_model_dir, adapter_dirs, expected_chat):
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.messages import GenerateCall
+    from engine.config import SamplingParams
+
+    args = {
+        "model": str(tiny_model_dir), "served_model_name": MODEL, "dtype": "float32", "num_cpus": 0,
+        "adapters": {"alpha": str(adapter_dirs["alpha"]), "beta": str(adapter_dirs["beta"])},
+        "max_adapters_per_replica": 1,
+    }
+    serve.run(build_app(args), name="lru", route_prefix="/lru")
+    try:
+        handle = serve.get_deployment_handle("LLMServer", app_name="lru")
+        assert handle.loaded_adapters.remote().result() == ["alpha"]  # preloaded, up to the cap
+        ids = PromptBuilder(build_tokenizer(), "auto", 512).chat([ChatMessage("user", "Hello there")], 12).token_ids
+        params = SamplingParams(temperature=0, max_tokens=12)
+        for name in ("beta", "alpha", "beta"):
+            stream = handle.options(stream=True, multiplexed_model_id=name).stream.remote(
+                GenerateCall(sampling=params, adapter=name, prompt=ids)
+            )
+            items = list(stream)
+            text = "".join(item.text for item in items)
+            assert items[-1].finish_reason in ("stop", "length"), items
+            assert text == expected_chat("Hello there", 12, adapter_dirs[name])
+            assert handle.loaded_adapters.remote().result() == [name]
+    finally:
+        serve.delete("lru")

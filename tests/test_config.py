@@ -1,0 +1,49 @@
+"""The shipped Serve configs validate against Ray's schema and our AppArgs, and agree with each other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.settings import AppArgs
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ["serve_config.yaml", "serve_config.gpu.yaml"]
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_validates(name):
+    config = load(name)
+    ServeDeploySchema.model_validate(config)
+    for app in config["applications"]:
+        assert app["import_path"] == "deployments.app:build_app"
+        args = AppArgs.model_validate(app["args"])
+        deployments = {d["name"]: d for d in app["deployments"]}
+        assert set(deployments) == {"LLMServer", "Ingress"}
+        gpus = deployments["LLMServer"].get("ray_actor_options", {}).get("num_gpus", args.num_gpus)
+        assert gpus == args.num_gpus
+
+
+def test_default_config_is_cpu_and_gpu_config_is_gpu():
+    cpu = AppArgs.model_validate(load("serve_config.yaml")["applications"][0]["args"])
+    gpu_app = load("serve_config.gpu.yaml")["applications"][0]
+    gpu = AppArgs.model_validate(gpu_app["args"])
+    assert cpu.num_gpus == 0 and cpu.model == "smollm2-135m-instruct"
+    assert gpu.num_gpus == 1 and gpu.device == "cuda" and "alpaca-lora-7b" in gpu.adapters
+    scaling = gpu_app["deployments"][0]["autoscaling_config"]
+    assert scaling["min_replicas"] <= scaling["initial_replicas"] <= scaling["max_replicas"]
+
+
+def test_unknown_args_are_rejected():
+    with pytest.raises(ValidationError, match="batchsize"):
+        AppArgs.model_validate({"batchsize": 4})
+    with pytest.raises(ValidationError, match="unknown adapters"):
+        AppArgs.model_validate({"adapters": {"a": "/x"}, "preload_adapters": ["b"]})
