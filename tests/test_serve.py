@@ -18,8 +18,14 @@ MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, adapter_dirs):
+def request_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("logs") / "requests.log"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapter_dirs, request_log):
     args = {
+        "request_log_file": str(request_log),
         "model": str(tiny_model_dir),
         "served_model_name": MODEL,
         "dtype": "float32",
@@ -66,6 +72,16 @@ def test_chat_completion_matches_reference(client, expected_chat):
     assert reply.choices[0].message.content == expected_chat("Hello there", 12)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 0
+
+
+def test_each_request_is_logged_with_its_numbers(client, request_log):
+    chat(client, "Log me", max_tokens=5, extra_body={"ignore_eos": True})
+    deadline = time.monotonic() + 10
+    while "completion_tokens=5 " not in request_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = [x for x in request_log.read_text().splitlines() if "completion_tokens=5 " in x][-1]
+    for field in ("model=tiny", "endpoint=chat", "status=200", "prompt_tokens=", "latency=", "ttft=", "tokens_per_s="):
+        assert field in line
 
 
 def test_streaming_chat_with_usage(client, expected_chat):
