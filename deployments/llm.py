@@ -86,6 +86,14 @@ class LLMServer:
     async def models(self) -> list[str]:
         return [self.args.model_name, *self.args.adapters]
 
+    async def info(self) -> dict:
+        """What a chat page needs: model names (base first), prompt template, generation defaults."""
+        return {
+            "models": (self.args.model_name, *self.args.adapters),
+            "template": self.engine.prompts.template,
+            "defaults": self.settings.defaults,
+        }
+
     async def stats(self) -> EngineStats:
         return self.engine.stats()
 

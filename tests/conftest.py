@@ -42,6 +42,38 @@ async def engine(engine_config):
     await engine.close()
 
 
+
+
+
+@pytest.fixture(scope="session")
+def request_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs") / "requests.log"
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model_dir, adapter_dirs, request_log):
+    """The API app ("llm", at /) and the chat page app ("ui", at /ui) on the tiny model; yields the URL."""
+    from ray import serve
+
+    from deployments.ui import build_ui_app
+    from tests.serve_fixtures import SERVED_MODEL, local_ray, serve_app
+
+    args = {
+        "model": str(tiny_model_dir),
+        "served_model_name": SERVED_MODEL,
+        "dtype": "float32",
+        "num_cpus": 0,
+        "adapters": {"alpha": str(adapter_dirs["alpha"]), "beta": str(adapter_dirs["beta"])},
+        "max_tokens_cap": 2000,
+        "max_input_tokens": 1024,
+        "request_log_file": str(request_log),
+        "batch": {"batch_size": 4, "stream_interval_s": 0.0, "defaults": {"temperature": 0.0}},
+    }
+    with local_ray(), serve_app(args) as url:
+        serve.run(build_ui_app({"llm_app": "llm"}), name="ui", route_prefix="/ui")
+        yield url
+
+
 @pytest.fixture(scope="session")
 def reference(tiny_model_dir):
     """HF `generate` greedy on a separately loaded copy: the ground truth for the engine."""

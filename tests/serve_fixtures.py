@@ -12,6 +12,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "llm"
+SERVED_MODEL = "tiny"
 
 
 def free_port() -> int:

@@ -24,6 +24,9 @@ def test_config_validates(name):
     config = load(name)
     ServeDeploySchema.model_validate(config)
     for app in config["applications"]:
+        if app["import_path"] == "deployments.ui:build_ui_app":
+            assert app["route_prefix"] == "/ui" and app["args"]["llm_app"] in {a["name"] for a in config["applications"]}
+            continue
         assert app["import_path"] == "deployments.app:build_app"
         args = AppArgs.model_validate(app["args"])
         deployments = {d["name"]: d for d in app["deployments"]}

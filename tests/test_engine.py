@@ -231,7 +231,7 @@ async def test_request_level_limits(engine):
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=401)))
     with pytest.raises(PromptTooLongError):
-        engine.submit(GenerationRequest(prompt * 200, SamplingParams(max_tokens=10)))
+        engine.submit(GenerationRequest(prompt * 1000, SamplingParams(max_tokens=10)))
     with pytest.raises(InvalidRequestError, match="token ids"):
         engine.completion_request([1, 2, 10**6], GREEDY)
 

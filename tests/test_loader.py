@@ -40,7 +40,7 @@ def test_checkpoint_names_resolve(tmp_path):
 def test_local_folder_loads_with_its_limits(tiny_model_dir):
     loaded = load_model(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
     assert loaded.device == CPU and loaded.dtype == torch.float32
-    assert loaded.context_window == 512 and loaded.eos_token_ids == {2}
+    assert loaded.context_window == 2048 and loaded.eos_token_ids == {2}
     assert not loaded.model.training
 
 

@@ -14,28 +14,12 @@ from engine.prompt import ChatMessage, PromptBuilder, alpaca_instruction_prompt
 from tests.serve_fixtures import llm_handle, local_ray, serve_app
 from tests.tiny_models import build_tokenizer
 
-MODEL = "tiny"
+from tests.serve_fixtures import SERVED_MODEL as MODEL
 
 
 @pytest.fixture(scope="module")
-def request_log(tmp_path_factory):
-    return tmp_path_factory.mktemp("logs") / "requests.log"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, adapter_dirs, request_log):
-    args = {
-        "request_log_file": str(request_log),
-        "model": str(tiny_model_dir),
-        "served_model_name": MODEL,
-        "dtype": "float32",
-        "num_cpus": 0,
-        "adapters": {"alpha": str(adapter_dirs["alpha"]), "beta": str(adapter_dirs["beta"])},
-        "max_tokens_cap": 480,
-        "batch": {"batch_size": 4, "stream_interval_s": 0.0, "defaults": {"temperature": 0.0}},
-    }
-    with local_ray(), serve_app(args) as url:
-        yield url
+def server(served):
+    return served
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +29,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def prompts():
-    return PromptBuilder(build_tokenizer(), "auto", context_window=512)
+    return PromptBuilder(build_tokenizer(), "auto", context_window=2048)
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +118,10 @@ def test_model_field_selects_the_adapter(client, expected_chat, adapter_dirs):
     [
         (b"{not json", 400, "json"),
         ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}]}, 413, "prompt"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}]}, 413, "prompt"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 481}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2001}, 400, "max_tokens"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400, "logit_bias"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools"),
         ({"model": MODEL, "messages": []}, 400, "messages"),
@@ -152,14 +136,14 @@ def test_bad_requests_get_openai_errors(server, body, status, needle):
 
 
 def test_too_long_prompt_in_a_stream_gets_413(server):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}], "stream": True}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}], "stream": True}
     response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 413
 
 
 def test_client_disconnect_cancels_generation(server):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "stream": True,
-            "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+            "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
     handle = llm_handle()
     before = handle.stats.remote().result().generated_tokens
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as response:
@@ -170,7 +154,7 @@ def test_client_disconnect_cancels_generation(server):
         time.sleep(0.05)
     stats = handle.stats.remote().result()
     assert stats.running == 0
-    assert stats.generated_tokens - before < 480
+    assert stats.generated_tokens - before < 2000
 
 
 async def test_eight_concurrent_streams_complete_correctly(server, expected_chat):
@@ -226,7 +210,7 @@ def test_adapters_beyond_the_per_replica_cap_are_evicted_lru(server, tiny_model_
     try:
         handle = serve.get_deployment_handle("LLMServer", app_name="lru")
         assert handle.loaded_adapters.remote().result() == ["alpha"]  # preloaded, up to the cap
-        ids = PromptBuilder(build_tokenizer(), "auto", 512).chat([ChatMessage("user", "Hello there")], 12).token_ids
+        ids = PromptBuilder(build_tokenizer(), "auto", 2048).chat([ChatMessage("user", "Hello there")], 12).token_ids
         params = SamplingParams(temperature=0, max_tokens=12)
         for name in ("beta", "alpha", "beta"):
             stream = handle.options(stream=True, multiplexed_model_id=name).stream.remote(

@@ -47,7 +47,7 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(vocab_size: int, seed: int = 0, max_positions: int = 512) -> LlamaForCausalLM:
+def build_model(vocab_size: int, seed: int = 0, max_positions: int = 2048) -> LlamaForCausalLM:
     """A 2-layer Llama with grouped-query attention and peaky random logits."""
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -66,7 +66,7 @@ def build_model(vocab_size: int, seed: int = 0, max_positions: int = 512) -> Lla
     return LlamaForCausalLM(config).eval()
 
 
-def save_tiny_model(directory: Path, seed: int = 0, max_positions: int = 512) -> Path:
+def save_tiny_model(directory: Path, seed: int = 0, max_positions: int = 2048) -> Path:
     tokenizer = build_tokenizer()
     model = build_model(len(tokenizer), seed, max_positions)
     model.save_pretrained(directory)

@@ -1,0 +1,172 @@
+"""The Gradio chat page, served at /ui by its own deployment, talking to the LLM by handle.
+
+`build_ui(backend, info)` makes the Blocks from a backend that streams Deltas (the same
+contract as the HTTP API's), so the page can be driven without Ray; `ChatUI` is the
+Serve deployment that mounts it. No model code here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import gradio as gr
+from fastapi import FastAPI
+from ray import serve
+from ray.serve import Application
+
+from engine.config import SamplingParams
+from engine.prompt import ALPACA_CHAT_CONTEXT
+
+from deployments.api import Backend
+from deployments.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
+from deployments.ingress import HandleBackend
+from deployments.messages import GenerateCall, RequestRejected
+from deployments.protocol import GenerationDefaults
+
+CSS = "footer {display: none !important}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the page needs to know about the served models."""
+
+    models: tuple[str, ...]
+    template: str
+    defaults: GenerationDefaults
+
+
+async def stream_reply(
+    backend: Backend, conversation: Conversation, context: str, model: str, params: SamplingParams,
+    base_model: str,
+) -> AsyncIterator[Conversation]:
+    """Stream the reply to the conversation's last turn, yielding the growing conversation."""
+    adapter = None if model == base_model else model
+    stream = backend.stream(GenerateCall(sampling=params, adapter=adapter, messages=conversation.messages(context)))
+    try:
+        async for item in stream:
+            if isinstance(item, RequestRejected):
+                yield conversation.finish_reply(None, f"⚠ {item.message}")
+                return
+            if item.text:
+                conversation = conversation.extend_reply(item.text)
+            if item.finish_reason:
+                note = f"⚠ {item.error}" if item.finish_reason == "error" else ""
+                conversation = conversation.finish_reply(item.stats, note)
+            yield conversation
+    finally:
+        if hasattr(stream, "cancel"):
+            stream.cancel()  # Stop pressed or page closed: free the engine row
+
+
+def build_ui(backend: Backend, info: ModelInfo) -> gr.Blocks:
+    """The chat page: chat, Context, Summarize, Continue, Stop, model choice, settings."""
+    base_model = info.models[0]
+    default_context = ALPACA_CHAT_CONTEXT if info.template == "alpaca" else ""
+    with gr.Blocks(title="lora-serve chat") as ui:
+        state = gr.State(Conversation())
+        gr.Markdown("## Chat")
+        with gr.Row():
+            model = gr.Dropdown(list(info.models), value=base_model, label="Model or adapter", scale=1)
+            context = gr.Textbox(default_context, label="Context", lines=2, scale=3,
+                                 placeholder="A system prompt: who the assistant is, what it knows")
+        notice = gr.Markdown(elem_id="notice")
+        chatbot = gr.Chatbot(label="Conversation", height=460, sanitize_html=True, render_markdown=True,
+                             elem_id="chatbot")
+        with gr.Row():
+            message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                                 elem_id="message")
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send-button")
+            stop = gr.Button("Stop", elem_id="stop-button", variant="stop", scale=1)
+        with gr.Row():
+            summarize = gr.Button("Summarize", elem_id="summarize-button")
+            continue_ = gr.Button("Continue", elem_id="continue-button")
+            regenerate = gr.Button("Regenerate", elem_id="regenerate-button")
+            undo = gr.Button("Undo", elem_id="undo-button")
+            clear = gr.Button("Clear", elem_id="clear-button")
+        with gr.Accordion("Generation settings", open=False):
+            d = info.defaults
+            temperature = gr.Slider(0.0, 2.0, d.temperature, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1.0, d.top_p, step=0.05, label="Top p")
+            top_k = gr.Slider(0, 200, d.top_k, step=1, label="Top k (0: off)")
+            max_tokens = gr.Slider(16, 2048, d.max_tokens, step=16, label="Max new tokens")
+            repetition = gr.Slider(1.0, 2.0, d.repetition_penalty, step=0.05, label="Repetition penalty")
+
+        settings = [temperature, top_p, top_k, max_tokens, repetition]
+        shown = [chatbot, state, notice]
+
+        def params(temp, p, k, n, rep) -> SamplingParams:
+            return SamplingParams(temperature=temp, top_p=p, top_k=int(k), max_tokens=int(n), repetition_penalty=rep)
+
+        async def reply(conversation: Conversation, context_text: str, model_name: str, *values):
+            async for updated in stream_reply(backend, conversation, context_text, model_name, params(*values),
+                                              base_model):
+                yield updated.display(), updated, updated.notice
+
+        async def chat(text: str, conversation: Conversation, context_text: str, model_name: str, *values):
+            if not text.strip():
+                return
+            asked = conversation.ask(text)
+            yield asked.display(), asked, "", ""
+            async for shown_values in reply(asked, context_text, model_name, *values):
+                yield *shown_values, ""
+
+        async def continue_reply(conversation: Conversation, context_text: str, model_name: str, *values):
+            if not conversation.exchanges:
+                return
+            async for shown_values in reply(conversation.ask(CONTINUE_PROMPT, hidden=True), context_text,
+                                            model_name, *values):
+                yield shown_values
+
+        async def regenerate_reply(conversation: Conversation, context_text: str, model_name: str, *values):
+            found = conversation.last_user_turn()
+            if found is None:
+                return
+            earlier, prompt = found
+            async for shown_values in reply(earlier.ask(prompt), context_text, model_name, *values):
+                yield shown_values
+
+        async def summarize_history(conversation: Conversation, context_text: str, model_name: str, *values):
+            """Ask for a summary, put it into Context and start a fresh history (the seed's Summarize)."""
+            if not conversation.exchanges:
+                return
+            summary = ""
+            async for updated in stream_reply(backend, conversation.ask(SUMMARIZE_PROMPT), context_text,
+                                              model_name, params(*values), base_model):
+                summary = updated.exchanges[-1].reply
+                yield summary, conversation.display(), conversation, "Summarizing the conversation into Context..."
+            fresh = Conversation()
+            yield summary.strip(), fresh.display(), fresh, "The summary is now the Context; the history starts afresh."
+
+        inputs = [state, context, model, *settings]
+        events = [
+            message.submit(chat, [message, *inputs], [*shown, message], api_name="chat"),
+            send.click(chat, [message, *inputs], [*shown, message], api_name=False),
+            continue_.click(continue_reply, inputs, shown, api_name="continue"),
+            regenerate.click(regenerate_reply, inputs, shown, api_name="regenerate"),
+            summarize.click(summarize_history, inputs, [context, *shown], api_name="summarize"),
+        ]
+        stop.click(None, None, None, cancels=events, api_name=False)
+        undo.click(lambda c: (c.undo().display(), c.undo(), ""), [state], shown, api_name="undo")
+        clear.click(lambda: ([], Conversation(), ""), None, shown, api_name="clear")
+    return ui
+
+
+class ChatUI:
+    """The Serve deployment that mounts the page; it holds only a handle to the LLM."""
+
+    async def __init__(self, llm_app: str):
+        self.llm = serve.get_deployment_handle("LLMServer", app_name=llm_app)
+        self.info = ModelInfo(**await self.llm.info.remote())
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        ui = build_ui(HandleBackend(self.llm), self.info)
+        return gr.mount_gradio_app(FastAPI(), ui, path="/", css=CSS)
+
+
+def build_ui_app(args: dict) -> Application:
+    """`serve_config.yaml` application `ui`: args {llm_app: name of the LLM application}."""
+    deployment = serve.deployment(serve.ingress()(ChatUI)).options(
+        name="ChatUI", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200
+    )
+    return deployment.bind(args.get("llm_app", "llm"))

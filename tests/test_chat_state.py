@@ -1,0 +1,42 @@
+"""The chat page's conversation logic, without Gradio."""
+
+from __future__ import annotations
+
+from deployments.chat_state import CONTINUE_PROMPT, Conversation, escape, footer_text
+from engine.request import RequestStats
+
+STATS = RequestStats(prompt_tokens=9, completion_tokens=12, dropped_messages=0, latency=1.0,
+                     time_to_first_token=0.1, tokens_per_second=20.0)
+
+
+def test_messages_carry_context_and_hidden_turns():
+    c = Conversation().ask("Hi").extend_reply("Hello").ask(CONTINUE_PROMPT, hidden=True).extend_reply(" more")
+    roles = [(m.role, m.content) for m in c.messages("Be kind.")]
+    assert roles == [("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello"),
+                     ("user", CONTINUE_PROMPT), ("assistant", " more")]
+    assert [m.role for m in c.messages("  ")] == ["user", "assistant", "user", "assistant"]
+
+
+def test_display_hides_continue_prompts_and_escapes_html():
+    c = Conversation().ask("<script>alert(1)</script>").extend_reply("<img src=x onerror=alert(1)>")
+    c = c.finish_reply(STATS).ask(CONTINUE_PROMPT, hidden=True).extend_reply("next")
+    bubbles = c.display()
+    assert [b["role"] for b in bubbles] == ["user", "assistant", "assistant"]
+    assert bubbles[0]["content"] == "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert "<img" not in bubbles[1]["content"] and bubbles[1]["content"].endswith("*12 tokens · 20.0 tokens/s*")
+
+
+def test_undo_and_regenerate_skip_hidden_turns():
+    c = Conversation().ask("one").extend_reply("1").ask("two").extend_reply("2").ask(CONTINUE_PROMPT, hidden=True)
+    assert [e.user for e in c.undo().exchanges] == ["one"]
+    earlier, prompt = c.last_user_turn()
+    assert prompt == "two" and [e.user for e in earlier.exchanges] == ["one"]
+    assert Conversation().last_user_turn() is None
+
+
+def test_dropped_turns_raise_a_notice_and_errors_show_in_the_footer():
+    dropped = RequestStats(**{**STATS.__dict__, "dropped_messages": 4})
+    c = Conversation().ask("q").finish_reply(dropped)
+    assert "4 oldest messages" in c.notice
+    assert footer_text(None, "⚠ boom") == "⚠ boom"
+    assert escape("a & b <c>") == "a &amp; b &lt;c&gt;"

@@ -1,0 +1,164 @@
+"""The chat page at /ui: its Gradio API with gradio_client, and the page in a real Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from deployments.chat_state import escape
+from engine.prompt import ChatMessage, PromptBuilder
+from tests.serve_fixtures import SERVED_MODEL, llm_handle
+from tests.tiny_models import build_tokenizer
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SETTINGS = [0.0, 0.95, 0, 64, 1.0]  # temperature, top_p, top_k, max new tokens, repetition penalty
+
+
+@pytest.fixture(scope="module")
+def ui_url(served):
+    return f"{served}/ui/"
+
+
+@pytest.fixture(scope="module")
+def expected_reply(reference):
+    """Greedy reply text to a conversation of user turns, as the page's history sends it."""
+    builder = PromptBuilder(build_tokenizer(), "auto", 2048)
+
+    def expected(messages: list[ChatMessage], max_tokens: int, adapter_dir=None) -> str:
+        ids = builder.chat(messages, max_tokens).token_ids
+        return builder.tokenizer.decode(reference(ids, max_tokens, adapter_dir), skip_special_tokens=True)
+
+    return expected
+
+
+def bubble_text(bubble: dict) -> str:
+    return squash("".join(part["text"] for part in bubble["content"] if part.get("type") == "text"))
+
+
+def squash(text: str) -> str:
+    """Whitespace folded (Gradio turns tabs into spaces)."""
+    return " ".join(text.split())
+
+
+def test_gradio_api_chat_continue_summarize(ui_url, expected_reply):
+    from gradio_client import Client
+
+    client = Client(ui_url, verbose=False)
+    bubbles, notice, box = client.predict("Hello there", "", SERVED_MODEL, *SETTINGS, api_name="/chat")
+    reply = expected_reply([ChatMessage("user", "Hello there")], 64)
+    assert [b["role"] for b in bubbles] == ["user", "assistant"] and box == "" and notice == ""
+    assert bubble_text(bubbles[1]).startswith(squash(escape(reply))) and "tokens" in bubble_text(bubbles[1])
+
+    bubbles, _ = client.predict("", SERVED_MODEL, *SETTINGS, api_name="/continue")
+    history = [ChatMessage("user", "Hello there"), ChatMessage("assistant", reply), ChatMessage("user", "continue.")]
+    assert [b["role"] for b in bubbles] == ["user", "assistant", "assistant"]  # the prompt stays hidden
+    assert bubble_text(bubbles[2]).startswith(squash(escape(expected_reply(history, 64))))
+
+    context, bubbles, notice = client.predict("", SERVED_MODEL, *SETTINGS, api_name="/summarize")
+    assert context and bubbles == [] and "Context" in notice
+
+
+def test_gradio_api_adapter_choice(ui_url, expected_reply, adapter_dirs):
+    from gradio_client import Client
+
+    client = Client(ui_url, verbose=False)
+    bubbles, _, _ = client.predict("Hello there", "", "alpha", *SETTINGS, api_name="/chat")
+    expected = expected_reply([ChatMessage("user", "Hello there")], 64, adapter_dirs["alpha"])
+    assert bubble_text(bubbles[1]).startswith(squash(escape(expected)))
+    bubbles, _ = client.predict(api_name="/undo")
+    assert bubbles == []
+
+
+@pytest.fixture(scope="module")
+def page(ui_url):
+    if not shutil.which(CHROMIUM):
+        message = "Debian's chromium is not installed (make test installs it when run as root)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.goto(ui_url, wait_until="domcontentloaded")
+        page.locator("#message textarea").wait_for(state="visible", timeout=30_000)
+        yield page
+        browser.close()
+
+
+def send(page, text: str) -> None:
+    page.locator("#message textarea").fill(text)
+    page.locator("#message textarea").press("Enter")
+
+
+def bot_texts(page) -> list[str]:
+    return page.locator('[data-testid="bot"]').all_inner_texts()
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def engine_stats():
+    """The LLM replica's engine stats (from a thread: Playwright's sync API runs an event loop here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: llm_handle().stats.remote().result()).result()
+
+
+def footers(page) -> int:
+    return sum(text.count("tokens/s") for text in bot_texts(page))
+
+
+def test_browser_chat_streams_a_reply_then_continue_and_summarize(page):
+    send(page, "Hello there")
+    wait_for(lambda: footers(page) == 1)
+    assert "Hello there" in page.locator('[data-testid="user"]').first.inner_text()
+    page.locator("#continue-button").click()
+    wait_for(lambda: footers(page) == 2)
+    assert "continue." not in page.locator("#chatbot").inner_text()
+    page.locator("#summarize-button").click()
+    wait_for(lambda: page.get_by_label("Context").input_value() != "" and not bot_texts(page))
+
+
+def test_browser_stop_keeps_the_partial_reply_and_frees_the_row(page):
+    page.locator("#clear-button").click()
+    page.get_by_text("Generation settings").click()
+    page.get_by_label("Max new tokens").last.fill("2000")
+    page.get_by_label("Max new tokens").last.press("Enter")
+    before = engine_stats().generated_tokens
+    send(page, "Tell me everything")
+    wait_for(lambda: any(text.strip() for text in bot_texts(page)))
+    page.locator("#stop-button").click()
+    wait_for(lambda: engine_stats().running == 0, timeout_s=10)
+    partial = bot_texts(page)
+    assert partial and partial[-1].strip() and "tokens/s" not in partial[-1]  # unfinished reply kept
+    assert engine_stats().generated_tokens - before < 2000
+
+
+def test_browser_adapter_switch_and_no_script_injection(page):
+    page.locator("#clear-button").click()
+    page.get_by_label("Max new tokens").last.fill("32")
+    page.get_by_label("Max new tokens").last.press("Enter")
+    send(page, "Hello there")
+    wait_for(lambda: footers(page) == 1)
+    base_reply = bot_texts(page)[-1]
+    page.get_by_label("Model or adapter").click()
+    page.get_by_role("option", name="alpha").click()
+    page.locator("#clear-button").click()
+    send(page, "Hello there")
+    wait_for(lambda: footers(page) == 1)
+    assert bot_texts(page)[-1] != base_reply
+    attack = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=1</script>'
+    send(page, attack)
+    wait_for(lambda: footers(page) == 2)
+    assert page.evaluate("window.__pwned") is None
+    assert attack in page.locator('[data-testid="user"]').last.inner_text()
+
