@@ -34,6 +34,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.engine --output bench/engine-results.md
+	$(BIN)/python -m bench.serve --output bench/serve-results.md --plot bench/serve.png
 
 clean:
 	rm -rf $(VENV)

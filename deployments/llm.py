@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import ray
 from ray import serve
 
 from engine.config import SamplingParams
@@ -21,7 +22,7 @@ from engine.request import Delta, GenerationRequest
 from deployments.messages import GenerateCall, RequestRejected
 from deployments.metrics import LLMMetrics
 from deployments.settings import AppArgs, BatchSettings
-from deployments.streams import merge_streams
+from deployments.streams import coalescing_interval, merge_streams
 
 log = logging.getLogger("ray.serve")
 
@@ -44,6 +45,12 @@ class AdapterLease:
             future.result()
 
 
+def replica_name() -> str:
+    """`<replica id>@<node id prefix>`: which replica on which node served a request."""
+    replica = serve.get_replica_context().replica_id.unique_id
+    return f"{replica}@{ray.get_runtime_context().get_node_id()[:12]}"
+
+
 def _on_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
     try:
         return asyncio.get_running_loop() is loop
@@ -58,6 +65,7 @@ class LLMServer:
         """Load the model off the event loop, then the preloaded adapters through the multiplexer
         (so they count towards `max_adapters_per_replica` and are evicted like the others)."""
         self.args = args
+        self.replica = replica_name()
         self.engine = await asyncio.to_thread(Engine.from_config, args.engine_config())
         self.metrics = LLMMetrics(args.model_name)
         self._apply(args.batch)
@@ -114,6 +122,8 @@ class LLMServer:
                     yield RequestRejected.from_error(item)
                     return
                 if item is not None:
+                    if item.stats is not None:
+                        item.stats.replica = self.replica
                     yield item
         finally:
             self.engine.cancel(request.request_id)
@@ -145,8 +155,11 @@ class LLMServer:
         """One admission group: submitted together, so the engine prefills them together."""
         self.metrics.batch_size.observe(len(requests))
         streams = self.engine.submit_group(requests)
-        async for step in merge_streams(streams, self.settings.stream_interval_s):
+        async for step in merge_streams(streams, self._message_pause):
             yield step
+
+    def _message_pause(self) -> float:
+        return coalescing_interval(self.settings.stream_interval_s, self.engine.running)
 
     def _start_gauges(self) -> None:
         if self._gauges is None:

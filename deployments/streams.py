@@ -9,7 +9,7 @@ and StopIteration after its last item, which tells Serve that request is done.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from engine.request import Delta
 
@@ -17,9 +17,9 @@ Slot = Delta | Exception | type[StopIteration] | None
 
 
 async def merge_streams(
-    streams: Sequence[AsyncIterator[Delta] | Exception], interval_s: float = 0.0
+    streams: Sequence[AsyncIterator[Delta] | Exception], interval_s: Callable[[], float] = lambda: 0.0
 ) -> AsyncIterator[list[Slot]]:
-    """Interleave streams; after each yield wait at least `interval_s` to let output pile up.
+    """Interleave streams; after each yield wait `interval_s()` seconds to let output pile up.
 
     Fewer, larger messages cost Ray's proxy and handles less CPU than one per token.
     Closing this generator closes every stream (which cancels their requests).
@@ -39,8 +39,9 @@ async def merge_streams(
                     pending[i] = asyncio.ensure_future(anext(streams[i]))
             yield list(slots)
             slots = [StopIteration if _is_last(s) or s is StopIteration else None for s in slots]
-            if interval_s and pending:
-                await asyncio.sleep(interval_s)
+            pause = interval_s()
+            if pause and pending:
+                await asyncio.sleep(pause)
     finally:
         for task in pending.values():
             task.cancel()
@@ -56,3 +57,9 @@ def _is_news(slot: Slot) -> bool:
 
 def _is_last(slot: Slot) -> bool:
     return isinstance(slot, Exception) or isinstance(slot, Delta) and slot.finish_reason is not None
+
+
+def coalescing_interval(full_load_interval_s: float, running: int, full_load_rows: int = 8) -> float:
+    """Pause between messages: none for a lone stream (every token at once), growing with the
+    number of running rows up to `full_load_interval_s` (where Ray's per-message CPU matters)."""
+    return full_load_interval_s * min(1.0, max(running - 1, 0) / full_load_rows)

@@ -90,6 +90,11 @@ class Engine:
         return self._task is None or not self._task.done()
 
     @property
+    def running(self) -> int:
+        """Rows in the running batch now."""
+        return len(self._running)
+
+    @property
     def model_name(self) -> str:
         return self.loaded.name
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from deployments.streams import merge_streams
+from deployments.streams import coalescing_interval, merge_streams
 from engine.request import Delta
 
 
@@ -50,7 +50,7 @@ async def test_interval_paces_messages_of_a_merging_stream():
                 return
 
     producer = asyncio.create_task(produce())
-    steps = [step async for step in merge_streams([merging()], interval_s=0.02)]
+    steps = [step async for step in merge_streams([merging()], interval_s=lambda: 0.02)]
     await producer
     texts = [s[0].text for s in steps if isinstance(s[0], Delta)]
     assert len(texts) < len(produced) / 2
@@ -72,3 +72,9 @@ async def test_closing_the_merge_closes_the_streams():
     await anext(merged)
     await merged.aclose()
     assert sorted(closed) == ["x", "y"]
+
+
+def test_coalescing_grows_with_load():
+    assert coalescing_interval(0.25, running=1) == 0.0
+    assert 0 < coalescing_interval(0.25, running=3) < coalescing_interval(0.25, running=6) < 0.25
+    assert coalescing_interval(0.25, running=40) == 0.25
