@@ -11,11 +11,16 @@ from deployments.settings import AppArgs, BatchSettings
 
 
 def build_app(args: AppArgs | dict) -> Application:
-    """Ingress -> LLM deployment, with resources and concurrency derived from the args.
+    """Ingress -> LLM deployment (Serve calls builders with exactly one argument).
 
     `args` is serve_config.yaml's `args` mapping (validated here) or an AppArgs.
-    Serve options in serve_config.yaml's `deployments` section override these defaults.
+    Serve options in serve_config.yaml's `deployments` section override the defaults.
     """
+    return build_app_with(args)
+
+
+def build_app_with(args: AppArgs | dict, llm_options: dict | None = None) -> Application:
+    """`build_app`, with Serve option overrides for the LLM deployment (for programs and tests)."""
     args = AppArgs.model_validate(args)
     llm = serve.deployment(LLMServer).options(
         name="LLMServer",
@@ -24,7 +29,7 @@ def build_app(args: AppArgs | dict) -> Application:
         user_config=args.batch.model_dump(),
         health_check_period_s=10,
         graceful_shutdown_timeout_s=30,
-    )
+    ).options(**(llm_options or {}))
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="Ingress",
         ray_actor_options={"num_cpus": 0},

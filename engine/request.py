@@ -41,6 +41,7 @@ class RequestStats:
     latency: float
     time_to_first_token: float | None
     tokens_per_second: float | None
+    replica: str = ""  # where the request ran, filled in by the serving layer ("" in the engine)
 
 
 @dataclass

@@ -50,3 +50,26 @@ def test_unknown_args_are_rejected():
         AppArgs.model_validate({"batchsize": 4})
     with pytest.raises(ValidationError, match="unknown adapters"):
         AppArgs.model_validate({"adapters": {"a": "/x"}, "preload_adapters": ["b"]})
+
+
+def test_cluster_yaml_follows_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cluster = load("cluster.yaml")
+    validate_config(prepare_config(cluster))  # what `ray up` does before it starts anything
+    head = cluster["available_node_types"][cluster["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # no replica on the head node
+    workers = [t for name, t in cluster["available_node_types"].items() if name != cluster["head_node_type"]]
+    assert all(t["max_workers"] >= t["min_workers"] for t in workers)
+    assert any("requirements.txt" in command for command in cluster["setup_commands"])
+
+
+def test_kuberay_service_carries_the_gpu_serve_config():
+    service = load("deploy/kuberay/rayservice.yaml")
+    assert service["kind"] == "RayService" and service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"]
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)
+    gpu_apps = load("serve_config.gpu.yaml")["applications"]
+    assert embedded["applications"] == gpu_apps
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])

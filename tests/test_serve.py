@@ -223,3 +223,29 @@ def test_adapters_beyond_the_per_replica_cap_are_evicted_lru(server, tiny_model_
             assert handle.loaded_adapters.remote().result() == [name]
     finally:
         serve.delete("lru")
+
+
+def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(served, tiny_model_dir, adapter_dirs):
+    from ray import serve
+
+    from deployments.app import build_app_with
+    from deployments.messages import GenerateCall
+    from engine.config import SamplingParams
+
+    args = {"model": str(tiny_model_dir), "served_model_name": MODEL, "dtype": "float32", "num_cpus": 0,
+            "adapters": {"alpha": str(adapter_dirs["alpha"]), "beta": str(adapter_dirs["beta"])},
+            "preload_adapters": [], "max_adapters_per_replica": 1}
+    serve.run(build_app_with(args, llm_options={"num_replicas": 2}), name="multiplex", route_prefix="/multiplex")
+    try:
+        handle = serve.get_deployment_handle("LLMServer", app_name="multiplex")
+
+        def replica_for(adapter: str) -> str:
+            call = GenerateCall(sampling=SamplingParams(temperature=0, max_tokens=4), adapter=adapter, prompt="Hi")
+            items = list(handle.options(stream=True, multiplexed_model_id=adapter).stream.remote(call))
+            return items[-1].stats.replica
+
+        holder = replica_for("alpha")
+        time.sleep(2)  # replicas report the adapters they hold to the routers periodically
+        assert {replica_for("alpha") for _ in range(8)} == {holder}
+    finally:
+        serve.delete("multiplex")

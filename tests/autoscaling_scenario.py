@@ -1,0 +1,148 @@
+"""A load scenario on a simulated multi-node GPU cluster; test_autoscaling.py runs it.
+
+It runs in its own process because a process can join only one Ray cluster, and the other
+tests share a local one. The cluster has a CPU head node and two fake GPU nodes; the app is
+deployed from a Serve config (the path `serve deploy` takes) whose LLMServer section is the
+one in serve_config.yaml with the tiny model and short autoscaling delays. It writes a JSON
+report: the replica count over time, and every request's outcome.
+
+    python -m tests.autoscaling_scenario MODEL_DIR REPORT_JSON
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import ray
+import yaml
+from ray import serve
+from ray.cluster_utils import Cluster
+from ray.serve._private.api import serve_start
+from ray.serve.schema import ServeDeploySchema
+
+from tests.serve_fixtures import ROOT, free_port, wait_until_healthy
+
+log = logging.getLogger("autoscaling_scenario")
+PROMPTS = ["Tell me about rivers.", "Count to ten.", "Describe a cat.", "What is rain?"]
+MAX_TOKENS = 200
+LOAD_CLIENTS = 6
+TIME_LIMIT_S = 150
+
+
+def scenario_config(model_dir: str, port: int, request_log: str) -> dict:
+    """serve_config.yaml's LLM application on the tiny model, with test-speed autoscaling."""
+    app = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
+    app["args"].update(
+        model=model_dir, served_model_name="tiny", dtype="float32", num_gpus=1, num_cpus=0,
+        max_batch_size=8, request_log_file=request_log,
+    )
+    app["args"]["batch"].update(batch_size=2, stream_interval_s=0.0)
+    app["runtime_env"] = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+    llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
+    llm["ray_actor_options"] = {"num_gpus": 1, "num_cpus": 0}
+    llm["max_ongoing_requests"] = 8
+    llm["autoscaling_config"].update(
+        min_replicas=1, initial_replicas=1, max_replicas=2, target_ongoing_requests=2,
+        upscale_delay_s=1, downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=2,
+    )
+    return {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
+
+
+def running_replicas() -> int:
+    status = serve.status().applications["llm"].deployments["LLMServer"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, outcomes: list) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    text, tokens, error = "", 0, None
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    error = event["error"]["message"]
+                for choice in event.get("choices", []):
+                    text += choice["delta"].get("content") or ""
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+            status = response.status_code
+    except httpx.HTTPError as err:
+        status, error = 0, repr(err)
+    outcomes.append({"prompt": prompt, "status": status, "text": text, "tokens": tokens, "error": error,
+                     "finished_at": time.monotonic()})
+
+
+async def client_loop(url: str, index: int, stop: asyncio.Event, outcomes: list) -> None:
+    async with httpx.AsyncClient(timeout=60) as client:
+        n = index
+        while not stop.is_set():
+            await one_request(client, url, PROMPTS[n % len(PROMPTS)], outcomes)
+            n += 1
+
+
+async def watch(until, timeline: list, start: float, limit_s: float) -> bool:
+    """Record the replica count every 0.5 s until `until(count)` holds or time runs out."""
+    while time.monotonic() - start < limit_s:
+        count = await asyncio.to_thread(running_replicas)
+        timeline.append([round(time.monotonic() - start, 1), count])
+        if until(count):
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+async def drive(url: str) -> dict:
+    """Heavy load until two replicas serve; then one light client while it scales back down."""
+    start, timeline, outcomes = time.monotonic(), [], []
+    heavy_stop, light_stop = asyncio.Event(), asyncio.Event()
+    heavy = [asyncio.create_task(client_loop(url, i, heavy_stop, outcomes)) for i in range(LOAD_CLIENTS)]
+    light = asyncio.create_task(client_loop(url, 0, light_stop, outcomes))
+    scaled_up = await watch(lambda n: n >= 2, timeline, start, TIME_LIMIT_S / 2)
+    await asyncio.sleep(8)  # let both replicas serve a while under load
+    heavy_stop.set()
+    await asyncio.gather(*heavy)
+    load_ended = len(outcomes)
+    scaled_down = await watch(lambda n: n <= 1, timeline, start, TIME_LIMIT_S)
+    await asyncio.sleep(2)  # requests keep completing after the scale-down too
+    light_stop.set()
+    await light
+    return {"scaled_up": scaled_up, "scaled_down": scaled_down, "timeline": timeline,
+            "outcomes": outcomes, "requests_during_load": load_ended}
+
+
+def main(model_dir: str, report: str) -> None:
+    logging.basicConfig(level=logging.INFO)
+    request_log = str(Path(report).with_suffix(".requests.log"))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        port = free_port()
+        client = serve_start(http_options={"host": "127.0.0.1", "port": port})
+        client.deploy_apps(ServeDeploySchema.model_validate(scenario_config(model_dir, port, request_log)),
+                           _blocking=True)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url)
+        result = asyncio.run(drive(url))
+        result["request_log"] = Path(request_log).read_text().splitlines()
+        Path(report).write_text(json.dumps(result))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
