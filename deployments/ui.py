@@ -149,6 +149,9 @@ def build_ui(backend: Backend, info: ModelInfo) -> gr.Blocks:
         stop.click(None, None, None, cancels=events, api_name=False)
         undo.click(lambda c: (c.undo().display(), c.undo(), ""), [state], shown, api_name="undo")
         clear.click(lambda: ([], Conversation(), ""), None, shown, api_name="clear")
+    # Gradio runs one call per event at a time unless told otherwise; the engine batches
+    # everyone's requests, so let every session stream at once.
+    ui.queue(default_concurrency_limit=None)
     return ui
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 
@@ -39,6 +40,10 @@ def bubble_text(bubble: dict) -> str:
     return squash("".join(part["text"] for part in bubble["content"] if part.get("type") == "text"))
 
 
+def without_footer(text: str) -> str:
+    return re.sub(r"\s*\*\d+ tokens[^*]*\*$", "", text)
+
+
 def squash(text: str) -> str:
     """Whitespace folded (Gradio turns tabs into spaces)."""
     return " ".join(text.split())
@@ -71,6 +76,33 @@ def test_gradio_api_adapter_choice(ui_url, expected_reply, adapter_dirs):
     assert bubble_text(bubbles[1]).startswith(squash(escape(expected)))
     bubbles, _ = client.predict(api_name="/undo")
     assert bubbles == []
+
+
+def test_gradio_api_regenerate_and_the_context_budget_notice(ui_url, expected_reply):
+    from gradio_client import Client
+
+    client = Client(ui_url, verbose=False)
+    first, _, _ = client.predict("Hello there", "", SERVED_MODEL, *SETTINGS, api_name="/chat")
+    again, _ = client.predict("", SERVED_MODEL, *SETTINGS, api_name="/regenerate")
+    assert [without_footer(bubble_text(b)) for b in again] == [without_footer(bubble_text(b)) for b in first]
+    per_word = len(build_tokenizer()("word " * 100)["input_ids"]) / 100
+    long_turn = "word " * int(600 / per_word)  # one fits max_input_tokens (1024), two do not
+    client.predict(long_turn, "", SERVED_MODEL, *SETTINGS, api_name="/chat")
+    _, notice, _ = client.predict(long_turn, "", SERVED_MODEL, *SETTINGS, api_name="/chat")
+    assert "oldest messages were left out" in notice
+
+
+def test_sessions_stream_at_the_same_time(ui_url):
+    from gradio_client import Client
+
+    long = [0.0, 0.95, 0, 1500, 1.0]
+    jobs = [Client(ui_url, verbose=False).submit(f"Story {i}", "", SERVED_MODEL, *long, api_name="/chat")
+            for i in range(2)]
+    peak = 0
+    while not all(job.done() for job in jobs):
+        peak = max(peak, engine_stats().running)
+        time.sleep(0.02)
+    assert peak == 2  # both sessions were in the engine's batch together
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +145,27 @@ def engine_stats():
         return pool.submit(lambda: llm_handle().stats.remote().result()).result()
 
 
+def set_number(page, label: str, value: int) -> None:
+    """Type into a slider's number box (the accordion must be open)."""
+    box = page.locator(f'input[type="number"][aria-label*="{label}"]')
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+    wait_for(lambda: box.input_value() == str(value), timeout_s=5)
+
+
+def clear(page) -> None:
+    page.locator("#clear-button").click()
+    wait_for(lambda: not bot_texts(page), timeout_s=10)
+
+
+def choose_model(page, name: str) -> None:
+    dropdown = page.get_by_label("Model or adapter")
+    dropdown.click()
+    page.get_by_role("option", name=name).click()
+    wait_for(lambda: dropdown.input_value() == name, timeout_s=5)
+
+
 def footers(page) -> int:
     return sum(text.count("tokens/s") for text in bot_texts(page))
 
@@ -129,10 +182,9 @@ def test_browser_chat_streams_a_reply_then_continue_and_summarize(page):
 
 
 def test_browser_stop_keeps_the_partial_reply_and_frees_the_row(page):
-    page.locator("#clear-button").click()
+    clear(page)
     page.get_by_text("Generation settings").click()
-    page.get_by_label("Max new tokens").last.fill("2000")
-    page.get_by_label("Max new tokens").last.press("Enter")
+    set_number(page, "Max new tokens", 2000)
     before = engine_stats().generated_tokens
     send(page, "Tell me everything")
     wait_for(lambda: any(text.strip() for text in bot_texts(page)))
@@ -144,15 +196,14 @@ def test_browser_stop_keeps_the_partial_reply_and_frees_the_row(page):
 
 
 def test_browser_adapter_switch_and_no_script_injection(page):
-    page.locator("#clear-button").click()
-    page.get_by_label("Max new tokens").last.fill("32")
-    page.get_by_label("Max new tokens").last.press("Enter")
+    clear(page)
+    set_number(page, "Max new tokens", 32)
     send(page, "Hello there")
     wait_for(lambda: footers(page) == 1)
     base_reply = bot_texts(page)[-1]
     page.get_by_label("Model or adapter").click()
     page.get_by_role("option", name="alpha").click()
-    page.locator("#clear-button").click()
+    clear(page)
     send(page, "Hello there")
     wait_for(lambda: footers(page) == 1)
     assert bot_texts(page)[-1] != base_reply
