@@ -9,20 +9,22 @@ after streaming began arrives as an error event followed by `data: [DONE]`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.prompt import alpaca_instruction_prompt
 from engine.request import Delta, RequestStats
 
+from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.messages import GenerateCall, RequestRejected
 from deployments.openai_format import DONE_FRAME, ResponseMeta, error_body, rejected_body, sse
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, GenerateRequest
 
 log = logging.getLogger("ray.serve")
 Item = Delta | RequestRejected
@@ -38,19 +40,38 @@ class ApiSettings:
     model_aliases: tuple[str, ...]
     adapters: tuple[str, ...]
     on_finish: Callable[[str, str, int, RequestStats | None], None] = lambda *args: None
+    api_keys: tuple[str, ...] = ()
+    rate_limit_per_minute: int | None = None
+    max_body_bytes: int = 1 << 20
+    max_messages: int = 256
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status, self.body = status, error_body(message, type, param, code)
+        self.retry_after = retry_after
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model",
+    413: "Prompt beyond the context window, or body too large", 429: "Rate limit reached",
+    500: "Server error", 503: "Overloaded: retry after Retry-After seconds",
+}.items()}
+GENERATION_RESPONSES = {
+    200: {"description": "JSON, or a text/event-stream of chunks when `stream` is true",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+    **ERRORS,
+}
 
 
 def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     """The FastAPI app: OpenAI routes, /generate, /health."""
     app = FastAPI(title="lora-serve", description="OpenAI-compatible chat serving for a base model and LoRA adapters")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     service = ApiService(backend, settings)
+    guarded = [Depends(service.authorize)]
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -58,19 +79,21 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        return error_response(err.body, err.status)
+        return error_response(err.body, err.status, err.retry_after)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=guarded, responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
+        if len(body.messages) > settings.max_messages:
+            raise ApiError(400, f"at most {settings.max_messages} messages per request", param="messages")
         call = GenerateCall(sampling=body, adapter=service.adapter_for(body.model), messages=body.chat_messages())
         return await service.respond(call, ResponseMeta("chat", body.model), body.stream, _usage_wanted(body))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=guarded, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest):
         call = GenerateCall(sampling=body, adapter=service.adapter_for(body.model), prompt=body.prompt)
         return await service.respond(call, ResponseMeta("completion", body.model), body.stream, _usage_wanted(body))
 
-    @app.post("/generate")
+    @app.post("/generate", dependencies=guarded, responses=ERRORS)
     async def generate(body: GenerateRequest):
         """The seed REST API: Alpaca instruction prompt in, {"output": text} out."""
         model = body.model or settings.model_name
@@ -81,7 +104,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         text, _, _ = await service.complete(call, ResponseMeta("completion", model), "generate")
         return {"output": text.strip()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=guarded, responses=ERRORS)
     async def models():
         return {"object": "list", "data": service.model_cards()}
 
@@ -97,6 +120,17 @@ class ApiService:
 
     def __init__(self, backend: Backend, settings: ApiSettings):
         self.backend, self.settings = backend, settings
+        self.limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
+
+    async def authorize(self, authorization: str | None = Header(None)) -> None:
+        """401 without a valid key (when keys are set); 429 past the per-key rate limit."""
+        key = bearer_token(authorization)
+        if self.settings.api_keys and not key_matches(key, self.settings.api_keys):
+            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+        if self.limiter and (wait := self.limiter.retry_after(client_id(key))):
+            raise ApiError(429, "Rate limit reached for this API key; retry later.", "rate_limit_error",
+                           code="rate_limit_exceeded", retry_after=wait)
 
     def adapter_for(self, model: str) -> str | None:
         """None for the base model, the adapter name for an adapter; 404 otherwise."""
@@ -199,9 +233,13 @@ class ApiService:
         return frame, 200, item.stats
 
 
-def error_response(body: dict, status: int) -> JSONResponse:
-    """OpenAI error JSON; 503s tell the client when to retry."""
-    headers = {"Retry-After": "1"} if status == 503 else None
+def error_response(body: dict, status: int, retry_after: float | None = None) -> JSONResponse:
+    """OpenAI error JSON; 503 and 429 tell the client when to retry, 401 how to authenticate."""
+    headers = {}
+    if status in (429, 503):
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(body, status_code=status, headers=headers)
 
 

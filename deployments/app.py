@@ -26,6 +26,7 @@ def build_app_with(args: AppArgs | dict, llm_options: dict | None = None) -> App
         name="LLMServer",
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
         max_ongoing_requests=args.max_batch_size + args.batch.batch_size,
+        max_queued_requests=args.max_queued_requests,
         user_config=args.batch.model_dump(),
         health_check_period_s=10,
         graceful_shutdown_timeout_s=30,

@@ -11,12 +11,14 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from ray.serve.handle import DeploymentHandle
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from engine.request import RequestStats
 
 from deployments.api import ApiSettings, Item, build_api
-from deployments.messages import GenerateCall
+from deployments.guard import KEYS_ENV, resolve_keys
+from deployments.messages import GenerateCall, RequestRejected
 from deployments.metrics import RequestMetrics
 from deployments.settings import AppArgs
 
@@ -30,7 +32,33 @@ class HandleBackend:
         self.handle = handle.options(stream=True)
 
     def stream(self, call: GenerateCall) -> AsyncIterator[Item]:
-        return self.handle.options(multiplexed_model_id=call.adapter or "").stream.remote(call)
+        return ShedWhenFull(self.handle.options(multiplexed_model_id=call.adapter or "").stream.remote(call))
+
+
+class ShedWhenFull:
+    """A handle stream that turns Serve's back-pressure (replica queues full) into a 503 item."""
+
+    def __init__(self, response: DeploymentResponseGenerator):
+        self.response = response
+
+    def __aiter__(self) -> ShedWhenFull:
+        return self
+
+    async def __anext__(self) -> Item:
+        try:
+            return await self.response.__anext__()
+        except BackPressureError:
+            self.response = _exhausted()
+            return RequestRejected(503, "overloaded_error", "the server is at capacity; retry shortly")
+
+    def cancel(self) -> None:
+        if hasattr(self.response, "cancel"):
+            self.response.cancel()
+
+
+async def _exhausted() -> AsyncIterator[Item]:
+    return
+    yield
 
 
 class Ingress:
@@ -40,6 +68,9 @@ class Ingress:
         self.llm, self.args = llm, args
         self.metrics = RequestMetrics()
         self.request_log = request_logger(args.request_log_file)
+        self.api_keys = resolve_keys(args.api_keys)
+        if not self.api_keys:
+            log.warning("no API keys set (api_keys or %s): the API is open to anyone who can reach it", KEYS_ENV)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         args = self.args
@@ -48,6 +79,10 @@ class Ingress:
             model_aliases=(args.model,),
             adapters=tuple(args.adapters),
             on_finish=self.record,
+            api_keys=self.api_keys,
+            rate_limit_per_minute=args.rate_limit_per_minute,
+            max_body_bytes=args.max_body_bytes,
+            max_messages=args.max_messages,
         )
         return build_api(HandleBackend(self.llm), settings)
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import psutil
 import ray
 from ray import serve
 
@@ -104,6 +105,15 @@ class LLMServer:
 
     async def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    async def diagnostics(self) -> dict:
+        """For leak checks: engine stats, live asyncio tasks, adapters, resident memory."""
+        return {
+            "stats": self.engine.stats(),
+            "tasks": len(asyncio.all_tasks()),
+            "adapters": self.engine.adapters.names,
+            "rss_bytes": psutil.Process().memory_info().rss,
+        }
 
     async def loaded_adapters(self) -> list[str]:
         return self.engine.adapters.names

@@ -8,7 +8,7 @@ else is a 400, never silently ignored. Unknown fields are a 400 too.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -49,15 +49,8 @@ class SamplingFields(StrictBody):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     n: Literal[1] = 1
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
     user: str | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return value
 
     def to_sampling_params(self, defaults: GenerationDefaults) -> SamplingParams:
         """Engine settings: the request's values where given, else the server defaults."""
@@ -102,6 +95,10 @@ class ChatMessageIn(StrictBody):
         return ChatMessage(role, text)
 
 
+class TextFormat(StrictBody):
+    type: Literal["text"]
+
+
 class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessageIn] = Field(min_length=1)
@@ -109,14 +106,7 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] = False
-    response_format: dict[str, Any] | None = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict | None) -> dict | None:
-        if value and value.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return value
+    response_format: TextFormat | None = Field(None, description="Only {'type': 'text'} is supported.")
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -182,3 +172,16 @@ class GenerateRequest(StrictBody):
 
 def _pick(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, for every non-2xx answer."""
+
+    error: ErrorDetail

@@ -54,7 +54,17 @@ class AppArgs(BaseModel):
     max_input_tokens: int | None = Field(None, ge=1)
     max_tokens_cap: int = Field(4096, ge=1)
     max_consecutive_newlines: int = Field(32, ge=0)
-    max_waiting: int = Field(256, ge=1, description="Requests a replica queues before answering 503.")
+    max_waiting: int = Field(256, ge=1, description="Requests a replica's engine queues before answering 503.")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="Requests waiting for a busy LLM replica before the ingress answers 503 (-1: no limit)."
+    )
+    request_timeout_s: float | None = Field(300, gt=0, description="Time limit per request (finish_reason length).")
+    api_keys: list[str] = Field(
+        default_factory=list, repr=False, description="Bearer keys for the API and the chat page; also LLM_API_KEYS."
+    )
+    rate_limit_per_minute: int | None = Field(None, ge=1, description="Requests per minute per API key (429 beyond).")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (413 beyond).")
+    max_messages: int = Field(256, ge=1, description="Most chat messages in one request.")
     batch: BatchSettings = Field(default_factory=BatchSettings)
     request_log_file: str | None = Field(None, description="Also append one line per request here.")
     cache_dir: str | None = None
@@ -90,6 +100,7 @@ class AppArgs(BaseModel):
             max_input_tokens=self.max_input_tokens,
             max_tokens_cap=self.max_tokens_cap,
             max_consecutive_newlines=self.max_consecutive_newlines,
+            request_timeout_s=self.request_timeout_s,
         )
 
     def adapter_source(self, name: str) -> str:

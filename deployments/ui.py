@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
@@ -20,6 +21,7 @@ from engine.prompt import ALPACA_CHAT_CONTEXT
 
 from deployments.api import Backend
 from deployments.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
+from deployments.guard import key_matches, resolve_keys
 from deployments.ingress import HandleBackend
 from deployments.messages import GenerateCall, RequestRejected
 from deployments.protocol import GenerationDefaults
@@ -158,18 +160,37 @@ def build_ui(backend: Backend, info: ModelInfo) -> gr.Blocks:
 class ChatUI:
     """The Serve deployment that mounts the page; it holds only a handle to the LLM."""
 
-    async def __init__(self, llm_app: str):
+    async def __init__(self, llm_app: str, api_keys: tuple[str, ...]):
         self.llm = serve.get_deployment_handle("LLMServer", app_name=llm_app)
         self.info = ModelInfo(**await self.llm.info.remote())
+        self.api_keys = resolve_keys(api_keys)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         ui = build_ui(HandleBackend(self.llm), self.info)
-        return gr.mount_gradio_app(FastAPI(), ui, path="/", css=CSS)
+        if not self.api_keys:
+            return gr.mount_gradio_app(FastAPI(), ui, path="/", css=CSS)
+        return gr.mount_gradio_app(
+            FastAPI(), ui, path="/", css=CSS, auth=self.check_login,
+            auth_message="This chat needs an API key: enter any user name and the key as the password.",
+        )
+
+    def check_login(self, _user: str, password: str) -> bool:
+        return key_matches(password, self.api_keys)
+
+
+class UIArgs(BaseModel):
+    """serve_config.yaml `args` of the `ui` application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    llm_app: str = Field("llm", description="The application whose LLMServer the page talks to.")
+    api_keys: list[str] = Field(default_factory=list, repr=False, description="Also LLM_API_KEYS.")
 
 
 def build_ui_app(args: dict) -> Application:
-    """`serve_config.yaml` application `ui`: args {llm_app: name of the LLM application}."""
+    """`serve_config.yaml` application `ui`; with API keys set, the page asks for one."""
+    args = UIArgs.model_validate(args)
     deployment = serve.deployment(serve.ingress()(ChatUI)).options(
         name="ChatUI", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200
     )
-    return deployment.bind(args.get("llm_app", "llm"))
+    return deployment.bind(args.llm_app, tuple(args.api_keys))

@@ -50,6 +50,9 @@ class EngineConfig(BaseModel):
     max_consecutive_newlines: int = Field(
         32, ge=0, description="Stop a row after this many newlines in a row (0 disables)."
     )
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="Stop a request this long after it arrived (finish_reason length)."
+    )
 
 
 class SamplingParams(BaseModel):

@@ -49,6 +49,7 @@ class EngineStats:
     kv_tokens_reserved: int
     finished_requests: int
     generated_tokens: int
+    tracked_requests: int  # waiting + running + finished-but-unread: 0 when idle, or something leaks
 
 
 class Engine:
@@ -121,7 +122,7 @@ class Engine:
         self._ensure_started()
         row = Row.create(
             request, self.loaded.tokenizer, self.loaded.eos_token_ids,
-            self.config.max_consecutive_newlines, self.loaded.device,
+            self.config.max_consecutive_newlines, self.loaded.device, self.config.request_timeout_s,
         )
         self._rows[request.request_id] = row
         self._waiting.append(row)
@@ -184,6 +185,7 @@ class Engine:
             kv_tokens_reserved=sum(r.reservation for r in self._running),
             finished_requests=self._finished_requests,
             generated_tokens=self._generated_tokens,
+            tracked_requests=len(self._rows),
         )
 
     async def close(self) -> None:

@@ -29,6 +29,7 @@ class Row:
     next_id: int | None = None
     finish_reason: FinishReason | None = None
     cancelled: bool = False
+    timeout_s: float | None = None
 
     @classmethod
     def create(
@@ -38,6 +39,7 @@ class Row:
         eos_ids: frozenset[int],
         max_newlines: int,
         device: torch.device,
+        timeout_s: float | None = None,
     ) -> Row:
         params = request.params
         stop_ids = set(params.stop_token_ids)
@@ -50,6 +52,7 @@ class Row:
             stops=StopMatcher(request.stop_strings, max_newlines),
             queue=asyncio.Queue(),
             eos_ids=frozenset(stop_ids),
+            timeout_s=timeout_s,
         )
 
     @property
@@ -72,9 +75,13 @@ class Row:
         text, stop = self.stops.feed(self.detok.add(token))
         if stop:
             return self.finish("stop", text, [token])
-        if len(self.sampler.output_ids) >= self.request.params.max_tokens:
+        if len(self.sampler.output_ids) >= self.request.params.max_tokens or self._late(now):
             return self.finish("length", text + self._flush(), [token])
         return Delta(text=text, token_ids=[token])
+
+    def _late(self, now: float) -> bool:
+        """Past the request time limit: the row stops as if it had reached max_tokens."""
+        return self.timeout_s is not None and now - self.arrival > self.timeout_s
 
     def _flush(self) -> str:
         """Everything held back, at a finish that is not a stop string."""

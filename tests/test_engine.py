@@ -267,3 +267,15 @@ async def test_model_work_runs_off_the_event_loop(engine):
     finally:
         hook.remove()
     assert threads and threading.current_thread() not in threads
+
+
+async def test_request_time_limit_stops_a_row_as_length(engine_config):
+    from engine.engine import Engine
+
+    engine = Engine.from_config(engine_config.model_copy(update={"request_timeout_s": 0.02}))
+    try:
+        endless = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        tokens, _, final = await collect(engine.submit(GenerationRequest(encode(engine, PROMPTS[0]), endless)))
+        assert final.finish_reason == "length" and 0 < len(tokens) < 400
+    finally:
+        await engine.close()
