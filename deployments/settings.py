@@ -45,7 +45,9 @@ class AppArgs(BaseModel):
     num_gpus: float = Field(0, ge=0, description="GPUs per LLM replica (ray_actor_options).")
     num_cpus: float = Field(1, ge=0, description="CPUs reserved per LLM replica.")
     hf_token: str | None = Field(None, repr=False, description="Default: the HF_TOKEN environment variable.")
-    adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters: name -> folder or hub id.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters: name -> hub id, absolute folder, or ./folder in this project."
+    )
     preload_adapters: list[str] | Literal["all"] = "all"
     max_adapters_per_replica: int = Field(8, ge=1)
     prompt_template: PromptTemplate = "auto"
@@ -107,6 +109,12 @@ class AppArgs(BaseModel):
         return _expand(self.adapters[name])
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
 def _expand(source: str) -> str:
-    """Expand ~ in local paths; leave hub ids alone."""
-    return str(Path(source).expanduser()) if source.startswith(("~", "/", ".")) else source
+    """Local paths: `~` expanded, `./x` relative to the project folder (where serve_config.yaml
+    lives), absolute as they are. Anything else is a hub id ("owner/name")."""
+    if source.startswith(("./", "../")):
+        return str((PROJECT_ROOT / source).resolve())
+    return str(Path(source).expanduser()) if source.startswith(("~", "/")) else source

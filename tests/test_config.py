@@ -73,3 +73,10 @@ def test_kuberay_service_carries_the_gpu_serve_config():
     assert embedded["applications"] == gpu_apps
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
+
+
+def test_project_relative_adapters_resolve_and_the_demo_adapter_ships():
+    args = AppArgs.model_validate(load("serve_config.yaml")["applications"][0]["args"])
+    source = Path(args.adapter_source("pirate"))
+    assert source.is_absolute() and (source / "adapter_config.json").is_file()
+    assert AppArgs(adapters={"hub": "tloen/alpaca-lora-7b"}).adapter_source("hub") == "tloen/alpaca-lora-7b"
