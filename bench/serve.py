@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import platform
-import socket
 import sys
 import threading
 import time
@@ -58,6 +57,7 @@ from deployments.settings import AppArgs
 from engine.engine import Engine
 from engine.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from engine.prompt import ChatMessage, PromptBuilder
+from tests.serve_fixtures import free_port, wait_until_healthy
 
 log = logging.getLogger("bench.serve")
 
@@ -72,7 +72,6 @@ WARMUP_REQUESTS = 2
 WARMUP_TOKENS = 8
 ENGINE_TARGET = 0.85  # serve / engine tokens/s at the highest concurrency
 HF_TARGET = 10.0  # serve / hf-per-request tokens/s at the highest concurrency
-HEALTH_TIMEOUT_S = 120.0
 SETTLE_TIMEOUT_S = 60.0
 MAX_LOGGED_ERRORS = 3
 
@@ -396,26 +395,6 @@ async def measure_engine(values: dict[str, Any], args: argparse.Namespace) -> li
 # ----- the serve system -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
-    """Poll GET /health until it answers 200."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not become healthy in {timeout_s:g} s")
-
-
 @contextmanager
 def serve_app(values: dict[str, Any], ray_logs: bool) -> Iterator[str]:
     """A private local Ray instance running the application; yields its base URL."""
@@ -437,7 +416,7 @@ def serve_app(values: dict[str, Any], ray_logs: bool) -> Iterator[str]:
         try:
             serve.run(build_app(values), name=APP_NAME, route_prefix="/")
             url = f"http://127.0.0.1:{port}"
-            wait_until_healthy(url)
+            wait_until_healthy(url, timeout_s=120)
             yield url
         finally:
             serve.shutdown()
@@ -618,7 +597,7 @@ def hf_server(loaded: LoadedModel) -> Iterator[str]:
     thread.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url)
+        wait_until_healthy(url, timeout_s=120)
         yield url
     finally:
         server.should_exit = True
