@@ -92,9 +92,6 @@ class LLMServer:
         if not self.engine.alive:
             raise RuntimeError("the engine loop has died")
 
-    async def models(self) -> list[str]:
-        return [self.args.model_name, *self.args.adapters]
-
     async def info(self) -> dict:
         """What a chat page needs: model names (base first), prompt template, generation defaults."""
         return {
@@ -114,9 +111,6 @@ class LLMServer:
             "adapters": self.engine.adapters.names,
             "rss_bytes": psutil.Process().memory_info().rss,
         }
-
-    async def loaded_adapters(self) -> list[str]:
-        return self.engine.adapters.names
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[Delta | RequestRejected]:
         """Generate for one call; a client disconnect cancels its engine row."""

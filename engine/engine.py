@@ -95,10 +95,6 @@ class Engine:
         """Rows in the running batch now."""
         return len(self._running)
 
-    @property
-    def model_name(self) -> str:
-        return self.loaded.name
-
     def chat_request(
         self, messages: Sequence[ChatMessage], params: SamplingParams, adapter: str | None = None
     ) -> GenerationRequest:
@@ -141,10 +137,6 @@ class Engine:
             except (InvalidRequestError, EngineOverloadedError, EngineDeadError) as err:
                 streams.append(err)
         return streams
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        async for delta in self.submit(request):
-            yield delta
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its row is freed at the next step boundary. Unknown ids are ignored."""

@@ -279,3 +279,17 @@ async def test_request_time_limit_stops_a_row_as_length(engine_config):
         assert final.finish_reason == "length" and 0 < len(tokens) < 400
     finally:
         await engine.close()
+
+
+async def test_a_dead_loop_fails_its_requests_and_reports_not_alive(engine, monkeypatch):
+    from engine.errors import EngineDeadError
+
+    def broken_admit():
+        raise RuntimeError("scheduler bug")
+
+    monkeypatch.setattr(engine, "_admit", broken_admit)  # a bug in the loop itself, not in a request
+    _, _, final = await collect(engine.submit(GenerationRequest(encode(engine, PROMPTS[0]), GREEDY)))
+    assert final.finish_reason == "error" and "scheduler bug" in final.error
+    assert not engine.alive  # what LLMServer.check_health reports, so Serve replaces the replica
+    with pytest.raises(EngineDeadError):
+        engine.submit(GenerationRequest(encode(engine, PROMPTS[0]), GREEDY))

@@ -209,7 +209,7 @@ def test_adapters_beyond_the_per_replica_cap_are_evicted_lru(server, tiny_model_
     serve.run(build_app(args), name="lru", route_prefix="/lru")
     try:
         handle = serve.get_deployment_handle("LLMServer", app_name="lru")
-        assert handle.loaded_adapters.remote().result() == ["alpha"]  # preloaded, up to the cap
+        assert handle.diagnostics.remote().result()["adapters"] == ["alpha"]  # preloaded, up to the cap
         ids = PromptBuilder(build_tokenizer(), "auto", 2048).chat([ChatMessage("user", "Hello there")], 12).token_ids
         params = SamplingParams(temperature=0, max_tokens=12)
         for name in ("beta", "alpha", "beta"):
@@ -220,7 +220,7 @@ def test_adapters_beyond_the_per_replica_cap_are_evicted_lru(server, tiny_model_
             text = "".join(item.text for item in items)
             assert items[-1].finish_reason in ("stop", "length"), items
             assert text == expected_chat("Hello there", 12, adapter_dirs[name])
-            assert handle.loaded_adapters.remote().result() == [name]
+            assert handle.diagnostics.remote().result()["adapters"] == [name]
     finally:
         serve.delete("lru")
 
