@@ -40,7 +40,7 @@ def scenario_config(model_dir: str, port: int, request_log: str) -> dict:
     app = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
     app["args"].update(
         model=model_dir, served_model_name="tiny", dtype="float32", num_gpus=1, num_cpus=0,
-        max_batch_size=8, request_log_file=request_log,
+        max_batch_size=8, request_log_file=request_log, adapters={},  # the config's adapters fit SmolLM2 only
     )
     app["args"]["batch"].update(batch_size=2, stream_interval_s=0.0)
     app["runtime_env"] = {"env_vars": {"PYTHONPATH": str(ROOT)}}
