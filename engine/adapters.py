@@ -79,7 +79,11 @@ class AdapterRegistry:
             self._peft.set_adapter(next(iter(self._sources)))
 
     def forward(self, row_adapters: Sequence[str | None], **inputs: torch.Tensor):
-        """Run the model on a batch whose row i uses adapter row_adapters[i] (None: base)."""
+        """Run the model on a batch whose row i uses adapter row_adapters[i] (None: base).
+
+        Measured on SmolLM2 at 32 rows (CPU): a decode step of base rows costs 1.16x the bare
+        model through PEFT's adapter_names, and more (1.4x) with PEFT's disable_adapter().
+        """
         if self._peft is None:
             return self._base(**inputs)
         names = [name or BASE_ROW for name in row_adapters]

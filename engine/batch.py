@@ -39,7 +39,10 @@ def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.
         "position_ids": positions,
         "past_key_values": DynamicCache(),
         "use_cache": True,
-        "logits_to_keep": 1,
+        # An index tensor, not the int 1: indexing gives lm_head a contiguous [rows, 1, hidden]
+        # input. The int slices a strided view, which with PEFT's wrapped layers sends lm_head
+        # down a batched matmul that copies its weight once per row (~1 s here).
+        "logits_to_keep": torch.tensor([ids.shape[1] - 1], device=device),
     }
 
 
