@@ -382,10 +382,14 @@ async def engine_stream(engine: Engine, question: str, max_tokens: int) -> Async
 
 
 async def measure_engine(values: dict[str, Any], args: argparse.Namespace) -> list[LevelResult]:
-    """Run every level on the serve app's engine, in this process, without HTTP."""
-    config = AppArgs.model_validate(values).engine_config()
+    """Run every level on the serve app's engine, in this process, without HTTP, with the same
+    adapters loaded as a replica preloads (PEFT's wrappers slow the base rows too)."""
+    app = AppArgs.model_validate(values)
+    config = app.engine_config()
     log.info("engine: loading %s", config.model)
     engine = Engine.from_config(config)
+    for name in app.preloaded():
+        await engine.load_adapter(name, app.adapter_source(name))
     try:
         return await run_levels(partial(engine_stream, engine), "engine", args)
     finally:
