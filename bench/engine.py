@@ -167,13 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_with_quick(parser: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict) -> argparse.Namespace:
+    """Parse options; with --quick, the `quick` defaults apply under any explicitly given option."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse options; --quick swaps in QUICK_DEFAULTS under any explicitly given option."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        parser.set_defaults(**QUICK_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_with_quick(parser, argv, QUICK_DEFAULTS)
     if not 1 <= args.min_stagger_tokens <= args.max_stagger_tokens:
         parser.error("need 1 <= --min-stagger-tokens <= --max-stagger-tokens")
     if min(args.requests, args.max_tokens, args.stagger_requests, args.batch_size) < 1:

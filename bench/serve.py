@@ -51,7 +51,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
-from bench.engine import QUESTIONS, greedy, percentile
+from bench.engine import QUESTIONS, greedy, parse_with_quick, percentile
 from deployments.protocol import ChatCompletionRequest
 from deployments.settings import AppArgs
 from engine.engine import Engine
@@ -201,10 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse options; --quick swaps in QUICK_DEFAULTS under any explicitly given option."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        parser.set_defaults(**QUICK_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_with_quick(parser, argv, QUICK_DEFAULTS)
     if min(args.concurrency) < 1 or args.max_tokens < 1 or (args.requests is not None and args.requests < 1):
         parser.error("concurrency levels, --requests and --max-tokens must be positive")
     args.concurrency = sorted(set(args.concurrency))

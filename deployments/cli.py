@@ -292,9 +292,7 @@ def continue_reply(api: Api, session: Session, _: str) -> None:
     if not session.history:
         print("(nothing to continue yet)")
         return
-    reply = stream_reply(api, session, CONTINUE_PROMPT)
-    if reply and (reply.text or not reply.stopped):
-        session.add(CONTINUE_PROMPT, reply.text)
+    say(api, session, CONTINUE_PROMPT)
 
 
 def summarize(api: Api, session: Session, _: str) -> None:
