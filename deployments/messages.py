@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from engine.config import SamplingParams
-from engine.errors import EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError
+from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError
 from engine.prompt import ChatMessage
 from engine.request import new_request_id
 
@@ -53,4 +53,6 @@ class RequestRejected:
             return cls(400, "invalid_request_error", str(err))
         if isinstance(err, EngineOverloadedError):
             return cls(503, "overloaded_error", str(err))
+        if isinstance(err, EngineDeadError):  # Serve replaces this replica; a retry goes elsewhere
+            return cls(503, "server_error", str(err))
         return cls(500, "server_error", f"internal error: {err}")

@@ -19,29 +19,24 @@ Slot = Delta | Exception | type[StopIteration] | None
 async def merge_streams(
     streams: Sequence[AsyncIterator[Delta] | Exception], interval_s: Callable[[], float] = lambda: 0.0
 ) -> AsyncIterator[list[Slot]]:
-    """Interleave streams; after each yield wait `interval_s()` seconds to let output pile up.
+    """Interleave streams, at most one yield per `interval_s()` seconds while output piles up.
 
-    Fewer, larger messages cost Ray's proxy and handles less CPU than one per token.
-    Closing this generator closes every stream (which cancels their requests).
+    Fewer, larger messages cost Ray's proxy and handles less CPU than one per token. A
+    request's last delta never waits for the interval: the client learns at once that its
+    request is done (and sends its next one). Closing this generator closes every stream
+    (which cancels their requests).
     """
     slots: list[Slot] = [s if isinstance(s, Exception) else None for s in streams]
     pending = {
         i: asyncio.ensure_future(anext(s)) for i, s in enumerate(streams) if not isinstance(s, Exception)
     }
+    pause = 0.0
     try:
         while pending or any(_is_news(s) for s in slots):
-            if not any(_is_news(s) for s in slots):
-                await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
-            for i in [i for i, task in pending.items() if task.done()]:
-                delta = pending.pop(i).result()
-                slots[i] = delta
-                if not delta.finish_reason:
-                    pending[i] = asyncio.ensure_future(anext(streams[i]))
+            await _collect(streams, slots, pending, pause)
             yield list(slots)
             slots = [StopIteration if _is_last(s) or s is StopIteration else None for s in slots]
             pause = interval_s()
-            if pause and pending:
-                await asyncio.sleep(pause)
     finally:
         for task in pending.values():
             task.cancel()
@@ -49,6 +44,27 @@ async def merge_streams(
         for stream in streams:
             if hasattr(stream, "aclose"):
                 await stream.aclose()
+
+
+async def _collect(
+    streams: Sequence[AsyncIterator[Delta] | Exception], slots: list[Slot],
+    pending: dict[int, asyncio.Future], pause: float,
+) -> None:
+    """Merge arriving deltas into `slots` until there is news and `pause` seconds have
+    passed, or a stream has ended, or no stream is left."""
+    deadline = asyncio.get_running_loop().time() + pause
+    while pending and not any(_is_last(s) for s in slots):
+        left = deadline - asyncio.get_running_loop().time()
+        news = any(_is_news(s) for s in slots)
+        if news and left <= 0:
+            return
+        await asyncio.wait(pending.values(), timeout=left if left > 0 else None,
+                           return_when=asyncio.FIRST_COMPLETED)
+        for i in [i for i, task in pending.items() if task.done()]:
+            delta = pending.pop(i).result()
+            slots[i] = slots[i].merge(delta) if isinstance(slots[i], Delta) else delta
+            if not delta.finish_reason:
+                pending[i] = asyncio.ensure_future(anext(streams[i]))
 
 
 def _is_news(slot: Slot) -> bool:

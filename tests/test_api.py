@@ -10,6 +10,9 @@ from fastapi.testclient import TestClient
 from deployments.api import ApiSettings, build_api
 from deployments.messages import GenerateCall, RequestRejected
 from deployments.protocol import ChatCompletionRequest, GenerationDefaults
+from engine.errors import (
+    EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError,
+)
 from engine.request import Delta, RequestStats
 
 STATS = RequestStats(prompt_tokens=5, completion_tokens=2, dropped_messages=0, latency=0.1,
@@ -103,3 +106,12 @@ def test_request_fields_become_engine_params():
     assert (params.max_tokens, params.stop, params.top_k, params.seed) == (9, ["END"], 0, 3)
     assert params.temperature == 0.3 and params.presence_penalty == 0.5
     assert ChatCompletionRequest.model_validate(CHAT).to_sampling_params(GenerationDefaults()).top_k == 0
+
+
+@pytest.mark.parametrize("error, status", [
+    (UnknownAdapterError("x"), 404), (PromptTooLongError("x"), 413), (InvalidRequestError("x"), 400),
+    (EngineOverloadedError("x"), 503), (EngineDeadError("x"), 503), (RuntimeError("x"), 500),
+])
+def test_engine_errors_map_to_http_statuses(error, status):
+    """A dead engine is the replica's trouble, not the client's: 503, so a retry goes elsewhere."""
+    assert RequestRejected.from_error(error).status == status

@@ -78,3 +78,18 @@ def test_coalescing_grows_with_load():
     assert coalescing_interval(0.25, running=1) == 0.0
     assert 0 < coalescing_interval(0.25, running=3) < coalescing_interval(0.25, running=6) < 0.25
     assert coalescing_interval(0.25, running=40) == 0.25
+
+
+async def test_a_last_delta_does_not_wait_for_the_interval():
+    """The end of a request goes out at once, even in the middle of a long pause."""
+    quick = scripted([Delta("q1"), Delta("q2", finish_reason="stop")], delay=0.01)
+    slow = scripted([Delta(f"s{i}") for i in range(100)] + [Delta("end", finish_reason="stop")], delay=0.01)
+    merged = merge_streams([quick, slow], interval_s=lambda: 10.0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    first = await anext(merged)
+    second = await anext(merged)
+    assert loop.time() - start < 1.0  # not 10 s
+    assert first[0].text == "q1" and second[0].text == "q2" and second[0].finish_reason == "stop"
+    assert second[1].text.startswith("s")  # the other stream's output rode along
+    await merged.aclose()
