@@ -64,7 +64,7 @@ log = logging.getLogger("bench.serve")
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 APP_NAME = "llm"
-SYSTEMS = ("serve", "engine", "hf-per-request")
+SYSTEMS = ("serve", "engine", "hf-per-request", "engine-beside-idle-serve")
 FULL_DEFAULTS = {"concurrency": [1, 8, 32], "requests": None, "max_tokens": 64}
 QUICK_DEFAULTS = {"concurrency": [1, 4], "requests": 4, "max_tokens": 16}
 MIN_REQUESTS = 8
@@ -378,7 +378,7 @@ async def engine_stream(engine: Engine, question: str, max_tokens: int) -> Async
             yield Chunk("usage", delta.stats.completion_tokens)
 
 
-async def measure_engine(values: dict[str, Any], args: argparse.Namespace) -> list[LevelResult]:
+async def measure_engine(values: dict[str, Any], args: argparse.Namespace, system: str = "engine") -> list[LevelResult]:
     """Run every level on the serve app's engine, in this process, without HTTP, with the same
     adapters loaded as a replica preloads (PEFT's wrappers slow the base rows too)."""
     app = AppArgs.model_validate(values)
@@ -388,7 +388,7 @@ async def measure_engine(values: dict[str, Any], args: argparse.Namespace) -> li
     for name in app.preloaded():
         await engine.load_adapter(name, app.adapter_source(name))
     try:
-        return await run_levels(partial(engine_stream, engine), "engine", args)
+        return await run_levels(partial(engine_stream, engine), system, args)
     finally:
         await engine.close()
 
@@ -425,6 +425,14 @@ def serve_app(values: dict[str, Any], ray_logs: bool) -> Iterator[str]:
         started = psutil.Process().children(recursive=True)  # GCS, raylet, agents, workers
         ray.shutdown()
         wait_for_exit(started)
+
+
+def measure_engine_beside_idle_serve(values: dict[str, Any], args: argparse.Namespace) -> list[LevelResult]:
+    """The engine system while the serve app idles in a private local Ray on this machine:
+    what Ray's and Serve's own background work (no request) costs the model's two threads."""
+    log.info("engine-beside-idle-serve: starting an idle copy of the serve app")
+    with serve_app(values, args.ray_logs):
+        return asyncio.run(measure_engine(values, args, "engine-beside-idle-serve"))
 
 
 def wait_for_exit(processes: Sequence[psutil.Process], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
@@ -646,6 +654,8 @@ def header(values: dict[str, Any], args: argparse.Namespace, dtype: str) -> list
         f"num_cpus {values.get('num_cpus')}, batch_size {batch.get('batch_size')}, "
         f"stream_interval_s {batch.get('stream_interval_s')}; a private local Ray (2 CPUs), client in this process",
         "- engine: the same engine config in this process, same clients, no HTTP",
+        "- engine-beside-idle-serve: the engine system again while the serve app (own model copy) idles "
+        "in a private local Ray: the cost of Ray's and Serve's background processes alone",
         "- hf-per-request: FastAPI + uvicorn thread in this process, one greedy `generate` per request "
         "(min_new_tokens = max_new_tokens, explicit attention_mask), one at a time in FIFO order, "
         "each token streamed as one SSE chunk",
@@ -688,15 +698,17 @@ def ratio_table(results: dict[str, list[LevelResult]], levels: Sequence[int]) ->
         "## Ratios (tokens/s)",
         "",
         f"| concurrency | serve tok/s | engine tok/s | serve / engine (target >= {ENGINE_TARGET} at {max(levels)}) "
-        f"| hf-per-request tok/s | serve / hf (target >= {HF_TARGET:g} at {max(levels)}) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"| hf-per-request tok/s | serve / hf (target >= {HF_TARGET:g} at {max(levels)}) "
+        "| engine-beside-idle-serve / engine |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in levels:
-        serve, engine, hf = (by_level.get(name, {}).get(c) for name in SYSTEMS)
+        serve, engine, hf, beside = (by_level.get(name, {}).get(c) for name in SYSTEMS)
         lines.append(
             f"| {c} | {fmt(serve.tokens_per_s if serve else math.nan, 1)} "
             f"| {fmt(engine.tokens_per_s if engine else math.nan, 1)} | {fmt(ratio(serve, engine))} "
-            f"| {fmt(hf.tokens_per_s if hf else math.nan, 1)} | {fmt(ratio(serve, hf), 1)} |"
+            f"| {fmt(hf.tokens_per_s if hf else math.nan, 1)} | {fmt(ratio(serve, hf), 1)} "
+            f"| {fmt(ratio(beside, engine))} |"
         )
     return lines
 
@@ -757,6 +769,8 @@ def run(args: argparse.Namespace) -> str:
             notes.append(f"serve: Ray messages per generated token (SSE content chunks / tokens): {per_level}")
         elif system == "engine":
             results[system] = asyncio.run(measure_engine(values, args))
+        elif system == "engine-beside-idle-serve":
+            results[system] = measure_engine_beside_idle_serve(values, args)
         else:
             results[system] = measure_hf(values, args)
     if args.plot:
