@@ -52,6 +52,10 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: become the client at once
             try:
+                # As in a fresh terminal session: Ctrl-C interrupts, even when the tests run
+                # as a background job (which starts with SIGINT ignored, and exec keeps that).
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
                 os.execve(sys.executable, argv, environ)
             finally:
                 os._exit(127)
