@@ -22,7 +22,6 @@ Results go to stdout as a markdown table (and to --output if given); progress go
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 import asyncio
 import datetime
@@ -37,6 +36,7 @@ from typing import get_args
 
 import torch
 
+from bench.cli import parse_with_quick, publish, setup_logging
 from engine.config import Dtype, EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.loader import LoadedModel
@@ -165,15 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="also write the results as markdown to this file")
     p.set_defaults(**FULL_DEFAULTS)
     return p
-
-
-def parse_with_quick(parser: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict) -> argparse.Namespace:
-    """Parse options; with --quick, the `quick` defaults apply under any explicitly given option."""
-    args = parser.parse_args(argv)
-    if args.quick:
-        parser.set_defaults(**quick)
-        args = parser.parse_args(argv)
-    return args
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -451,13 +442,9 @@ async def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
-    markdown = asyncio.run(run(args))
-    sys.stdout.write(markdown)
-    if args.output:
-        args.output.write_text(markdown)
-        log.info("results written to %s", args.output)
+    publish(asyncio.run(run(args)), args.output)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -51,7 +50,8 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
-from bench.engine import QUESTIONS, greedy, parse_with_quick, percentile
+from bench.cli import parse_with_quick, publish, setup_logging
+from bench.engine import QUESTIONS, greedy, percentile
 from deployments.protocol import ChatCompletionRequest
 from deployments.settings import AppArgs
 from engine.engine import Engine
@@ -779,14 +779,9 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    setup_logging()
     args = parse_args(argv)
-    markdown = run(args)
-    sys.stdout.write(markdown)
-    if args.output:
-        args.output.write_text(markdown)
-        log.info("results written to %s", args.output)
+    publish(run(args), args.output)
 
 
 if __name__ == "__main__":

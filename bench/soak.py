@@ -51,6 +51,7 @@ import httpx
 import torch
 import yaml
 
+from bench.cli import publish, setup_logging
 from bench.engine import QUESTIONS
 from bench.serve import APP_NAME, SERVE_CONFIG, CpuSnapshot, fmt, serve_app
 from deployments.settings import AppArgs
@@ -652,15 +653,10 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    setup_logging()
     args = parse_args(argv)
     markdown, ok = run(args)
-    sys.stdout.write(markdown)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(markdown)
-        log.info("report written to %s", args.output)
+    publish(markdown, args.output)
     sys.exit(0 if ok else 1)
 
 
