@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the clients' random choices")
     p.add_argument("--ray-logs", action="store_true", help="show the Ray workers' logs")
     p.add_argument("--output", type=Path, help="also write the report as markdown to this file")
-    p.add_argument("--plot", type=Path, default=Path("bench/soak.png"), help="PNG plot of RSS and tasks over time")
+    p.add_argument("--plot", type=Path, help="PNG plot of RSS and tasks over time")
     return p
 
 
@@ -463,6 +463,13 @@ def slope_per_hour(samples: Sequence[Sample]) -> float:
     return sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys)) / var
 
 
+def second_half(samples: Sequence[Sample]) -> list[Sample]:
+    """The later half of the load samples: where a leak still climbs and a heap reaching its
+    working size (glibc keeps freed KV-cache blocks for reuse) has levelled off."""
+    later = after_warmup(samples)
+    return later[len(later) // 2:]
+
+
 def rss_reference(samples: Sequence[Sample]) -> Sample:
     """The first sample after the warm-up; the baseline when the run was too short to have one."""
     later = after_warmup(samples)
@@ -556,6 +563,8 @@ def summary(result: SoakResult, checks: Sequence[Check]) -> list[str]:
     start, end = result.samples[0], result.samples[-1]
     reference = rss_reference(result.samples)
     fitted = after_warmup(result.samples)
+    late = second_half(result.samples)
+    late_start = f" from t={late[0].t:.0f} s" if late else ""
     counts = result.counts
     total = counts.completed + counts.dropped + counts.error_count
     tokens = end.generated_tokens - start.generated_tokens
@@ -572,7 +581,8 @@ def summary(result: SoakResult, checks: Sequence[Check]) -> list[str]:
         f"**{end.rss_mib - reference.rss_mib:+.1f} MiB** after the warm-up, "
         f"max {max(s.rss_mib for s in result.samples):.1f} MiB",
         f"- RSS slope (least squares over the {len(fitted)} samples after the warm-up): "
-        f"**{fmt(slope_per_hour(fitted), 1)} MiB/hour**",
+        f"**{fmt(slope_per_hour(fitted), 1)} MiB/hour**; over the second half of the load "
+        f"({len(late)} samples{late_start}): **{fmt(slope_per_hour(late), 1)} MiB/hour**",
         f"- asyncio tasks: {start.tasks} before the load, max {max(s.tasks for s in result.samples)} during it, "
         f"{end.tasks} at the end",
         "",
