@@ -22,7 +22,6 @@ Results go to stdout as a markdown table (and to --output if given); progress go
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import asyncio
 import datetime
 import logging
@@ -32,6 +31,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import get_args
 
 import torch

@@ -706,7 +706,8 @@ def ratio_table(results: dict[str, list[LevelResult]], levels: Sequence[int]) ->
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in levels:
-        serve, engine, hf, beside = (by_level.get(name, {}).get(c) for name in SYSTEMS)
+        serve, engine, hf, beside = (by_level.get(name, {}).get(c) for name in
+                                     ("serve", "engine", "hf-per-request", "engine-beside-idle-serve"))
         lines.append(
             f"| {c} | {fmt(serve.tokens_per_s if serve else math.nan, 1)} "
             f"| {fmt(engine.tokens_per_s if engine else math.nan, 1)} | {fmt(ratio(serve, engine))} "

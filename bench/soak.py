@@ -463,11 +463,10 @@ def slope_per_hour(samples: Sequence[Sample]) -> float:
     return sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys)) / var
 
 
-def second_half(samples: Sequence[Sample]) -> list[Sample]:
-    """The later half of the load samples: where a leak still climbs and a heap reaching its
-    working size (glibc keeps freed KV-cache blocks for reuse) has levelled off."""
-    later = after_warmup(samples)
-    return later[len(later) // 2:]
+def second_half(load: Sequence[Sample]) -> list[Sample]:
+    """The later half of the load samples (`after_warmup`): where a leak still climbs and a heap
+    reaching its working size (glibc keeps freed KV-cache blocks for reuse) has levelled off."""
+    return list(load[len(load) // 2:])
 
 
 def rss_reference(samples: Sequence[Sample]) -> Sample:
@@ -563,7 +562,7 @@ def summary(result: SoakResult, checks: Sequence[Check]) -> list[str]:
     start, end = result.samples[0], result.samples[-1]
     reference = rss_reference(result.samples)
     fitted = after_warmup(result.samples)
-    late = second_half(result.samples)
+    late = second_half(fitted)
     late_start = f" from t={late[0].t:.0f} s" if late else ""
     counts = result.counts
     total = counts.completed + counts.dropped + counts.error_count

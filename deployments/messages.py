@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from engine.config import SamplingParams
-from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError
+from engine.errors import (
+    EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError,
+)
 from engine.prompt import ChatMessage
 from engine.request import new_request_id
 
