@@ -29,7 +29,8 @@ import math
 import platform
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
@@ -247,12 +248,24 @@ async def run_engine(engine: Engine, requests: Sequence[BenchRequest]) -> list[O
 # ----- Hugging Face generate baselines --------------------------------------------------
 
 
+@contextmanager
+def standard_attention(model: torch.nn.Module) -> Iterator[None]:
+    """transformers' SDPA attention for a while: the engine set its model to paged attention,
+    which only runs inside the engine's steps."""
+    saved = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(saved)
+
+
 def hf_generate(loaded: LoadedModel, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
     """One static left-padded greedy `generate` batch of exactly `new_tokens` tokens per row."""
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt")
-    with torch.inference_mode():
+    with torch.inference_mode(), standard_attention(loaded.model):
         out = loaded.model.generate(
             input_ids=batch["input_ids"].to(loaded.device),
             attention_mask=batch["attention_mask"].to(loaded.device),

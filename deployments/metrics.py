@@ -21,7 +21,20 @@ class LLMMetrics:
         self.running = metrics.Gauge("llm_running_requests", "Requests in the running batch.", ("model",))
         self.waiting = metrics.Gauge("llm_waiting_requests", "Requests waiting for admission.", ("model",))
         self.rows = metrics.Gauge("llm_batch_rows", "Rows in the engine's decode batch.", ("model",))
-        self.kv_tokens = metrics.Gauge("llm_kv_tokens", "KV-cache token slots in use.", ("model",))
+        self.kv_tokens = metrics.Gauge("llm_kv_tokens", "KV-cache token slots held by requests.", ("model",))
+        self.kv_blocks_used = metrics.Gauge("llm_kv_blocks_used", "KV-cache blocks held by requests.", ("model",))
+        self.kv_blocks_cached = metrics.Gauge(
+            "llm_kv_blocks_cached", "Unheld KV-cache blocks kept for prefix reuse.", ("model",)
+        )
+        self.prefix_queries = metrics.Counter(
+            "llm_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.", ("model",)
+        )
+        self.prefix_hits = metrics.Counter(
+            "llm_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (not recomputed).", ("model",)
+        )
+        self.preemptions = metrics.Counter(
+            "llm_preemptions", "Running requests that gave their KV blocks back for lack of memory.", ("model",)
+        )
         self.batch_size = metrics.Histogram(
             "llm_admission_group_size", "Requests per @serve.batch admission group.",
             boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",),
@@ -30,12 +43,21 @@ class LLMMetrics:
 
     async def watch(self, engine: Engine, period_s: float = 1.0) -> None:
         """Refresh the gauges every `period_s` seconds, for the life of the replica."""
+        counted = [0, 0, 0]  # what the counters below have been told so far
         while True:
             stats = engine.stats()
             self.running.set(stats.running, self.tags)
             self.waiting.set(stats.waiting, self.tags)
             self.rows.set(stats.batch_size, self.tags)
             self.kv_tokens.set(stats.kv_tokens, self.tags)
+            self.kv_blocks_used.set(stats.kv_blocks_used, self.tags)
+            self.kv_blocks_cached.set(stats.kv_blocks_cached, self.tags)
+            totals = (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.preemptions)
+            counters = (self.prefix_queries, self.prefix_hits, self.preemptions)
+            for i, (counter, total) in enumerate(zip(counters, totals)):  # the engine counts since start
+                if total > counted[i]:
+                    counter.inc(total - counted[i], self.tags)
+                    counted[i] = total
             await asyncio.sleep(period_s)
 
 

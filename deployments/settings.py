@@ -52,7 +52,13 @@ class AppArgs(BaseModel):
     max_adapters_per_replica: int = Field(8, ge=1)
     prompt_template: PromptTemplate = "auto"
     max_batch_size: int = Field(64, ge=1, description="Rows the engine decodes together at most.")
-    max_kv_tokens: int = Field(262144, ge=1)
+    max_kv_tokens: int = Field(65536, ge=1, description="KV-cache token slots per replica, allocated at start.")
+    kv_cache_memory_fraction: float | None = Field(
+        None, gt=0, lt=1, description="On CUDA: size the KV cache to this share of free GPU memory instead."
+    )
+    kv_block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block (prefix-cache granularity).")
+    max_step_tokens: int = Field(512, ge=1, description="Tokens per engine step: decode rows, then prompt chunks.")
+    enable_prefix_caching: bool = Field(True, description="Reuse cached KV of shared prompt prefixes.")
     max_input_tokens: int | None = Field(None, ge=1)
     max_tokens_cap: int = Field(4096, ge=1)
     max_consecutive_newlines: int = Field(32, ge=0)
@@ -98,6 +104,10 @@ class AppArgs(BaseModel):
             prompt_template=self.prompt_template,
             max_batch_size=self.max_batch_size,
             max_kv_tokens=self.max_kv_tokens,
+            kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+            kv_block_size=self.kv_block_size,
+            max_step_tokens=self.max_step_tokens,
+            enable_prefix_caching=self.enable_prefix_caching,
             max_waiting=self.max_waiting,
             max_input_tokens=self.max_input_tokens,
             max_tokens_cap=self.max_tokens_cap,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -21,6 +21,12 @@ class EngineConfig(BaseModel):
     """How the engine loads its model and schedules work."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _step_fits_every_row(self) -> EngineConfig:
+        if self.max_step_tokens < self.max_batch_size:
+            raise ValueError("max_step_tokens must be at least max_batch_size (one token per running row)")
+        return self
 
     model: str = Field(
         DEFAULT_MODEL,
@@ -38,9 +44,22 @@ class EngineConfig(BaseModel):
     prompt_template: PromptTemplate = Field(
         "auto", description="auto: the tokenizer's chat template if it has one, else alpaca."
     )
-    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Rows (requests) running at once.")
     max_kv_tokens: int = Field(
-        65536, ge=1, description="Budget of reserved KV-cache tokens (prompt + max_tokens per row)."
+        65536, ge=1,
+        description="Token slots of the KV cache, allocated once at start (memory is bounded by it).",
+    )
+    kv_cache_memory_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="On CUDA: size the KV cache to this share of the free GPU memory instead.",
+    )
+    kv_block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    max_step_tokens: int = Field(
+        512, ge=1,
+        description="Tokens computed per step: decode rows first, then prompt chunks (chunked prefill).",
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV of cached prompt prefixes (same tokens and adapter)."
     )
     max_waiting: int = Field(1024, ge=1, description="Requests allowed to wait for admission.")
     max_input_tokens: int | None = Field(

@@ -1,8 +1,17 @@
-"""One request inside the engine: its sampler, detokenizer, stop matcher, output queue, timing."""
+"""One request inside the engine: its tokens, KV blocks, sampler, detokenizer, stop matcher, timing.
+
+`tokens` are the prompt followed by every token sampled so far; the first `num_computed` of
+them have their keys and values in the KV cache, in the blocks of `table`. A decoding row has
+exactly one token not yet computed (the last one sampled); a row being prefilled has more.
+A preempted row gives its blocks back and starts again from `num_computed = 0` (its sampled
+tokens stay, so it resumes where it stopped). `block_keys` are the prefix keys of its full,
+computed blocks, each chained to the one before (engine/blocks.py).
+
+Thread: owned by the engine core (its worker thread); only `cancelled` is set from outside.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -10,23 +19,26 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from engine.detok import IncrementalDetokenizer, StopMatcher
+from engine.kv_cache import BlockTable
 from engine.request import Delta, FinishReason, GenerationRequest, RequestStats
 from engine.sampling import RowSampler
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity (list membership, removal)
 class Row:
-    """A request's state while it waits or runs. Its deltas go to `queue` on the caller's loop."""
+    """A request's state while it waits or runs."""
 
     request: GenerationRequest
     sampler: RowSampler
     detok: IncrementalDetokenizer
     stops: StopMatcher
-    queue: asyncio.Queue[Delta]
     eos_ids: frozenset[int]
+    adapter_identity: bytes = b""
+    table: BlockTable = field(default_factory=BlockTable)
+    block_keys: list[bytes] = field(default_factory=list)
+    num_computed: int = 0
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
-    next_id: int | None = None
     finish_reason: FinishReason | None = None
     cancelled: bool = False
     timeout_s: float | None = None
@@ -40,6 +52,7 @@ class Row:
         max_newlines: int,
         device: torch.device,
         timeout_s: float | None = None,
+        adapter_identity: bytes = b"",
     ) -> Row:
         params = request.params
         stop_ids = set(params.stop_token_ids)
@@ -50,15 +63,35 @@ class Row:
             sampler=RowSampler.create(params, request.prompt_ids, device),
             detok=IncrementalDetokenizer(tokenizer),
             stops=StopMatcher(request.stop_strings, max_newlines),
-            queue=asyncio.Queue(),
             eos_ids=frozenset(stop_ids),
+            adapter_identity=adapter_identity,
             timeout_s=timeout_s,
         )
 
     @property
-    def reservation(self) -> int:
-        """KV tokens this row may need at most: prompt plus every token it may generate."""
-        return len(self.request.prompt_ids) + self.request.params.max_tokens
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def tokens(self) -> list[int]:
+        """The prompt and every token sampled so far."""
+        return self.request.prompt_ids + self.sampler.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.sampler.output_ids)
+
+    def token_range(self, start: int, stop: int) -> list[int]:
+        """tokens[start:stop] without building the whole list."""
+        prompt = self.request.prompt_ids
+        if start >= len(prompt):
+            return self.sampler.output_ids[start - len(prompt) : stop - len(prompt)]
+        return prompt[start:stop] + self.sampler.output_ids[: max(stop - len(prompt), 0)]
+
+    @property
+    def decoding(self) -> bool:
+        """True when only the last sampled token is missing from the cache."""
+        return self.num_computed == self.num_tokens - 1
 
     @property
     def finished(self) -> bool:
@@ -69,7 +102,6 @@ class Row:
         now = time.monotonic()
         self.first_token_at = self.first_token_at or now
         self.sampler.output_ids.append(token)
-        self.next_id = token
         if token in self.eos_ids:
             return self.finish("stop", self._flush())
         text, stop = self.stops.feed(self.detok.add(token))

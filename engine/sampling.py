@@ -80,7 +80,7 @@ def sample_next_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list
     """
     logits = logits.float()
     finite = torch.isfinite(logits).all(dim=-1).tolist()
-    logits[~torch.tensor(finite, device=logits.device)] = 0.0
+    logits[~torch.tensor(finite, dtype=torch.bool, device=logits.device)] = 0.0
     for i, row in enumerate(rows):
         if row.params.uses_penalties:
             apply_penalties(logits[i], row)

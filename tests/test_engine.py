@@ -127,7 +127,7 @@ async def test_cancel_frees_the_row_and_others_continue(engine, reference):
     assert final.stats.completion_tokens < 50
     other_tokens, _, _ = await other_task
     assert other_tokens == reference(other.prompt_ids, GREEDY.max_tokens)
-    assert engine.stats().running == 0 and engine.stats().batch_size == 0
+    assert engine.stats().running == 0 and engine.stats().kv_blocks_used == 0
 
 
 async def test_closing_the_stream_cancels_the_request(engine):
@@ -146,7 +146,8 @@ async def test_closing_the_stream_cancels_the_request(engine):
 async def test_batch_and_kv_budgets_hold_rows_back(engine_config, reference):
     from engine.engine import Engine
 
-    engine = Engine.from_config(engine_config.model_copy(update={"max_batch_size": 2, "max_kv_tokens": 100}))
+    budget = {"max_batch_size": 2, "max_kv_tokens": 100, "kv_block_size": 4, "max_step_tokens": 16}
+    engine = Engine.from_config(engine_config.model_copy(update=budget))
     try:
         requests = [GenerationRequest(encode(engine, p), GREEDY) for p in PROMPTS]
         tasks = [asyncio.create_task(collect(engine.submit(r))) for r in requests]
@@ -154,9 +155,9 @@ async def test_batch_and_kv_budgets_hold_rows_back(engine_config, reference):
         while not all(t.done() for t in tasks):
             stats = engine.stats()
             peak = max(peak, stats.running)
-            assert stats.kv_tokens_reserved <= 100
+            assert stats.kv_blocks_total == 25 and stats.kv_tokens <= 100
             await asyncio.sleep(0.001)
-        assert peak <= 2
+        assert peak == 2
         for request, task in zip(requests, tasks):
             assert task.result()[0] == reference(request.prompt_ids, GREEDY.max_tokens)
     finally:
@@ -284,10 +285,10 @@ async def test_request_time_limit_stops_a_row_as_length(engine_config):
 async def test_a_dead_loop_fails_its_requests_and_reports_not_alive(engine, monkeypatch):
     from engine.errors import EngineDeadError
 
-    def broken_admit():
+    def broken_schedule():
         raise RuntimeError("scheduler bug")
 
-    monkeypatch.setattr(engine, "_admit", broken_admit)  # a bug in the loop itself, not in a request
+    monkeypatch.setattr(engine.core.scheduler, "schedule", broken_schedule)  # a bug in the loop, not a request
     _, _, final = await collect(engine.submit(GenerationRequest(encode(engine, PROMPTS[0]), GREEDY)))
     assert final.finish_reason == "error" and "scheduler bug" in final.error
     assert not engine.alive  # what LLMServer.check_health reports, so Serve replaces the replica

@@ -116,6 +116,7 @@ async def test_soak_with_random_disconnects_leaks_nothing(served):
         after = await diagnostics()
     stats = after["stats"]
     assert stats.running == 0 and stats.waiting == 0 and stats.tracked_requests == 0
+    assert stats.kv_blocks_used == 0  # every KV block of finished and dropped requests was given back
     assert after["tasks"] <= before["tasks"] + 2  # the gauge task may start; request tasks must not stay
     assert after["adapters"] == before["adapters"]
     assert after["rss_bytes"] - before["rss_bytes"] < 200 * 2**20

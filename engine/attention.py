@@ -1,0 +1,175 @@
+"""Attention over the engine's paged KV cache, plugged into transformers' `AttentionInterface`.
+
+`paged_attention` replaces the model's attention function: the model hands it the packed
+step's queries `[1, heads, T, dim]` (after RoPE; the new keys and values were already
+written into the cache by `PagedKVCache.update`) and, among the forward's keyword arguments,
+`kv_layout`, which says where each sequence's queries and context are. Each sequence attends
+to its own context on views of the cache, never a gathered copy:
+
+- decode (one query, one contiguous run): a single SDPA call. The query heads sharing a KV
+  head are folded into the query axis (`[1, kv_heads, group, dim]`), so grouped-query
+  attention reads each KV head once instead of repeating it `group` times;
+- a prompt chunk at position 0 of a sequence: SDPA with `is_causal`;
+- anything else (a chunk after earlier context, or a context in several runs): on CPU, one
+  SDPA call per run with no mask for the earlier context (every query sees all of it) and a
+  causal call for the chunk's own keys, merged by their log-sum-exps. A masked SDPA over the
+  whole context costs 3-4x more on CPU (measured: it visits every masked block). Elsewhere
+  (CUDA), one softmax over the runs' scores with an explicit causal mask.
+
+Supported model families: those whose attention calls `past_key_values.update` and then the
+configured attention function, with full (not sliding-window) attention. Tested on Llama
+(SmolLM2 and tiny random Llamas), Mistral and Qwen2 (tiny random models); others are refused.
+
+Thread: the engine's worker thread, inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PretrainedConfig
+
+from engine.kv_cache import SequenceLayout, StepLayout
+
+ATTENTION_NAME = "lora_serve_paged"
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+
+def use_paged_attention(model: torch.nn.Module) -> None:
+    """Make `model` attend through `paged_attention` (registered in transformers' interface)."""
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
+def check_supported(config: PretrainedConfig, context_window: int) -> None:
+    """Raise NotImplementedError for models whose attention this cache cannot serve exactly."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        raise NotImplementedError(
+            f"model type {config.model_type!r} is not supported by the paged KV cache "
+            f"(supported: {supported})"
+        )
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and window < context_window:
+        raise NotImplementedError(
+            f"sliding-window attention ({window} tokens) is not supported; "
+            f"set max_input_tokens so prompt plus completion stay within {window} tokens"
+        )
+
+
+def paged_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+    kv_layout: StepLayout | None = None, **_kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query [1, heads, T, dim] -> output [1, T, heads, dim]."""
+    if kv_layout is None:
+        raise RuntimeError(f"attention {ATTENTION_NAME!r} runs only inside the engine (no kv_layout)")
+    keys, values = kv_layout.cache.layer(module.layer_idx)
+    _, heads, _, dim = query.shape
+    kv_heads = keys.shape[0]
+    tokens = query[0].transpose(0, 1).contiguous()  # [T, heads, dim]: a token's heads side by side
+    outs = []
+    for seq in kv_layout.sequences:
+        if seq.q_len == 1 and len(seq.runs) == 1:
+            first, length = seq.runs[0]
+            folded = tokens[seq.q_start].view(1, kv_heads, heads // kv_heads, dim)
+            out = F.scaled_dot_product_attention(
+                folded, keys[None, :, first : first + length], values[None, :, first : first + length],
+                scale=scaling,
+            )
+            outs.append(out.view(1, heads, dim))
+        else:
+            q = tokens[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1)
+            outs.append(attend(q, keys, values, seq, scaling).transpose(0, 1))
+    return torch.cat(outs).unsqueeze(0), None
+
+
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq: SequenceLayout, scale: float | None
+) -> torch.Tensor:
+    """Causal attention of one sequence's queries [heads, n, dim] to its context -> [heads, n, dim]."""
+    n = q.shape[1]
+    if len(seq.runs) == 1 and seq.runs[0][1] == n:  # a whole sequence at once
+        first, length = seq.runs[0]
+        return F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys[None, :, first : first + length], values[None, :, first : first + length],
+            is_causal=True, scale=scale, enable_gqa=True,
+        )[0]
+    own = split_runs(seq.runs, seq.context - n)
+    if q.device.type == "cpu" and own is not None:
+        return attend_merged(q, keys, values, own[0], own[1], scale)
+    return attend_runs(q, keys, values, seq.runs, scale)
+
+
+def split_runs(
+    runs: list[tuple[int, int]], earlier: int
+) -> tuple[list[tuple[int, int]], tuple[int, int]] | None:
+    """(runs of the first `earlier` positions, the single run of the rest), or None when the
+    rest is not contiguous."""
+    before, left = [], earlier
+    for index, (first, length) in enumerate(runs):
+        if left >= length:
+            before.append((first, length))
+            left -= length
+            continue
+        if left:
+            before.append((first, left))
+        if index != len(runs) - 1:
+            return None
+        return before, (first + left, length - left)
+    return None
+
+
+def attend_merged(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, earlier: list[tuple[int, int]],
+    own: tuple[int, int], scale: float | None,
+) -> torch.Tensor:
+    """CPU: one unmasked SDPA per run of earlier context plus a causal one over the queries'
+    own keys, combined exactly through their log-sum-exps (see the module docstring)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    heads, n, dim = q.shape
+    kv_heads = keys.shape[0]
+    group = heads // kv_heads
+    folded = q.reshape(1, kv_heads, group * n, dim)  # no mask on earlier context: fold the groups
+    parts = []
+    for first, length in earlier:
+        out, lse = flash(folded, keys[None, :, first : first + length], values[None, :, first : first + length],
+                         scale=scale)
+        parts.append((out.reshape(heads, n, dim), lse.reshape(heads, n)))
+    first, length = own
+    own_keys = keys[:, first : first + length].repeat_interleave(group, 0)
+    own_values = values[:, first : first + length].repeat_interleave(group, 0)
+    out, lse = flash(q.unsqueeze(0), own_keys[None], own_values[None], is_causal=True, scale=scale)
+    parts.append((out[0], lse[0]))
+    top = torch.stack([lse for _, lse in parts]).amax(dim=0)
+    weights = [(lse - top).exp() for _, lse in parts]
+    total = sum(w.unsqueeze(-1) * out.float() for w, (out, _) in zip(weights, parts))
+    return (total / sum(weights).unsqueeze(-1)).to(q.dtype)
+
+
+def attend_runs(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, runs: list[tuple[int, int]], scale: float | None
+) -> torch.Tensor:
+    """Any device: one softmax over the scores of every run, with an explicit causal mask."""
+    heads, n, dim = q.shape
+    kv_heads = keys.shape[0]
+    group = heads // kv_heads
+    folded = q.reshape(kv_heads, group * n, dim)  # row g * n + j is query j of head group g
+    scale = scale if scale is not None else dim**-0.5
+    scores = torch.cat(
+        [folded @ keys[:, first : first + length].transpose(1, 2) for first, length in runs], dim=-1
+    ).float() * scale
+    allowed = causal_mask(n, scores.shape[-1], q.device).repeat(group, 1)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(q.dtype)
+    out, start = None, 0
+    for first, length in runs:
+        part = probs[..., start : start + length] @ values[:, first : first + length]
+        out = part if out is None else out + part
+        start += length
+    return out.reshape(heads, n, dim)
+
+
+def causal_mask(queries: int, context: int, device: torch.device) -> torch.Tensor:
+    """[queries, context] bool: query j (position context - queries + j) sees keys up to itself."""
+    return torch.ones(queries, context, dtype=torch.bool, device=device).tril(context - queries)

@@ -1,0 +1,199 @@
+"""The synchronous engine: requests in, one step at a time, deltas out.
+
+One `step()` is three moves, as in nano-vllm:
+
+    chunks = scheduler.schedule()          # which tokens to compute (engine/scheduler.py)
+    rows, logits = runner.run(chunks)      # one packed forward over the KV cache (engine/runner.py)
+    events = self._postprocess(...)        # register full blocks, sample, advance, retire
+
+Who owns what: the core, its scheduler, block manager, KV cache and runner belong to the
+thread that calls `step()` (the async shell's worker thread, or a test). Other threads may
+only call `add` (a thread-safe deque append) and set `row.cancelled`; both are picked up at
+the start of the next step. `step()` returns `(request id, Delta)` events; a request's last
+delta has its finish reason, and by then its blocks are given back.
+
+Errors: a row whose logits are not finite, or whose detokenizing fails, finishes with an
+error alone. An exception in the forward pass fails the rows of that pass; the core goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from engine.blocks import ROOT_KEY, BlockManager, block_key
+from engine.config import EngineConfig
+from engine.kv_cache import PagedKVCache
+from engine.loader import LoadedModel
+from engine.lora import AdapterRegistry
+from engine.request import Delta
+from engine.row import Row
+from engine.runner import ModelRunner
+from engine.sampling import sample_next_tokens
+from engine.scheduler import ScheduledChunk, Scheduler
+
+log = logging.getLogger(__name__)
+
+Event = tuple[str, Delta]
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    batch_size: int  # rows computed in the last step
+    kv_tokens: int  # token slots held by rows (blocks x block size)
+    kv_blocks_total: int
+    kv_blocks_used: int  # held by running rows
+    kv_blocks_cached: int  # unreferenced, holding a reusable prefix
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found cached (not recomputed)
+    preemptions: int
+    finished_requests: int
+    generated_tokens: int
+    tracked_requests: int  # waiting + running + finished-but-unread: 0 when idle, or something leaks
+
+
+class EngineCore:
+    """Scheduler + block manager + KV cache + model runner, driven by `step()`."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, adapters: AdapterRegistry):
+        self.config = config
+        self.block_size = config.kv_block_size
+        num_blocks = kv_cache_blocks(loaded, config)
+        self.blocks = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        self.cache = PagedKVCache.for_model(loaded.model.config, num_blocks, self.block_size, loaded.dtype, loaded.device)
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_step_tokens)
+        self.runner = ModelRunner(loaded.model, self.cache, adapters)
+        self._incoming: deque[Row] = deque()
+        self._last_rows = 0
+        self.finished_requests = 0
+        self.generated_tokens = 0
+        log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, self.block_size, self.cache.nbytes / 2**20)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.block_size
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._incoming)
+
+    def add(self, row: Row) -> None:
+        """Queue a row; it joins at the next step (safe from any thread)."""
+        self._incoming.append(row)
+
+    def has_work(self) -> bool:
+        return bool(self._incoming or self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> list[Event]:
+        """Run one step; return its events (possibly none)."""
+        with torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> list[Event]:
+        events = self._take_incoming()
+        chunks = self.scheduler.schedule()
+        self._last_rows = len(chunks)
+        if not chunks:
+            return events
+        try:
+            rows, logits = self.runner.run(chunks)
+        except Exception as err:
+            log.exception("forward pass failed for %d rows", len(chunks))
+            return events + [self._finish(c.row, "error", error=f"forward pass failed: {err}") for c in chunks]
+        for chunk in chunks:
+            self._computed(chunk)
+        return events + self._sample(rows, logits)
+
+    def abort_all(self, message: str) -> list[Event]:
+        """Fail every request (the engine is shutting down or broke)."""
+        self._take_incoming()
+        rows = list(self.scheduler.waiting) + self.scheduler.running
+        return [self._finish(row, "error", error=message) for row in rows]
+
+    def stats(self, tracked_requests: int) -> EngineStats:
+        blocks = self.blocks.stats()
+        prefix = self.scheduler.stats
+        return EngineStats(
+            running=self.num_running,
+            waiting=self.num_waiting,
+            batch_size=self._last_rows,
+            kv_tokens=blocks.held * self.block_size,
+            kv_blocks_total=blocks.total,
+            kv_blocks_used=blocks.held,
+            kv_blocks_cached=blocks.cached,
+            prefix_cache_queries=prefix.queried_tokens,
+            prefix_cache_hits=prefix.hit_tokens,
+            preemptions=prefix.preemptions,
+            finished_requests=self.finished_requests,
+            generated_tokens=self.generated_tokens,
+            tracked_requests=tracked_requests,
+        )
+
+    # ----- inside a step ---------------------------------------------------------------
+
+    def _take_incoming(self) -> list[Event]:
+        """Move new rows to the waiting queue; finish cancelled rows."""
+        while self._incoming:
+            self.scheduler.waiting.append(self._incoming.popleft())
+        cancelled = [r for r in (*self.scheduler.waiting, *self.scheduler.running) if r.cancelled]
+        return [self._finish(row, "cancelled") for row in cancelled]
+
+    def _computed(self, chunk: ScheduledChunk) -> None:
+        """Advance the row past the chunk and key the blocks it filled for the prefix cache."""
+        row = chunk.row
+        row.num_computed = chunk.start + chunk.length
+        size = self.block_size
+        for index in range(len(row.block_keys), row.num_computed // size):
+            parent = row.block_keys[-1] if row.block_keys else ROOT_KEY
+            key = block_key(parent, row.adapter_identity, row.token_range(index * size, (index + 1) * size))
+            self.blocks.register(row.table.blocks[index], key)
+            row.block_keys.append(key)
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[Event]:
+        """Each sampling row's next token, turned into its delta; a row's error is its own."""
+        if not rows:
+            return []
+        tokens = sample_next_tokens(logits, [r.sampler for r in rows])
+        events = []
+        for row, token in zip(rows, tokens):
+            try:
+                if token is None:
+                    raise ValueError("the model produced non-finite logits (NaN or inf) for this request")
+                delta = row.advance(token)
+            except Exception as err:
+                log.warning("request %s failed: %s", row.request_id, err)
+                events.append(self._finish(row, "error", error=str(err)))
+                continue
+            self.generated_tokens += len(delta.token_ids)
+            if delta.finish_reason:
+                self._retire(row)
+            events.append((row.request_id, delta))
+        return events
+
+    def _finish(self, row: Row, reason: str, error: str | None = None) -> Event:
+        delta = row.finish(reason, error=error)
+        self._retire(row)
+        return row.request_id, delta
+
+    def _retire(self, row: Row) -> None:
+        self.scheduler.remove(row)
+        self.finished_requests += 1
+
+
+def kv_cache_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
+    """Blocks in the KV cache: `max_kv_tokens` worth, or on CUDA a share of free memory."""
+    fraction = config.kv_cache_memory_fraction
+    if loaded.device.type == "cuda" and fraction is not None:
+        free, _total = torch.cuda.mem_get_info(loaded.device)
+        per_block = PagedKVCache.bytes_per_token(loaded.model.config, loaded.dtype) * config.kv_block_size
+        return max(1, int(free * fraction) // per_block)
+    return max(1, -(-config.max_kv_tokens // config.kv_block_size))

@@ -1,0 +1,143 @@
+"""The KV cache the engine owns: tensors written in place, block tables, step layouts.
+
+Memory: per layer, keys and values of shape [kv_heads, num_slots, head_dim], allocated once
+(`num_slots = num_blocks * block_size`). A sequence's token at position p lives in slot
+`table.blocks[p // block_size] * block_size + p % block_size`. Nothing is ever concatenated,
+padded or copied when sequences join or leave.
+
+One forward pass of the engine runs every scheduled token of every sequence as one packed
+row `[1, T]` (decode tokens and prompt chunks alike). `StepLayout` describes it: where each
+sequence's queries sit in the row, which slots the new tokens are written to, and the
+contiguous slot runs that hold each sequence's context. It reaches the model's attention
+layers through transformers' own extension points:
+
+- `PagedKVCache.update` is the cache object the model calls with each layer's new keys and
+  values (`past_key_values.update`): it writes them into their slots, in place;
+- the attention function (engine/attention.py), registered in transformers'
+  `AttentionInterface`, gets `kv_layout` among the forward's keyword arguments and reads each
+  sequence's context where it lies.
+
+Thread: tensors are written and read only on the engine's worker thread, inside a forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PretrainedConfig
+
+@dataclass
+class BlockTable:
+    """A sequence's blocks in token order, and the contiguous runs they form."""
+
+    blocks: list[int] = field(default_factory=list)
+    runs: list[list[int]] = field(default_factory=list)  # [first block, number of blocks]
+
+    def append(self, block: int) -> None:
+        if self.runs and self.runs[-1][0] + self.runs[-1][1] == block:
+            self.runs[-1][1] += 1
+        else:
+            self.runs.append([block, 1])
+        self.blocks.append(block)
+
+    def extend(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.append(block)
+
+    def clear(self) -> list[int]:
+        """Forget every block; returns them (for the block manager to release)."""
+        blocks, self.blocks, self.runs = self.blocks, [], []
+        return blocks
+
+    def slots(self, start: int, stop: int, block_size: int) -> list[int]:
+        """Slot of every token position in [start, stop)."""
+        return [self.blocks[p // block_size] * block_size + p % block_size for p in range(start, stop)]
+
+    def slot_runs(self, length: int, block_size: int) -> list[tuple[int, int]]:
+        """(first slot, tokens) of each contiguous run holding positions [0, length)."""
+        runs, left = [], length
+        for first, count in self.runs:
+            if left <= 0:
+                break
+            tokens = min(count * block_size, left)
+            runs.append((first * block_size, tokens))
+            left -= tokens
+        return runs
+
+
+@dataclass
+class SequenceLayout:
+    """One sequence's share of a packed forward: queries [q_start, q_start + q_len) of the row
+    are positions [context - q_len, context) of the sequence, whose KV is in `runs`."""
+
+    q_start: int
+    q_len: int
+    runs: list[tuple[int, int]]
+
+    @property
+    def context(self) -> int:
+        return sum(length for _, length in self.runs)
+
+
+@dataclass
+class StepLayout:
+    """Everything attention needs about one packed forward."""
+
+    cache: PagedKVCache
+    write_slots: torch.Tensor  # [T] slot of each new token
+    sequences: list[SequenceLayout]
+
+
+class PagedKVCache:
+    """Keys and values of every layer, written in place by slot (see the module docstring)."""
+
+    def __init__(
+        self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_layers, 2, kv_heads, num_blocks * block_size, head_dim)
+        self._kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.layout: StepLayout | None = None
+
+    @staticmethod
+    def bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
+        kv_heads, head_dim = attention_shape(config)
+        return config.num_hidden_layers * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    @classmethod
+    def for_model(
+        cls, config: PretrainedConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> PagedKVCache:
+        kv_heads, head_dim = attention_shape(config)
+        return cls(config.num_hidden_layers, num_blocks, block_size, kv_heads, head_dim, dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        return self._kv.numel() * self._kv.element_size()
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer: [kv_heads, num_slots, head_dim] each."""
+        return self._kv[index, 0], self._kv[index, 1]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_args):
+        """Write the step's new keys/values ([1, kv_heads, T, head_dim]) into their slots.
+
+        The model calls this on `past_key_values`; the return value is what it hands to the
+        attention function, which reads the cache instead."""
+        keys, values = self.layer(layer_idx)
+        slots = self.layout.write_slots
+        keys.index_copy_(1, slots, key_states[0])
+        values.index_copy_(1, slots, value_states[0])
+        return key_states, value_states
+
+
+def attention_shape(config: PretrainedConfig) -> tuple[int, int]:
+    """(kv heads, head dim) of a decoder config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, head_dim

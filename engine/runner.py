@@ -1,0 +1,104 @@
+"""One forward pass over a step's chunks: packed inputs, adapters per segment, logits to sample.
+
+Every chunk of the step (decode tokens and prompt chunks alike) goes into one packed row
+`[1, T]`, ordered by adapter so that each adapter's tokens form one segment (engine/lora.py).
+The row's positions are the tokens' positions in their own sequences, and `StepLayout` tells
+the attention layers which slots to write and which runs to read (engine/kv_cache.py). Only
+the last position of each chunk that samples reaches the LM head (`logits_to_keep`).
+
+Thread: the engine core's worker thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+
+import torch
+from transformers import PreTrainedModel
+
+from engine.attention import use_paged_attention
+from engine.kv_cache import PagedKVCache, SequenceLayout, StepLayout
+from engine.lora import AdapterRegistry
+from engine.row import Row
+from engine.scheduler import ScheduledChunk
+
+
+@dataclass
+class PackedStep:
+    """The tensors of one forward pass, and which row each kept logit belongs to."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    keep: torch.Tensor  # [S] positions in the row whose logits are sampled
+    layout: StepLayout
+    segments: list[tuple[str, int, int]]  # (adapter, start, stop) in the row
+    sampled_rows: list[Row]
+
+
+class ModelRunner:
+    """Runs the model on packed steps over the engine's KV cache."""
+
+    def __init__(self, model: PreTrainedModel, cache: PagedKVCache, adapters: AdapterRegistry):
+        use_paged_attention(model)
+        self.model = model
+        self.cache = cache
+        self.adapters = adapters
+        self.device = next(model.parameters()).device
+
+    def run(self, chunks: list[ScheduledChunk]) -> tuple[list[Row], torch.Tensor]:
+        """Compute the chunks' KV; return the rows that sample and their logits [rows, vocab].
+
+        Call under `torch.inference_mode()`."""
+        step = self.pack(chunks)
+        self.cache.layout = step.layout
+        self.adapters.context.segments = step.segments
+        try:
+            out = self.model(
+                input_ids=step.input_ids, position_ids=step.position_ids, past_key_values=self.cache,
+                use_cache=False, logits_to_keep=step.keep, kv_layout=step.layout,
+            )
+        finally:
+            self.cache.layout = None
+            self.adapters.context.segments = []
+        return step.sampled_rows, out.logits[0]
+
+    def pack(self, chunks: list[ScheduledChunk]) -> PackedStep:
+        """Lay the chunks out in one row, grouped by adapter (base-model chunks first)."""
+        chunks = sorted(chunks, key=lambda c: c.row.request.adapter or "")
+        size = self.cache.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sequences, keep, sampled = [], [], []
+        for chunk in chunks:
+            row, stop = chunk.row, chunk.start + chunk.length
+            sequences.append(SequenceLayout(len(ids), chunk.length, row.table.slot_runs(stop, size)))
+            ids += row.token_range(chunk.start, stop)
+            positions += range(chunk.start, stop)
+            slots += row.table.slots(chunk.start, stop, size)
+            if chunk.sample:
+                keep.append(len(ids) - 1)
+                sampled.append(row)
+        device = self.device
+        layout = StepLayout(self.cache, torch.tensor(slots, device=device), sequences)
+        return PackedStep(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            keep=torch.tensor(keep, dtype=torch.long, device=device),
+            layout=layout,
+            segments=adapter_segments(chunks, sequences),
+            sampled_rows=sampled,
+        )
+
+
+def adapter_segments(chunks: list[ScheduledChunk], sequences: list[SequenceLayout]) -> list[tuple[str, int, int]]:
+    """(adapter, start, stop) of each run of consecutive chunks that use the same adapter."""
+    segments = []
+    pairs = list(zip(chunks, sequences))
+    for adapter, group in groupby(pairs, key=lambda pair: pair[0].row.request.adapter):
+        group = list(group)
+        if adapter is not None:
+            first, last = group[0][1], group[-1][1]
+            segments.append((adapter, first.q_start, last.q_start + last.q_len))
+    return segments

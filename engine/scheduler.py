@@ -1,0 +1,145 @@
+"""Which tokens the next forward pass computes: admission, chunked prefill, preemption.
+
+State: `waiting` (a deque, first come first served; preempted rows go back to its front) and
+`running` (every row that holds KV blocks, in admission order). Each step has a token budget
+(`max_step_tokens`), spent in this order:
+
+1. every decoding row gets its one token, so no stream stalls behind a long prompt. A row
+   whose next token starts a new block takes one; when none is left, the newest running row
+   gives its blocks back and waits to be recomputed (preemption), never an out-of-memory;
+2. rows still prefilling get the next chunk of their prompt, oldest first;
+3. waiting rows are admitted while rows, budget and blocks last. A newcomer reuses the
+   blocks of its longest cached prefix (same tokens, same adapter), takes blocks for the rest
+   of its tokens at once (so its prefill never stalls for memory halfway), and gets its
+   first chunk. A long prompt is thus prefilled over several steps while streams go on.
+
+A chunk that reaches the end of a row's known tokens asks for a sample.
+
+Thread: the engine core's worker thread; plain Python, no tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.blocks import BlockManager, prefix_keys
+from engine.row import Row
+
+
+@dataclass
+class ScheduledChunk:
+    """Compute tokens [start, start + length) of `row`; sample after them when `sample`."""
+
+    row: Row
+    start: int
+    length: int
+
+    @property
+    def sample(self) -> bool:
+        return self.start + self.length == self.row.num_tokens
+
+
+@dataclass
+class PrefixCacheStats:
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+    preemptions: int = 0
+
+
+class Scheduler:
+    """Waiting and running rows, and the plan of each step (see the module docstring)."""
+
+    def __init__(self, blocks: BlockManager, max_rows: int, max_step_tokens: int):
+        if max_step_tokens < max_rows:
+            raise ValueError("max_step_tokens must be at least max_batch_size (one token per row)")
+        self.blocks = blocks
+        self.max_rows = max_rows
+        self.max_step_tokens = max_step_tokens
+        self.waiting: deque[Row] = deque()
+        self.running: list[Row] = []
+        self.stats = PrefixCacheStats()
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """The chunks of the next step; empty when there is nothing to compute."""
+        chunks = self._decode_chunks()
+        budget = self.max_step_tokens - len(chunks)
+        for row in self.running:
+            if budget > 0 and not row.decoding:
+                chunks.append(self._prefill_chunk(row, budget))
+                budget -= chunks[-1].length
+        while budget > 0 and self.waiting and len(self.running) < self.max_rows and self._admit(self.waiting[0]):
+            row = self.waiting.popleft()
+            chunks.append(self._prefill_chunk(row, budget))
+            budget -= chunks[-1].length
+        return chunks
+
+    def remove(self, row: Row) -> None:
+        """Take a finished or cancelled row out, giving its blocks back (they stay cached)."""
+        if row in self.running:
+            self.running.remove(row)
+        elif row in self.waiting:
+            self.waiting.remove(row)
+        self.blocks.release(row.table.clear())
+
+    # ----- decode ------------------------------------------------------------------------
+
+    def _decode_chunks(self) -> list[ScheduledChunk]:
+        chunks = []
+        for row in list(self.running):
+            if row in self.running and row.decoding and self._reserve_next_slot(row):
+                chunks.append(ScheduledChunk(row, row.num_computed, 1))
+        return [c for c in chunks if c.row in self.running]
+
+    def _reserve_next_slot(self, row: Row) -> bool:
+        """Make sure `row` has a block for its next token, preempting the newest rows if need
+        be; False when `row` itself had to give way."""
+        while row.num_computed // self.blocks.block_size >= len(row.table.blocks):
+            block = self.blocks.grow(row.table.blocks)
+            if block is not None:
+                row.table.append(block)
+                continue
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is row:
+                return False
+        return True
+
+    def _preempt(self, row: Row) -> None:
+        """Free a running row's blocks; it waits at the front and is recomputed later (its
+        full blocks stay cached, so a quick return costs little)."""
+        self.running.remove(row)
+        self.blocks.release(row.table.clear())
+        row.num_computed = 0
+        row.block_keys.clear()
+        self.waiting.appendleft(row)
+        self.stats.preemptions += 1
+
+    # ----- prefill -----------------------------------------------------------------------
+
+    def _prefill_chunk(self, row: Row, budget: int) -> ScheduledChunk:
+        length = min(row.num_tokens - row.num_computed, budget)
+        return ScheduledChunk(row, row.num_computed, length)
+
+    def _admit(self, row: Row) -> bool:
+        """Give `row` its cached prefix and blocks for the rest of its tokens; False (and no
+        change) when the blocks are not there, keeping one spare block per running row."""
+        size = self.blocks.block_size
+        tokens = row.tokens
+        keys = prefix_keys(tokens[: len(tokens) - 1], row.adapter_identity, size)  # >= 1 token to compute
+        cached = self.blocks.match(keys)
+        self.blocks.hold(cached)
+        needed = -(-len(tokens) // size) - len(cached)
+        fresh = None
+        if needed <= self.blocks.available - len(self.running):
+            fresh = self.blocks.extend(cached, needed)
+        if fresh is None:
+            self.blocks.release(cached)
+            return False
+        row.table.extend(cached + fresh)
+        row.block_keys = keys[: len(cached)]
+        row.num_computed = len(cached) * size
+        self.stats.queried_tokens += len(tokens)
+        self.stats.hit_tokens += row.num_computed
+        self.running.append(row)
+        return True

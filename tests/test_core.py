@@ -1,0 +1,183 @@
+"""The engine core driven one `step()` at a time on a tiny random Llama (fp32, exact greedy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import SamplingParams
+from engine.engine import Engine
+from engine.attention import attend, attend_runs
+from engine.kv_cache import SequenceLayout
+from engine.request import GenerationRequest
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+LONG_TEXT = (
+    "Once upon a time there was a small model that answered questions about the quick brown fox. "
+    "What is the capital of France? The capital of France is Paris. Continuous batching keeps "
+    "every stream flowing token by token."
+)
+
+
+@pytest.fixture
+def make_engine(engine_config):
+    engines = []
+
+    def make(**settings) -> Engine:
+        engines.append(Engine.from_config(engine_config.model_copy(update={"kv_block_size": 4, **settings})))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.core.abort_all("test over")
+
+
+def run(engine: Engine, requests: list[GenerationRequest], on_step=None) -> dict[str, list[int]]:
+    """Drive the core until every request finished; token ids by request id."""
+    rows = [engine.new_row(r) for r in requests]
+    for row in rows:
+        engine.core.add(row)
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    finished = set()
+    for _ in range(10_000):
+        if finished >= set(tokens):
+            return tokens
+        for request_id, delta in engine.core.step():
+            tokens.setdefault(request_id, []).extend(delta.token_ids)
+            if delta.finish_reason:
+                assert delta.finish_reason in ("length", "stop"), delta.error
+                finished.add(request_id)
+        if on_step:
+            on_step(engine)
+    raise AssertionError("requests did not finish")
+
+
+def ids(engine: Engine, text: str) -> list[int]:
+    return engine.loaded.tokenizer(text)["input_ids"]
+
+
+def test_prefix_cache_hit_gives_the_cold_prefill_tokens(make_engine, reference):
+    engine = make_engine()
+    prompt = ids(engine, LONG_TEXT)
+    cold = run(engine, [GenerationRequest(prompt, GREEDY, request_id="cold")])["cold"]
+    assert cold == reference(prompt, GREEDY.max_tokens)
+    assert engine.stats().prefix_cache_hits == 0
+    warm = run(engine, [GenerationRequest(prompt, GREEDY, request_id="warm")])["warm"]
+    assert warm == cold
+    stats = engine.stats()
+    assert stats.prefix_cache_hits == (len(prompt) - 1) // 4 * 4  # every full block but the last token's
+    # the next turn of a conversation re-sends the whole history: only the new part is computed
+    turn = prompt + cold + ids(engine, " And what food should I try there?")
+    followup = run(engine, [GenerationRequest(turn, GREEDY, request_id="turn")])["turn"]
+    assert followup == reference(turn, GREEDY.max_tokens)
+    assert engine.stats().prefix_cache_hits - stats.prefix_cache_hits >= len(prompt) + len(cold) - 4
+
+
+def test_prefix_caching_can_be_switched_off(make_engine):
+    engine = make_engine(enable_prefix_caching=False)
+    prompt = ids(engine, LONG_TEXT)
+    run(engine, [GenerationRequest(prompt, GREEDY, request_id=str(i)) for i in range(2)])
+    assert engine.stats().prefix_cache_hits == 0 and engine.stats().kv_blocks_cached == 0
+
+
+def test_chunked_prefill_equals_one_shot_and_streams_keep_flowing(make_engine, reference):
+    engine = make_engine(max_batch_size=4, max_step_tokens=8)
+    short = GenerationRequest(ids(engine, "Hello there"), GREEDY.model_copy(update={"max_tokens": 40}), request_id="short")
+    long = GenerationRequest(ids(engine, LONG_TEXT), GREEDY, request_id="long")
+    engine.core.add(engine.new_row(short))
+    while not engine.core.step():  # until the short one streams
+        pass
+    decoded_per_step = []
+
+    def watch(engine: Engine) -> None:
+        rows = {r.request_id: r for r in engine.core.scheduler.running}
+        if "long" in rows and not rows["long"].decoding and "short" in rows:
+            decoded_per_step.append(len(rows["short"].sampler.output_ids))
+
+    tokens = run(engine, [long], on_step=watch)
+    assert tokens["long"] == reference(long.prompt_ids, GREEDY.max_tokens)
+    assert len(decoded_per_step) >= len(long.prompt_ids) // 8 - 1  # the prompt took many steps
+    assert decoded_per_step == list(range(decoded_per_step[0], decoded_per_step[0] + len(decoded_per_step)))
+
+
+def test_memory_stays_within_the_budget_and_preempted_rows_resume_exactly(make_engine, reference):
+    engine = make_engine(max_kv_tokens=160, max_batch_size=8, max_step_tokens=64)
+    params = GREEDY.model_copy(update={"max_tokens": 50})
+    texts = [LONG_TEXT[:60], "Hello there", LONG_TEXT[40:120], "Привет, мир!", LONG_TEXT[100:], "ok"]
+    requests = [GenerationRequest(ids(engine, t), params, request_id=str(i)) for i, t in enumerate(texts)]
+    peak = []
+
+    def watch(engine: Engine) -> None:
+        stats = engine.stats()
+        assert stats.kv_blocks_used <= stats.kv_blocks_total == 40
+        peak.append(stats.kv_blocks_used)
+
+    tokens = run(engine, requests, on_step=watch)
+    for request in requests:
+        expected = reference(request.prompt_ids, params.max_tokens)  # cut at the first end token
+        assert tokens[request.request_id][: len(expected)] == expected
+    stats = engine.stats()
+    assert stats.preemptions > 0 and max(peak) > 30
+    assert stats.kv_blocks_used == 0 and stats.running == 0
+
+
+def test_cancelled_and_failed_rows_give_their_blocks_back(make_engine, reference):
+    engine = make_engine()
+    endless = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+    row = engine.new_row(GenerationRequest(ids(engine, LONG_TEXT), endless, request_id="victim"))
+    engine.core.add(row)
+    for _ in range(5):
+        engine.core.step()
+    assert engine.stats().kv_blocks_used > 0
+    row.cancelled = True
+    events = engine.core.step()
+    assert [(rid, d.finish_reason) for rid, d in events] == [("victim", "cancelled")]
+    assert engine.stats().kv_blocks_used == 0
+
+    real_model = engine.core.runner.model
+    engine.core.runner.model = lambda **_: (_ for _ in ()).throw(RuntimeError("device lost"))
+    engine.core.add(engine.new_row(GenerationRequest(ids(engine, "Hello there"), GREEDY, request_id="doomed")))
+    events = engine.core.step()
+    assert events[0][1].finish_reason == "error" and "device lost" in events[0][1].error
+    assert engine.stats().kv_blocks_used == 0
+    engine.core.runner.model = real_model  # the core goes on serving
+    prompt = ids(engine, "Hello there")
+    assert run(engine, [GenerationRequest(prompt, GREEDY, request_id="after")])["after"] == reference(prompt, 12)
+
+
+async def test_adapter_identity_keeps_prefix_caches_apart(make_engine, adapter_dirs, reference):
+    engine = make_engine()
+    prompt = ids(engine, LONG_TEXT)
+    await engine.load_adapter("alpha", str(adapter_dirs["alpha"]))
+    run(engine, [GenerationRequest(prompt, GREEDY, request_id="base")])
+    hits = engine.stats().prefix_cache_hits
+    tokens = run(engine, [GenerationRequest(prompt, GREEDY, "alpha", request_id="alpha")])["alpha"]
+    assert engine.stats().prefix_cache_hits == hits  # the base model's KV is not alpha's
+    assert tokens == reference(prompt, 12, adapter_dirs["alpha"])
+    await engine.unload_adapter("alpha")
+    await engine.load_adapter("alpha", str(adapter_dirs["beta"]))  # same name, other weights
+    tokens = run(engine, [GenerationRequest(prompt, GREEDY, "alpha", request_id="reloaded")])["reloaded"]
+    assert engine.stats().prefix_cache_hits == hits
+    assert tokens == reference(prompt, 12, adapter_dirs["beta"])
+    await engine.close()
+
+
+def test_attention_over_several_runs_equals_one_contiguous_context():
+    torch.manual_seed(0)
+    heads, kv_heads, dim, context, queries = 4, 2, 8, 23, 5
+    q = torch.randn(heads, queries, dim)
+    keys, values = torch.randn(kv_heads, 64, dim), torch.randn(kv_heads, 64, dim)
+    runs = [(50, 8), (26, 12), (40, 3)]  # scattered: 8 + 12 + 3 = 23 positions
+    k = torch.cat([keys[:, first : first + n] for first, n in runs], dim=1)
+    v = torch.cat([values[:, first : first + n] for first, n in runs], dim=1)
+    keys[:, 0:context], values[:, 0:context] = k, v  # the same context, contiguous at slot 0
+    contiguous = attend(q, keys, values, SequenceLayout(0, queries, [(0, context)]), None)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=torch.ones(queries, context, dtype=torch.bool).tril(context - queries),
+        enable_gqa=True,
+    )[0]
+    torch.testing.assert_close(contiguous, expected)  # earlier context and own chunk merged on CPU
+    torch.testing.assert_close(attend(q, keys, values, SequenceLayout(0, queries, runs), None), expected)
+    torch.testing.assert_close(attend_runs(q, keys, values, runs, None), expected)  # the other devices' path
+    one = attend(q[:, -1:], keys, values, SequenceLayout(0, 1, runs), None)
+    torch.testing.assert_close(one, expected[:, -1:])
