@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("bench")
 
@@ -20,10 +22,56 @@ def parse_with_quick(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     return args
 
 
+def add_system_options(parser: argparse.ArgumentParser, systems: Sequence[str], config: Path,
+                       timeout_s: float) -> None:
+    """--systems (a subset of `systems`, in order), --config (serve config file), --timeout, --ray-logs."""
+    parser.add_argument("--systems", nargs="+", choices=systems, default=list(systems),
+                        help="which systems to measure, in this order")
+    parser.add_argument("--config", type=Path, default=config,
+                        help="serve config whose first application's args the serve system uses")
+    parser.add_argument("--timeout", type=float, default=timeout_s, help="seconds a request may take")
+    parser.add_argument("--ray-logs", action="store_true", help="show the Ray workers' logs")
+
+
+def add_report_options(parser: argparse.ArgumentParser, plot_help: str) -> None:
+    """--output (the markdown report) and --plot (a PNG)."""
+    parser.add_argument("--output", type=Path, help="also write the report as markdown to this file")
+    parser.add_argument("--plot", type=Path, help=plot_help)
+
+
 def setup_logging() -> None:
     """INFO lines with a time stamp; httpx's one line per request is silenced."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@contextmanager
+def figure(path: Path, size: tuple[float, float] = (11, 4.2)) -> Iterator[Any]:
+    """Two matplotlib axes side by side (Agg backend) to draw on; on exit the figure is laid out,
+    written to `path` as a PNG and closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=size)
+    try:
+        yield axes
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        log.info("plot written to %s", path)
+    finally:
+        plt.close(fig)
+
+
+def label_axis(axis: Any, title: str, xlabel: str, ylabel: str) -> None:
+    """Title, axis labels, a light grid and the legend of one matplotlib axis."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+    axis.legend()
 
 
 def publish(markdown: str, output: Path | None) -> None:

@@ -3,7 +3,7 @@
 A closed loop of N clients (N = each concurrency level) sends OpenAI streaming chat
 requests (`stream: true`, `ignore_eos: true`, `temperature: 0`, fixed `max_tokens`), one
 after another, from a fixed list of varied short questions, for a fixed number of requests
-per level. Three systems are measured one after the other (never at the same time):
+per level. The systems are measured one after the other (never at the same time):
 
 1. serve: the real application (deployments/app.py) in a private local Ray instance,
    with the args of serve_config.yaml (a few overridable from the command line).
@@ -13,10 +13,14 @@ per level. Three systems are measured one after the other (never at the same tim
    SSE shape, that runs ONE Hugging Face `generate` per request, one request at a time
    (a one-worker executor: a FIFO lock), streaming each token as it is generated: the
    seed REST API's way of serving, given streaming so TTFT is not simply its latency.
+4. transformers-serve: `transformers serve --continuous-batching` (a subprocess, see
+   bench/systems.py) on the same checkpoint, dtype and device: the reference continuous
+   batching server of the transformers library.
 
     python -m bench.serve                                  # full run (minutes on 2 CPU cores)
     python -m bench.serve --quick --plot /tmp/serve.png    # seconds of work, to check the script
     python -m bench.serve --output bench/serve-results.md --plot bench/serve.png
+    python -m bench.serve --quick --systems transformers-serve serve   # some systems only
 
 Results go to stdout as markdown tables (and to --output if given), the plot to --plot;
 progress goes to logging.
@@ -40,18 +44,35 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import psutil
 import torch
-import yaml
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
-from bench.cli import parse_with_quick, publish, setup_logging
+from bench.cli import (
+    add_report_options,
+    add_system_options,
+    figure,
+    label_axis,
+    parse_with_quick,
+    publish,
+    setup_logging,
+)
+from bench.client import Chunk, Endpoint, RequestFailed, RequestResult, measure, stream_chat, user_message
 from bench.engine import QUESTIONS, greedy, percentile
+from bench.systems import (
+    SERVE_CONFIG,
+    TransformersServe,
+    config_app_args,
+    our_endpoint,
+    replica_threads,
+    serve_app,
+    transformers_serve,
+)
 from deployments.protocol import ChatCompletionRequest
 from deployments.settings import AppArgs
 from engine.engine import Engine
@@ -61,10 +82,7 @@ from tests.serve_fixtures import free_port, wait_until_healthy
 
 log = logging.getLogger("bench.serve")
 
-ROOT = Path(__file__).resolve().parent.parent
-SERVE_CONFIG = ROOT / "serve_config.yaml"
-APP_NAME = "llm"
-SYSTEMS = ("serve", "engine", "hf-per-request", "engine-beside-idle-serve")
+SYSTEMS = ("serve", "engine", "hf-per-request", "engine-beside-idle-serve", "transformers-serve")
 FULL_DEFAULTS = {"concurrency": [1, 8, 32], "requests": None, "max_tokens": 64}
 QUICK_DEFAULTS = {"concurrency": [1, 4], "requests": 4, "max_tokens": 16}
 MIN_REQUESTS = 8
@@ -76,36 +94,12 @@ WARMUP_REQUESTS = 2
 WARMUP_TOKENS = 8
 ENGINE_TARGET = 0.85  # serve / engine tokens/s at the highest concurrency
 HF_TARGET = 10.0  # serve / hf-per-request tokens/s at the highest concurrency
-SETTLE_TIMEOUT_S = 60.0
+TRANSFORMERS_TARGETS = {1: 1.0, 8: 1.3, 32: 1.3}  # serve / transformers-serve tokens/s per concurrency
 MAX_LOGGED_ERRORS = 3
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """What a client sees in a stream: content (with its token count when known) or usage."""
-
-    kind: Literal["content", "usage"]
-    tokens: int | None = None
 
 
 Transport = Callable[[str, int], AsyncIterator[Chunk]]
 """(question, max_tokens) -> the request's stream of Chunks; raises RequestFailed on errors."""
-
-
-class RequestFailed(Exception):
-    """The server answered with an error status or sent an error event."""
-
-
-@dataclass(frozen=True)
-class RequestResult:
-    """One request as its client measured it; times in seconds from sending it."""
-
-    ttft: float | None
-    latency: float
-    tokens: int
-    chunks: int
-    gaps: tuple[float, ...]  # inter-token latencies (per token) between content chunks
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +133,10 @@ class LevelResult:
 
     def itl(self, q: float) -> float:
         return safe_percentile([g for r in self.ok for g in r.gaps], q)
+
+    def tpot(self, q: float) -> float:
+        """Time per output token after the first, per request."""
+        return safe_percentile([r.tpot for r in self.ok if r.tpot is not None], q)
 
     @property
     def chunks_per_token(self) -> float:
@@ -185,18 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int,
                    help=f"requests per level (default: max({WAVES} x concurrency, {MIN_REQUESTS}))")
     p.add_argument("--max-tokens", type=int, help="new tokens per request (ignore_eos)")
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
-                   help="which systems to measure, in this order")
-    p.add_argument("--config", type=Path, default=SERVE_CONFIG,
-                   help="serve config whose first application's args the serve system uses")
+    add_system_options(p, SYSTEMS, SERVE_CONFIG, timeout_s=1800.0)
     p.add_argument("--max-batch-size", type=int, default=32, help="engine rows (serve and engine)")
     p.add_argument("--batch-size", type=int, help="serve: @serve.batch admission group size")
     p.add_argument("--stream-interval-s", type=float, help="serve: least time between two messages of a stream")
     p.add_argument("--num-cpus", type=float, help="serve: CPUs reserved for the LLM replica")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds a request may take")
-    p.add_argument("--ray-logs", action="store_true", help="show the Ray workers' logs")
-    p.add_argument("--output", type=Path, help="also write the results as markdown to this file")
-    p.add_argument("--plot", type=Path, help="PNG plot of tokens/s and TTFT p50 against concurrency")
+    add_report_options(p, "PNG plot of tokens/s and TTFT p50 against concurrency")
     p.set_defaults(**FULL_DEFAULTS)
     return p
 
@@ -218,8 +210,7 @@ def requests_per_level(args: argparse.Namespace, concurrency: int) -> int:
 
 def app_args(args: argparse.Namespace) -> dict[str, Any]:
     """The serve config's application args with the command-line overrides applied."""
-    config = yaml.safe_load(args.config.read_text())
-    values = dict(config["applications"][0].get("args") or {})
+    values = config_app_args(args.config)
     values["max_batch_size"] = args.max_batch_size
     batch = dict(values.get("batch") or {})
     if args.batch_size is not None:
@@ -233,43 +224,6 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----- measuring a closed loop ------------------------------------------------------------
-
-
-def per_token_gaps(times: Sequence[float], counts: Sequence[int | None], total: int) -> list[float]:
-    """Inter-token latencies: each gap between content chunks over the tokens of the later chunk.
-
-    When chunk sizes are unknown (HTTP), the first chunk is taken to hold one token and
-    the others to share the remaining tokens equally.
-    """
-    if len(times) < 2:
-        return []
-    if all(c is not None for c in counts):
-        sizes = list(counts[1:])
-    else:
-        sizes = [max(total - 1, 1) / (len(times) - 1)] * (len(times) - 1)
-    return [(later - earlier) / max(size, 1) for earlier, later, size in zip(times, times[1:], sizes)]
-
-
-async def measure(stream: AsyncIterator[Chunk]) -> RequestResult:
-    """Read one request's stream to its end and time it; errors become a failed result."""
-    start = time.perf_counter()
-    times: list[float] = []
-    counts: list[int | None] = []
-    usage: int | None = None
-    error: str | None = None
-    try:
-        async for chunk in stream:
-            if chunk.kind == "usage":
-                usage = chunk.tokens
-            else:
-                times.append(time.perf_counter() - start)
-                counts.append(chunk.tokens)
-    except Exception as err:  # a failed request is a measurement, not a crash
-        error = f"{type(err).__name__}: {err}"
-    latency = time.perf_counter() - start
-    tokens = usage if usage is not None else sum(c or 1 for c in counts)
-    return RequestResult(times[0] if times else None, latency, tokens, len(times),
-                         tuple(per_token_gaps(times, counts, tokens)), error)
 
 
 async def run_level(transport: Transport, system: str, concurrency: int, count: int,
@@ -320,53 +274,16 @@ async def run_levels(transport: Transport, system: str, args: argparse.Namespace
 # ----- clients --------------------------------------------------------------------------------
 
 
-def chat_body(model: str, question: str, max_tokens: int) -> dict[str, Any]:
-    """An OpenAI streaming chat request: greedy, exactly max_tokens tokens, usage at the end."""
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": question}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-    }
+def question_stream(client: httpx.AsyncClient, endpoint: Endpoint, question: str,
+                    max_tokens: int) -> AsyncIterator[Chunk]:
+    """A Transport over HTTP: one question, exactly max_tokens tokens (EOS ignored)."""
+    return stream_chat(client, endpoint, user_message(question), max_tokens, ignore_eos=True)
 
 
-def parse_event(data: str) -> list[Chunk]:
-    """The Chunks of one SSE `data:` payload (none for the role chunk or a finish chunk)."""
-    payload = json.loads(data)
-    if "error" in payload:
-        raise RequestFailed(payload["error"].get("message", "error event"))
-    chunks = [Chunk("content") for c in payload.get("choices", []) if (c.get("delta") or {}).get("content")]
-    if payload.get("usage"):
-        chunks.append(Chunk("usage", payload["usage"]["completion_tokens"]))
-    return chunks
-
-
-async def http_stream(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> AsyncIterator[Chunk]:
-    """POST /v1/chat/completions and yield the Chunks of its SSE stream until [DONE]."""
-    async with client.stream("POST", "/v1/chat/completions", json=chat_body(model, question, max_tokens)) as response:
-        if response.status_code != 200:
-            body = (await response.aread()).decode(errors="replace")
-            raise RequestFailed(f"HTTP {response.status_code}: {body[:200]}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line.removeprefix("data:").strip()
-            if data == "[DONE]":
-                return
-            for chunk in parse_event(data):
-                yield chunk
-    raise RequestFailed("the stream ended without [DONE]")
-
-
-async def measure_http(url: str, model: str, system: str, args: argparse.Namespace) -> list[LevelResult]:
-    """Run every level against an OpenAI-compatible server at `url`."""
-    limits = httpx.Limits(max_connections=max(args.concurrency) + WARMUP_REQUESTS)
-    timeout = httpx.Timeout(args.timeout, connect=30.0)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
-        return await run_levels(partial(http_stream, client, model), system, args)
+async def measure_http(endpoint: Endpoint, system: str, args: argparse.Namespace) -> list[LevelResult]:
+    """Run every level against an OpenAI-compatible server."""
+    async with endpoint.client(max(args.concurrency) + WARMUP_REQUESTS, args.timeout) as client:
+        return await run_levels(partial(question_stream, client, endpoint), system, args)
 
 
 async def engine_stream(engine: Engine, question: str, max_tokens: int) -> AsyncIterator[Chunk]:
@@ -399,37 +316,6 @@ async def measure_engine(values: dict[str, Any], args: argparse.Namespace, syste
 # ----- the serve system -----------------------------------------------------------------------
 
 
-@contextmanager
-def serve_app(values: dict[str, Any], ray_logs: bool) -> Iterator[str]:
-    """A private local Ray instance running the application; yields its base URL."""
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}},
-        log_to_driver=ray_logs,
-    )
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        try:
-            serve.run(build_app(values), name=APP_NAME, route_prefix="/")
-            url = f"http://127.0.0.1:{port}"
-            wait_until_healthy(url, timeout_s=120)
-            yield url
-        finally:
-            serve.shutdown()
-    finally:
-        started = psutil.Process().children(recursive=True)  # GCS, raylet, agents, workers
-        ray.shutdown()
-        wait_for_exit(started)
-
-
 def measure_engine_beside_idle_serve(values: dict[str, Any], args: argparse.Namespace) -> list[LevelResult]:
     """The engine system while the serve app idles in a private local Ray on this machine:
     what Ray's and Serve's own background work (no request) costs the model's two threads."""
@@ -438,42 +324,14 @@ def measure_engine_beside_idle_serve(values: dict[str, Any], args: argparse.Name
         return asyncio.run(measure_engine(values, args, "engine-beside-idle-serve"))
 
 
-def wait_for_exit(processes: Sequence[psutil.Process], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
-    """Wait until Ray's processes have ended, so they use no CPU during the next system."""
-    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    if alive:
-        log.warning("%d Ray processes still running %g s after ray.shutdown(): %s",
-                    len(alive), timeout_s, [p.pid for p in alive])
-
-
-def _torch_threads(_actor: object) -> tuple[int, str | None]:
-    """Runs inside a Ray actor (via __ray_call__): torch's intra-op threads and OMP_NUM_THREADS there."""
-    return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-
-
-def replica_threads() -> str:
-    """torch threads inside the LLM replica (Ray sets OMP_NUM_THREADS from the actor's num_cpus)."""
-    import ray
-
-    try:
-        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if "LLMServer" in a["name"]]
-        actor = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
-        threads, omp = ray.get(actor.__ray_call__.remote(_torch_threads), timeout=60)
-    except Exception as err:  # a diagnostic only
-        log.warning("could not ask the LLM replica for its torch threads: %s", err)
-        return "unknown"
-    return f"{threads} (OMP_NUM_THREADS={omp})"
-
-
 def measure_serve(values: dict[str, Any], args: argparse.Namespace, notes: list[str]) -> list[LevelResult]:
     """Start the application, run every level over HTTP, shut Serve and Ray down."""
-    model = AppArgs.model_validate(values).model_name
-    log.info("serve: starting Ray and the application (%s)", model)
+    log.info("serve: starting Ray and the application (%s)", AppArgs.model_validate(values).model_name)
     with serve_app(values, args.ray_logs) as url:
         threads = replica_threads()
         log.info("serve: up at %s; torch threads in the LLM replica: %s", url, threads)
         notes.append(f"serve: torch threads in the LLM replica: {threads}")
-        return asyncio.run(measure_http(url, model, "serve", args))
+        return asyncio.run(measure_http(our_endpoint(url, values), "serve", args))
 
 
 # ----- the hf-per-request system ----------------------------------------------------------------
@@ -625,7 +483,19 @@ def measure_hf(values: dict[str, Any], args: argparse.Namespace) -> list[LevelRe
     log.info("hf-per-request: loading %s", app.model)
     loaded = load_model(app.engine_config())
     with hf_server(loaded) as url:
-        return asyncio.run(measure_http(url, app.model_name, "hf-per-request", args))
+        return asyncio.run(measure_http(our_endpoint(url, values), "hf-per-request", args))
+
+
+# ----- the transformers-serve system ------------------------------------------------------------
+
+
+def measure_transformers_serve(values: dict[str, Any], args: argparse.Namespace,
+                               notes: list[str]) -> list[LevelResult]:
+    """Start transformers serve on the app's checkpoint, run every level over HTTP, stop it."""
+    spec = TransformersServe.of(values)
+    notes.append(f"transformers-serve: `{' '.join(spec.command('PORT'))}` with HF_HUB_OFFLINE=1")
+    with transformers_serve(spec) as endpoint:
+        return asyncio.run(measure_http(endpoint, "transformers-serve", args))
 
 
 # ----- report ---------------------------------------------------------------------------------
@@ -662,11 +532,17 @@ def header(values: dict[str, Any], args: argparse.Namespace, dtype: str) -> list
         "- hf-per-request: FastAPI + uvicorn thread in this process, one greedy `generate` per request "
         "(min_new_tokens = max_new_tokens, explicit attention_mask), one at a time in FIFO order, "
         "each token streamed as one SSE chunk",
+        "- transformers-serve: `transformers serve --continuous-batching` (a subprocess of this benchmark) on the "
+        "checkpoint folder our loader converts the model to, same dtype and device; its requests carry "
+        "`generation_config: {\"eos_token_id\": -1}` instead of `ignore_eos` (which it rejects), its completion "
+        "tokens are its own usage count (tokens generated, checked against max_tokens per request)",
         "- tok/s: completion tokens of the level / its wall time; TTFT: first content chunk; ITL: gap between "
         "content chunks / tokens in the later chunk (over HTTP: first chunk = 1 token, the rest share the others); "
+        "TPOT: (end-to-end - TTFT) / (tokens - 1) per request; "
         "chunks/token: content chunks / completion tokens (for serve: Ray messages per generated token)",
         "- CPU: cores busy on average during the level, in this benchmark's process tree (client, engine, "
-        "Ray) and in every other process (other work on the machine: it skews the figures when well above 0)",
+        "Ray, transformers serve) and in every other process (other work on the machine: it skews the figures "
+        "when well above 0)",
     ]
 
 
@@ -675,13 +551,14 @@ def system_table(levels: Sequence[LevelResult]) -> list[str]:
     lines = [
         f"## {levels[0].system}",
         "",
-        "| concurrency | requests | errors | tok/s | TTFT p50 s | TTFT p95 s | ITL p50 ms | e2e p50 s | e2e p95 s "
-        "| chunks/token | CPU ours | CPU others |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | requests | errors | tok/s | TTFT p50 s | TTFT p95 s | ITL p50 ms | TPOT p50 ms | e2e p50 s "
+        "| e2e p95 s | chunks/token | CPU ours | CPU others |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     return lines + [
         f"| {lv.concurrency} | {len(lv.results)} | {lv.errors} | {fmt(lv.tokens_per_s, 1)} | {fmt(lv.ttft(50), 3)} "
-        f"| {fmt(lv.ttft(95), 3)} | {fmt(lv.itl(50) * 1000, 1)} | {fmt(lv.latency(50))} | {fmt(lv.latency(95))} "
+        f"| {fmt(lv.ttft(95), 3)} | {fmt(lv.itl(50) * 1000, 1)} | {fmt(lv.tpot(50) * 1000, 1)} "
+        f"| {fmt(lv.latency(50))} | {fmt(lv.latency(95))} "
         f"| {fmt(lv.chunks_per_token)} | {fmt(lv.own_cores)} | {fmt(lv.other_cores)} |"
         for lv in levels
     ]
@@ -694,27 +571,41 @@ def ratio(numerator: LevelResult | None, denominator: LevelResult | None) -> flo
     return numerator.tokens_per_s / denominator.tokens_per_s
 
 
+def tokens_per_s(level: LevelResult | None) -> str:
+    """A table cell: the level's tokens/s, or "-" when it was not measured."""
+    return fmt(level.tokens_per_s if level else math.nan, 1)
+
+
 def ratio_table(results: dict[str, list[LevelResult]], levels: Sequence[int]) -> list[str]:
-    """tokens/s of serve against each baseline, per concurrency level."""
+    """tokens/s of serve against each baseline, per concurrency level, and TPOT at concurrency 1."""
     by_level = {name: {lv.concurrency: lv for lv in runs} for name, runs in results.items()}
     lines = [
         "## Ratios (tokens/s)",
         "",
         f"| concurrency | serve tok/s | engine tok/s | serve / engine (target >= {ENGINE_TARGET} at {max(levels)}) "
         f"| hf-per-request tok/s | serve / hf (target >= {HF_TARGET:g} at {max(levels)}) "
+        "| transformers-serve tok/s | serve / transformers-serve | target "
         "| engine-beside-idle-serve / engine |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in levels:
-        serve, engine, hf, beside = (by_level.get(name, {}).get(c) for name in
-                                     ("serve", "engine", "hf-per-request", "engine-beside-idle-serve"))
+        serve, engine, hf, beside, ts = (by_level.get(name, {}).get(c) for name in (
+            "serve", "engine", "hf-per-request", "engine-beside-idle-serve", "transformers-serve"))
+        target = TRANSFORMERS_TARGETS.get(c)
         lines.append(
-            f"| {c} | {fmt(serve.tokens_per_s if serve else math.nan, 1)} "
-            f"| {fmt(engine.tokens_per_s if engine else math.nan, 1)} | {fmt(ratio(serve, engine))} "
-            f"| {fmt(hf.tokens_per_s if hf else math.nan, 1)} | {fmt(ratio(serve, hf), 1)} "
+            f"| {c} | {tokens_per_s(serve)} | {tokens_per_s(engine)} | {fmt(ratio(serve, engine))} "
+            f"| {tokens_per_s(hf)} | {fmt(ratio(serve, hf), 1)} "
+            f"| {tokens_per_s(ts)} | {fmt(ratio(serve, ts))} | {f'>= {target}' if target else '-'} "
             f"| {fmt(ratio(beside, engine))} |"
         )
-    return lines
+    return lines + ["", tpot_line(by_level)]
+
+
+def tpot_line(by_level: dict[str, dict[int, LevelResult]]) -> str:
+    """Time per output token p50 of every system at concurrency 1 (the issue compares serve and
+    transformers-serve there)."""
+    cells = [f"{name} {fmt(runs[1].tpot(50) * 1000, 1)}" for name, runs in by_level.items() if 1 in runs]
+    return "Time per output token p50 at concurrency 1, ms: " + (", ".join(cells) or "not measured") + "."
 
 
 def report(values: dict[str, Any], args: argparse.Namespace, dtype: str,
@@ -729,31 +620,17 @@ def report(values: dict[str, Any], args: argparse.Namespace, dtype: str,
 
 def plot(results: dict[str, list[LevelResult]], path: Path) -> None:
     """tokens/s and TTFT p50 against concurrency, one line per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, levels in results.items():
-        xs = [lv.concurrency for lv in levels]
-        left.plot(xs, [lv.tokens_per_s for lv in levels], marker="o", label=name)
-        right.plot(xs, [lv.ttft(50) for lv in levels], marker="o", label=name)
-    for axis, title, unit in ((left, "throughput", "tokens/s"), (right, "TTFT p50", "seconds (log)")):
-        axis.set_xscale("log", base=2)
+    with figure(path) as (left, right):
+        for name, levels in results.items():
+            xs = [lv.concurrency for lv in levels]
+            left.plot(xs, [lv.tokens_per_s for lv in levels], marker="o", label=name)
+            right.plot(xs, [lv.ttft(50) for lv in levels], marker="o", label=name)
         ticks = sorted({lv.concurrency for levels in results.values() for lv in levels})
-        axis.set_xticks(ticks, [str(t) for t in ticks])
-        axis.set_xlabel("concurrent clients")
-        axis.set_ylabel(unit)
-        axis.set_title(title)
-        axis.grid(True, alpha=0.3)
-        axis.legend()
-    right.set_yscale("log")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    log.info("plot written to %s", path)
+        for axis, title, unit in ((left, "throughput", "tokens/s"), (right, "TTFT p50", "seconds (log)")):
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(ticks, [str(t) for t in ticks])
+            label_axis(axis, title, "concurrent clients", unit)
+        right.set_yscale("log")
 
 
 # ----- main -----------------------------------------------------------------------------------
@@ -775,6 +652,8 @@ def run(args: argparse.Namespace) -> str:
             results[system] = asyncio.run(measure_engine(values, args))
         elif system == "engine-beside-idle-serve":
             results[system] = measure_engine_beside_idle_serve(values, args)
+        elif system == "transformers-serve":
+            results[system] = measure_transformers_serve(values, args, notes)
         else:
             results[system] = measure_hf(values, args)
     if args.plot:

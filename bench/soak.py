@@ -49,11 +49,12 @@ from typing import Any
 
 import httpx
 import torch
-import yaml
 
 from bench.cli import publish, setup_logging
+from bench.client import sse_payloads
 from bench.engine import QUESTIONS
-from bench.serve import APP_NAME, SERVE_CONFIG, CpuSnapshot, fmt, serve_app
+from bench.serve import CpuSnapshot, fmt
+from bench.systems import SERVE_CONFIG, config_app_args, diagnostics, llm_handle, serve_app
 from deployments.settings import AppArgs
 from engine.loader import resolve_device, resolve_dtype
 
@@ -69,7 +70,6 @@ WARMUP_REQUESTS = 2  # short requests before the baseline sample (they start the
 WARMUP_TOKENS = 8
 TASK_SLACK = 2  # asyncio tasks the replica may hold at the end beyond its idle count at the start
 SETTLE_TIMEOUT_S = 60.0  # longest wait for the replica to become idle after the load
-DIAGNOSTICS_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 300.0
 ERROR_PAUSE_S = 0.5  # a client that saw an error waits this long before its next request
 MAX_LOGGED_ERRORS = 5
@@ -98,6 +98,7 @@ class Sample:
     completed: int
     dropped: int
     errors: int
+    kv_blocks_used: int = 0  # KV-cache blocks held by requests
 
 
 @dataclass
@@ -176,7 +177,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def app_args(config: Path, model: str | None) -> dict[str, Any]:
     """The serve config's first application args; --model replaces the model and drops its adapters."""
-    values = dict(yaml.safe_load(config.read_text())["applications"][0].get("args") or {})
+    values = config_app_args(config)
     if model:
         values["model"] = model
         for key in ("served_model_name", "adapters", "preload_adapters"):
@@ -247,10 +248,7 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any], drop_afte
                 text = (await response.aread()).decode(errors="replace")
                 return f"HTTP {response.status_code}", text
             events = 0
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line.removeprefix("data:").strip()
+            async for data in sse_payloads(response):
                 if data == "[DONE]":
                     return COMPLETED, ""
                 if "error" in json.loads(data):
@@ -282,21 +280,13 @@ def dropping_clients(concurrency: int, fraction: float) -> int:
 # ----- diagnostics --------------------------------------------------------------------------
 
 
-async def diagnostics(handle: Any) -> dict[str, Any]:
-    """The LLM replica's diagnostics() through its DeploymentHandle."""
-    return await asyncio.wait_for(_call_diagnostics(handle), DIAGNOSTICS_TIMEOUT_S)
-
-
-async def _call_diagnostics(handle: Any) -> dict[str, Any]:
-    return await handle.diagnostics.remote()
-
-
 def to_sample(diag: dict[str, Any], t: float, phase: str, counts: ClientCounts) -> Sample:
     """A Sample from one diagnostics() answer and the clients' counts."""
     stats = diag["stats"]
     return Sample(t, phase, diag["rss_bytes"] / MIB, diag["tasks"], stats.running, stats.waiting,
                   stats.tracked_requests, stats.finished_requests, stats.generated_tokens,
-                  tuple(diag["adapters"]), counts.completed, counts.dropped, counts.error_count)
+                  tuple(diag["adapters"]), counts.completed, counts.dropped, counts.error_count,
+                  stats.kv_blocks_used)
 
 
 def log_sample(s: Sample) -> None:
@@ -395,9 +385,7 @@ def stop_on_interrupt(stop: asyncio.Event) -> None:
 
 async def soak(url: str, models: Models, args: argparse.Namespace) -> SoakResult:
     """Warm up, take the baseline, run the load with the sampler, settle, take the final sample."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+    handle = llm_handle()
     counts = ClientCounts()
     limits = httpx.Limits(max_connections=args.concurrency + 2, max_keepalive_connections=args.concurrency + 2)
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30.0)
@@ -483,6 +471,7 @@ def leak_checks(result: SoakResult, max_rss_growth_mib: float | None) -> list[Ch
         Check("engine tracked_requests == 0 at the end", str(end.tracked), end.tracked == 0),
         Check("engine running == 0 at the end", str(end.running), end.running == 0),
         Check("engine waiting == 0 at the end", str(end.waiting), end.waiting == 0),
+        Check("KV-cache blocks held == 0 at the end", str(end.kv_blocks_used), end.kv_blocks_used == 0),
         Check(f"asyncio tasks <= start + {TASK_SLACK}", f"{end.tasks} (start {start.tasks})",
               end.tasks <= start.tasks + TASK_SLACK),
         Check("loaded adapters unchanged", f"{list(end.adapters)} (start {list(start.adapters)})",

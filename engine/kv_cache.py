@@ -81,11 +81,36 @@ class SequenceLayout:
 
 
 @dataclass
+class ShortDecodes:
+    """Decode tokens of sequences with short contexts, attended together: their context slots
+    padded to the longest ([rows, longest]; padding points at slot 0 and is masked by -inf
+    in `bias`), and where their queries sit in the packed row."""
+
+    positions: torch.Tensor  # [rows] query index in the packed row
+    slots: torch.Tensor  # [rows, longest]
+    bias: torch.Tensor  # [rows, longest] float32: 0 for context, -inf for padding
+
+    @classmethod
+    def build(cls, sequences: list[SequenceLayout], device: torch.device) -> ShortDecodes:
+        longest = max(seq.context for seq in sequences)
+        slots = torch.zeros(len(sequences), longest, dtype=torch.long)
+        bias = torch.full((len(sequences), longest), float("-inf"))
+        for row, seq in enumerate(sequences):
+            slots[row, : seq.context] = torch.cat([torch.arange(first, first + n) for first, n in seq.runs])
+            bias[row, : seq.context] = 0.0
+        positions = torch.tensor([seq.q_start for seq in sequences])
+        return cls(positions.to(device), slots.to(device), bias.to(device))
+
+
+@dataclass
 class StepLayout:
-    """Everything attention needs about one packed forward."""
+    """Everything attention needs about one packed forward: the short decodes attended
+    together, and every other sequence (prompt chunks, long contexts) on its own."""
 
     cache: PagedKVCache
     write_slots: torch.Tensor  # [T] slot of each new token
+    tokens: int  # T
+    short_decodes: ShortDecodes | None
     sequences: list[SequenceLayout]
 
 

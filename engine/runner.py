@@ -17,8 +17,8 @@ from itertools import groupby
 import torch
 from transformers import PreTrainedModel
 
-from engine.attention import use_paged_attention
-from engine.kv_cache import PagedKVCache, SequenceLayout, StepLayout
+from engine.attention import SHORT_CONTEXT, use_paged_attention
+from engine.kv_cache import PagedKVCache, SequenceLayout, ShortDecodes, StepLayout
 from engine.lora import AdapterRegistry
 from engine.row import Row
 from engine.scheduler import ScheduledChunk
@@ -81,7 +81,12 @@ class ModelRunner:
                 keep.append(len(ids) - 1)
                 sampled.append(row)
         device = self.device
-        layout = StepLayout(self.cache, torch.tensor(slots, device=device), sequences)
+        short = [s for s in sequences if s.q_len == 1 and s.context <= SHORT_CONTEXT]
+        layout = StepLayout(
+            self.cache, torch.tensor(slots, device=device), len(ids),
+            ShortDecodes.build(short, device) if short else None,
+            [s for s in sequences if not (s.q_len == 1 and s.context <= SHORT_CONTEXT)],
+        )
         return PackedStep(
             input_ids=torch.tensor([ids], device=device),
             position_ids=torch.tensor([positions], device=device),

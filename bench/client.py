@@ -1,0 +1,186 @@
+"""The benchmark clients' side of a stream: its Chunks, timing one stream, the OpenAI HTTP client.
+
+Every benchmark that talks to a server (bench.serve, bench.chat) sends OpenAI streaming
+chat requests through `stream_chat` and times them with `measure`; the in-process engine
+baseline of bench.serve yields the same Chunks without HTTP.
+
+Servers differ in how they are asked for what the benchmarks need, which `Endpoint` states:
+ours (and the hf-per-request baseline) take `ignore_eos` and `stream_options.include_usage`
+and end a stream with `data: [DONE]`; `transformers serve` rejects `ignore_eos` (HTTP 422),
+ignores `stream_options` (it always sends usage, with the finish chunk) and sends no [DONE].
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+OUR_EXTRA_FIELDS: Mapping[str, Any] = {"stream_options": {"include_usage": True}}
+OUR_IGNORE_EOS_FIELDS: Mapping[str, Any] = {"ignore_eos": True}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What a client sees in a stream: content (text, with its token count when known) or usage."""
+
+    kind: Literal["content", "usage"]
+    tokens: int | None = None  # content: tokens in this chunk when known; usage: completion tokens
+    text: str = ""  # content only
+    prompt_tokens: int | None = None  # usage only, when the server reports it
+
+
+class RequestFailed(Exception):
+    """The server answered with an error status, sent an error event, or cut the stream short."""
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """One request as its client measured it; times in seconds from sending it."""
+
+    ttft: float | None
+    latency: float
+    tokens: int
+    chunks: int
+    gaps: tuple[float, ...]  # inter-token latencies (per token) between content chunks
+    error: str | None = None
+    text: str = ""  # the streamed content
+    prompt_tokens: int | None = None  # from the server's usage
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first: (latency - TTFT) / (tokens - 1); None below 2 tokens."""
+        if self.ttft is None or self.tokens < 2:
+            return None
+        return (self.latency - self.ttft) / (self.tokens - 1)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI-compatible chat server: where it is, the `model` to name, and the extra request
+    fields it needs (sent with every request, and to make a request ignore end-of-sequence)."""
+
+    url: str
+    model: str
+    extra_fields: Mapping[str, Any] = field(default_factory=lambda: dict(OUR_EXTRA_FIELDS))
+    ignore_eos_fields: Mapping[str, Any] = field(default_factory=lambda: dict(OUR_IGNORE_EOS_FIELDS))
+
+    def chat_body(self, messages: Sequence[Mapping[str, str]], max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
+        """A greedy streaming chat request of at most max_tokens (exactly, with ignore_eos)."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [dict(m) for m in messages],
+            "stream": True,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **self.extra_fields,
+        }
+        if ignore_eos:
+            body.update(self.ignore_eos_fields)
+        return body
+
+    def client(self, connections: int, timeout_s: float) -> httpx.AsyncClient:
+        """An HTTP client for this server with room for `connections` streams at once."""
+        return httpx.AsyncClient(base_url=self.url, limits=httpx.Limits(max_connections=connections),
+                                 timeout=httpx.Timeout(timeout_s, connect=30.0))
+
+
+def user_message(text: str) -> list[dict[str, str]]:
+    """A chat of one user message."""
+    return [{"role": "user", "content": text}]
+
+
+def error_message(payload: dict[str, Any]) -> str:
+    """The message of an SSE error event: OpenAI's {"error": {"message": ...}} or a bare string."""
+    error = payload["error"]
+    return str(error.get("message", "error event")) if isinstance(error, dict) else str(error)
+
+
+def parse_event(data: str) -> list[Chunk]:
+    """The Chunks of one SSE `data:` payload (none for a role-only or finish-only chunk)."""
+    payload = json.loads(data)
+    if "error" in payload:
+        raise RequestFailed(error_message(payload))
+    chunks = [Chunk("content", text=text) for c in payload.get("choices", [])
+              if (text := (c.get("delta") or {}).get("content"))]
+    if usage := payload.get("usage"):
+        chunks.append(Chunk("usage", usage["completion_tokens"], prompt_tokens=usage.get("prompt_tokens")))
+    return chunks
+
+
+async def sse_payloads(response: httpx.Response) -> AsyncIterator[str]:
+    """The `data:` payloads of a server-sent-events response, in order ("[DONE]" included)."""
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            yield line.removeprefix("data:").strip()
+
+
+async def stream_chat(client: httpx.AsyncClient, endpoint: Endpoint, messages: Sequence[Mapping[str, str]],
+                      max_tokens: int, ignore_eos: bool) -> AsyncIterator[Chunk]:
+    """POST /v1/chat/completions and yield the Chunks of its SSE stream.
+
+    The stream is complete at `data: [DONE]`, or when the server closes it after the usage
+    chunk (transformers serve sends no [DONE]); anything else raises RequestFailed.
+    """
+    body = endpoint.chat_body(messages, max_tokens, ignore_eos)
+    usage_seen = False
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            raise RequestFailed(f"HTTP {response.status_code}: {text[:200]}")
+        async for data in sse_payloads(response):
+            if data == "[DONE]":
+                return
+            for chunk in parse_event(data):
+                usage_seen = usage_seen or chunk.kind == "usage"
+                yield chunk
+    if not usage_seen:
+        raise RequestFailed("the stream ended without [DONE] or usage")
+
+
+def per_token_gaps(times: Sequence[float], counts: Sequence[int | None], total: int) -> list[float]:
+    """Inter-token latencies: each gap between content chunks over the tokens of the later chunk.
+
+    When chunk sizes are unknown (HTTP), the first chunk is taken to hold one token and
+    the others to share the remaining tokens equally.
+    """
+    if len(times) < 2:
+        return []
+    if all(c is not None for c in counts):
+        sizes = list(counts[1:])
+    else:
+        sizes = [max(total - 1, 1) / (len(times) - 1)] * (len(times) - 1)
+    return [(later - earlier) / max(size, 1) for earlier, later, size in zip(times, times[1:], sizes)]
+
+
+async def measure(stream: AsyncIterator[Chunk]) -> RequestResult:
+    """Read one request's stream to its end and time it; errors become a failed result.
+
+    Completion tokens are the server's usage count when it sends one, else the content
+    chunks' token counts (one per chunk when unknown).
+    """
+    start = time.perf_counter()
+    times: list[float] = []
+    counts: list[int | None] = []
+    texts: list[str] = []
+    usage: Chunk | None = None
+    error: str | None = None
+    try:
+        async for chunk in stream:
+            if chunk.kind == "usage":
+                usage = chunk
+            else:
+                times.append(time.perf_counter() - start)
+                counts.append(chunk.tokens)
+                texts.append(chunk.text)
+    except Exception as err:  # a failed request is a measurement, not a crash
+        error = f"{type(err).__name__}: {err}"
+    latency = time.perf_counter() - start
+    tokens = usage.tokens if usage is not None and usage.tokens is not None else sum(c or 1 for c in counts)
+    return RequestResult(times[0] if times else None, latency, tokens, len(times),
+                         tuple(per_token_gaps(times, counts, tokens)), error, "".join(texts),
+                         usage.prompt_tokens if usage is not None else None)

@@ -1,0 +1,245 @@
+"""Starting and stopping the servers the HTTP benchmarks measure, each in one place.
+
+- `serve_app`: our Ray Serve application (deployments/app.py) in a private local Ray
+  instance in this process; `diagnostics` reads its LLM replica's state through a handle.
+- `transformers_serve`: `transformers serve --continuous-batching` as a subprocess on the
+  checkpoint folder our loader uses for the same model, with the same dtype and device,
+  offline (HF_HUB_OFFLINE=1); stopped by its PID and its children's, never by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import yaml
+
+from bench.client import Endpoint
+from deployments.settings import AppArgs
+from engine.loader import resolve_checkpoint, resolve_device, resolve_dtype
+from tests.serve_fixtures import free_port, wait_until_healthy
+
+log = logging.getLogger("bench.systems")
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVE_CONFIG = ROOT / "serve_config.yaml"
+APP_NAME = "llm"
+SETTLE_TIMEOUT_S = 60.0  # longest wait for Ray's processes to end after ray.shutdown()
+DIAGNOSTICS_TIMEOUT_S = 60.0
+TRANSFORMERS_PAGE_SIZE = 256  # tokens per block of its KV cache (ContinuousBatchingConfig.page_size default)
+START_TIMEOUT_S = 300.0  # longest wait for transformers serve to load the model and answer /health
+STOP_TIMEOUT_S = 30.0  # after SIGTERM, before SIGKILL
+LOG_TAIL_LINES = 30
+# transformers serve rejects `ignore_eos` (HTTP 422). Its continuous batching takes a
+# request's eos_token_id from the request's generation config, and -1 means "no EOS": a
+# `generation_config` JSON field (which replaces the model's generation config) with it
+# makes a request run to max_tokens, as ignore_eos does for ours.
+TRANSFORMERS_IGNORE_EOS = {"generation_config": json.dumps({"eos_token_id": -1})}
+
+
+# ----- our Serve application ----------------------------------------------------------------
+
+
+def config_app_args(config: Path) -> dict[str, Any]:
+    """The args of the first application in a serve config file."""
+    return dict(yaml.safe_load(config.read_text())["applications"][0].get("args") or {})
+
+
+def our_endpoint(url: str, values: dict[str, Any]) -> Endpoint:
+    """Our application (or a baseline with its API) at `url`, asked for the app's base model."""
+    return Endpoint(url, AppArgs.model_validate(values).model_name)
+
+
+@contextmanager
+def serve_app(values: dict[str, Any], ray_logs: bool) -> Iterator[str]:
+    """A private local Ray instance running the application; yields its base URL.
+
+    Serve and Ray are shut down on exit, and Ray's processes have ended (or a warning says
+    which have not), so they use no CPU during whatever runs next.
+    """
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}},
+        log_to_driver=ray_logs,
+    )
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            serve.run(build_app(values), name=APP_NAME, route_prefix="/")
+            url = f"http://127.0.0.1:{port}"
+            wait_until_healthy(url, timeout_s=120)
+            yield url
+        finally:
+            serve.shutdown()
+    finally:
+        started = psutil.Process().children(recursive=True)  # GCS, raylet, agents, workers
+        ray.shutdown()
+        wait_for_exit(started)
+
+
+def wait_for_exit(processes: Sequence[psutil.Process], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+    """Wait until Ray's processes have ended, so they use no CPU during the next system."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    if alive:
+        log.warning("%d Ray processes still running %g s after ray.shutdown(): %s",
+                    len(alive), timeout_s, [p.pid for p in alive])
+
+
+def _torch_threads(_actor: object) -> tuple[int, str | None]:
+    """Runs inside a Ray actor (via __ray_call__): torch's intra-op threads and OMP_NUM_THREADS there."""
+    return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+
+def replica_threads() -> str:
+    """torch threads inside the LLM replica (Ray sets OMP_NUM_THREADS from the actor's num_cpus)."""
+    import ray
+
+    try:
+        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if "LLMServer" in a["name"]]
+        actor = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
+        threads, omp = ray.get(actor.__ray_call__.remote(_torch_threads), timeout=60)
+    except Exception as err:  # a diagnostic only
+        log.warning("could not ask the LLM replica for its torch threads: %s", err)
+        return "unknown"
+    return f"{threads} (OMP_NUM_THREADS={omp})"
+
+
+def llm_handle() -> Any:
+    """A DeploymentHandle to the running application's LLM deployment (inside `serve_app`)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+
+
+async def diagnostics(handle: Any, timeout_s: float = DIAGNOSTICS_TIMEOUT_S) -> dict[str, Any]:
+    """The LLM replica's diagnostics() through its DeploymentHandle: stats, tasks, adapters, RSS."""
+    return await asyncio.wait_for(_call_diagnostics(handle), timeout_s)
+
+
+async def _call_diagnostics(handle: Any) -> dict[str, Any]:
+    return await handle.diagnostics.remote()
+
+
+# ----- transformers serve ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransformersServe:
+    """How `transformers serve --continuous-batching` is launched for the model our app serves."""
+
+    model: str  # checkpoint folder (or hub id): FORCE_MODEL, and the `model` every request names
+    dtype: str  # "bfloat16", "float32", ...
+    device: str  # "cpu", "cuda"
+    kv_blocks: int  # KV-cache blocks of TRANSFORMERS_PAGE_SIZE tokens (--cb-num-blocks)
+
+    @classmethod
+    def of(cls, values: dict[str, Any]) -> TransformersServe:
+        """Our app's model as our loader resolves it (built-ins: the converted safetensors folder),
+        with the dtype and device our engine would use and a KV cache of as many tokens as our
+        engine's (`max_kv_tokens`); GGUF files are not supported.
+
+        Without --cb-num-blocks it would size its cache on a CPU from 60% of the machine's RAM
+        (about 14 GB here), and its first request would take 15-60 s longer to allocate it.
+        """
+        config = AppArgs.model_validate(values).engine_config()
+        source, gguf_file = resolve_checkpoint(config.model, config.cache_dir)
+        if gguf_file:
+            raise ValueError(f"transformers-serve needs a checkpoint folder or hub id, not the GGUF file {gguf_file}")
+        device = resolve_device(config.device)
+        dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
+        return cls(source, dtype, device.type, math.ceil(config.max_kv_tokens / TRANSFORMERS_PAGE_SIZE))
+
+    def command(self, port: int | str) -> list[str]:
+        """The command line (the venv's `transformers` script beside this Python)."""
+        return [str(Path(sys.executable).with_name("transformers")), "serve", self.model, "--continuous-batching",
+                "--dtype", self.dtype, "--device", self.device, "--cb-num-blocks", str(self.kv_blocks),
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+
+    def endpoint(self, url: str) -> Endpoint:
+        """Requests name the forced model (any other name is a 400); no stream_options (always
+        sends usage), EOS ignored through the generation config."""
+        return Endpoint(url, self.model, extra_fields={}, ignore_eos_fields=TRANSFORMERS_IGNORE_EOS)
+
+
+@contextmanager
+def transformers_serve(spec: TransformersServe) -> Iterator[Endpoint]:
+    """Start transformers serve on a free port, wait until /health answers, yield its Endpoint;
+    on exit stop it and its children by PID. Its output goes to a log file (path logged)."""
+    port = free_port()
+    command = spec.command(port)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.NamedTemporaryFile("wb", prefix="transformers-serve-", suffix=".log", delete=False) as output:
+        log_path = Path(output.name)
+        log.info("transformers-serve: %s (output: %s)", " ".join(command), log_path)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_up(url, process, log_path)
+        yield spec.endpoint(url)
+    finally:
+        stop_process_tree(process)
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], log_path: Path,
+                  timeout_s: float = START_TIMEOUT_S) -> None:
+    """Poll {url}/health until it answers 200; raise with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"transformers serve exited with status {process.returncode}:\n{log_tail(log_path)}")
+        try:
+            wait_until_healthy(url, timeout_s=5)
+            return
+        except TimeoutError:
+            pass
+    raise TimeoutError(f"transformers serve did not answer {url}/health in {timeout_s:g} s:\n{log_tail(log_path)}")
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a log file."""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stop_process_tree(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM a process we started and its children, SIGKILL whatever still runs after timeout_s."""
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for proc in tree:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    for proc in alive:
+        log.warning("transformers-serve: pid %d did not stop in %g s; killing it", proc.pid, timeout_s)
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout_s)
+    process.wait(timeout=timeout_s)
