@@ -58,6 +58,11 @@ class EngineConfig(BaseModel):
         512, ge=1,
         description="Tokens computed per step: decode rows first, then prompt chunks (chunked prefill).",
     )
+    prepack_weights: bool = Field(
+        True,
+        description="CPU, bf16/fp16: keep a oneDNN-packed copy of every Linear weight (the weights' "
+        "memory again; 1.6-1.9x faster matmuls on the CPU measured here).",
+    )
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV of cached prompt prefixes (same tokens and adapter)."
     )

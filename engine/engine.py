@@ -30,6 +30,8 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from engine.config import EngineConfig, SamplingParams
 from engine.core import EngineCore, EngineStats, Event
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError
@@ -53,11 +55,13 @@ class Engine:
         check_supported(loaded.model.config, loaded.context_window)
         self.config = config
         self.loaded = loaded
-        self.adapters = AdapterRegistry(loaded.model, config.hf_token)
+        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.adapters = self._worker.submit(
+            AdapterRegistry, loaded.model, config.hf_token, prepack=uses_packed_weights(loaded, config)
+        ).result()
         self.prompts = PromptBuilder(
             loaded.tokenizer, config.prompt_template, loaded.context_window, config.max_input_tokens
         )
-        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.core = self._worker.submit(EngineCore, loaded, config, self.adapters).result()
         self._queues: dict[str, asyncio.Queue[Delta]] = {}
         self._rows: dict[str, Row] = {}
@@ -249,3 +253,12 @@ class Engine:
             if delta.finish_reason:
                 self._queues.pop(request_id, None)
                 self._rows.pop(request_id, None)
+
+
+def uses_packed_weights(loaded: LoadedModel, config: EngineConfig) -> bool:
+    """Prepacked oneDNN weights: on the CPU in bf16/fp16 only (in fp32 oneDNN rounds unlike
+    `F.linear`, and the exactness tests run in fp32)."""
+    return (
+        config.prepack_weights and loaded.device.type == "cpu" and loaded.dtype in (torch.bfloat16, torch.float16)
+        and torch.backends.mkldnn.is_available()
+    )

@@ -181,3 +181,20 @@ def test_attention_over_several_runs_equals_one_contiguous_context():
     torch.testing.assert_close(attend_runs(q, keys, values, runs, None), expected)  # the other devices' path
     one = attend(q[:, -1:], keys, values, SequenceLayout(0, 1, runs), None)
     torch.testing.assert_close(one, expected[:, -1:])
+
+
+async def test_prepacked_bf16_weights_give_the_same_tokens(engine_config, adapter_dirs):
+    """On the CPU in bf16 the Linear layers run on oneDNN-packed copies of their weights:
+    bitwise the same results as F.linear, with and without an adapter's segment."""
+    outputs = []
+    for prepack in (False, True):
+        config = engine_config.model_copy(update={"dtype": "bfloat16", "prepack_weights": prepack, "kv_block_size": 4})
+        engine = Engine.from_config(config)
+        assert all((layer.packed is not None) == prepack for layer in engine.adapters._layers.values())
+        await engine.load_adapter("alpha", str(adapter_dirs["alpha"]))
+        prompt = ids(engine, LONG_TEXT)
+        requests = [GenerationRequest(prompt, GREEDY, adapter, request_id=str(adapter)) for adapter in (None, "alpha")]
+        outputs.append(run(engine, requests))
+        await engine.close()
+    assert outputs[0] == outputs[1]
+    assert outputs[0]["None"] != outputs[0]["alpha"]
