@@ -34,7 +34,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.engine --output bench/engine-results.md
+	$(BIN)/python -m bench.decode_step --output bench/decode-step-results.md
 	$(BIN)/python -m bench.serve --output bench/serve-results.md --plot bench/serve.png
+	$(BIN)/python -m bench.chat --output bench/chat-results.md --plot bench/chat.png
 
 clean:
 	rm -rf $(VENV)

@@ -24,6 +24,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,20 @@ class Case:
     def parse(cls, text: str) -> Case:
         rows, context = text.lower().split("x")
         return cls(int(rows), int(context))
+
+
+class InlineExecutor(Executor):
+    """Runs each submitted call at once on the caller's thread. The benchmark does all torch
+    work on one thread: a second thread running OpenMP regions makes libgomp stop
+    spin-waiting and slows both systems (see Engine.from_config)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # handed to the caller through the future, as executors do
+            future.set_exception(err)
+        return future
 
 
 def random_prompts(case: Case, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -115,7 +130,7 @@ def time_dynamic_cache(config: EngineConfig, case: Case, steps: int, adapter: st
 
 def time_paged(config: EngineConfig, case: Case, steps: int, adapter: str | None) -> float:
     adapters = {"bench": adapter} if adapter else {}
-    engine = Engine.from_config(config.model_copy(update={"adapters": adapters}))
+    engine = Engine.from_config(config.model_copy(update={"adapters": adapters}), worker=InlineExecutor())
     core = engine.core
     for i, prompt in enumerate(random_prompts(case, engine.loaded.model.config.vocab_size)):
         core.add(engine.new_row(GenerationRequest(prompt, GREEDY, request_id=str(i))))
