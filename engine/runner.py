@@ -81,11 +81,12 @@ class ModelRunner:
                 keep.append(len(ids) - 1)
                 sampled.append(row)
         device = self.device
-        short = [s for s in sequences if s.q_len == 1 and s.context <= SHORT_CONTEXT]
+        short, others = [], []
+        for seq in sequences:
+            (short if seq.q_len == 1 and seq.context <= SHORT_CONTEXT else others).append(seq)
         layout = StepLayout(
             self.cache, torch.tensor(slots, device=device), len(ids),
-            ShortDecodes.build(short, device) if short else None,
-            [s for s in sequences if not (s.q_len == 1 and s.context <= SHORT_CONTEXT)],
+            ShortDecodes.build(short, device) if short else None, others,
         )
         return PackedStep(
             input_ids=torch.tensor([ids], device=device),

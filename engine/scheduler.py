@@ -86,10 +86,10 @@ class Scheduler:
 
     def _decode_chunks(self) -> list[ScheduledChunk]:
         chunks = []
-        for row in list(self.running):
+        for row in list(self.running):  # oldest first: preemption only takes rows not yet visited
             if row in self.running and row.decoding and self._reserve_next_slot(row):
                 chunks.append(ScheduledChunk(row, row.num_computed, 1))
-        return [c for c in chunks if c.row in self.running]
+        return chunks
 
     def _reserve_next_slot(self, row: Row) -> bool:
         """Make sure `row` has a block for its next token, preempting the newest rows if need
