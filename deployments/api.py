@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.prompt import alpaca_instruction_prompt
+from engine.prompt import Instruction
 from engine.request import Delta, RequestStats
 
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
@@ -97,7 +97,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     async def generate(body: GenerateRequest):
         """The seed REST API: Alpaca instruction prompt in, {"output": text} out."""
         model = body.model or settings.model_name
-        prompt = alpaca_instruction_prompt(body.prompt_config.instruction, body.prompt_config.input)
+        prompt = Instruction(body.prompt_config.instruction, body.prompt_config.input)
         call = GenerateCall(
             sampling=body.generation_config.to_sampling_params(), adapter=service.adapter_for(model), prompt=prompt
         )

@@ -9,7 +9,7 @@ from engine.config import SamplingParams
 from engine.errors import (
     EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError,
 )
-from engine.prompt import ChatMessage
+from engine.prompt import ChatMessage, Instruction
 from engine.request import new_request_id
 
 from deployments.protocol import SamplingFields
@@ -28,7 +28,7 @@ class GenerateCall:
     sampling: SamplingFields | SamplingParams
     adapter: str | None = None
     messages: list[ChatMessage] | None = None
-    prompt: str | list[int] | None = None
+    prompt: str | list[int] | Instruction | None = None
     request_id: str = ""
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequest
 from engine.attention import check_supported
 from engine.loader import LoadedModel, load_model
 from engine.lora import AdapterRegistry
-from engine.prompt import ChatMessage, PromptBuilder
+from engine.prompt import ChatMessage, Instruction, PromptBuilder
 from engine.request import Delta, GenerationRequest
 from engine.row import Row
 
@@ -108,8 +108,9 @@ class Engine:
         )
 
     def completion_request(
-        self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None
+        self, prompt: str | list[int] | Instruction, params: SamplingParams, adapter: str | None = None
     ) -> GenerationRequest:
+        """A request for a raw prompt, or for the seed API's instruction (its text stays text)."""
         self._check_params(params)
         return GenerationRequest(self.prompts.completion(prompt, params.max_tokens).token_ids, params, adapter)
 

@@ -3,6 +3,10 @@
 Two chat formats: the tokenizer's own chat template, or the Alpaca format of the seed
 projects (`### Instruction:` / `### Response:` under a context string) for models without one.
 When history plus the completion does not fit, the oldest turns are dropped (system kept).
+
+Message content and the seed API's instruction fields are data: special-token text in them
+stays text (engine/template.py); only the template emits control tokens. A raw completion
+prompt is the client's whole prompt, so its special tokens do count as control tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.template import TemplateEncoder
 
 Role = Literal["system", "user", "assistant"]
 
@@ -38,6 +43,14 @@ ALPACA_STOP = ["### Instruction:", "### Input:"]
 class ChatMessage:
     role: Role
     content: str
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """The seed REST API's prompt: an instruction and an optional input, in tloen's Alpaca template."""
+
+    instruction: str
+    input: str = ""
 
 
 @dataclass
@@ -84,33 +97,47 @@ class PromptBuilder:
         if template == "chat" and not tokenizer.chat_template:
             raise ValueError("prompt_template 'chat' needs a tokenizer with a chat template")
         self.tokenizer = tokenizer
+        self.encoder = TemplateEncoder(tokenizer)
         self.template = template
         self.context_window = context_window
         self.max_input_tokens = min(max_input_tokens or context_window, context_window)
 
     def chat(self, messages: Sequence[ChatMessage], max_tokens: int) -> Prompt:
-        """Encode a conversation, dropping its oldest turns until it fits with max_tokens."""
+        """Encode a conversation, dropping its oldest turns until it fits with max_tokens.
+
+        Where the kept history starts is found by bisection (fewer turns never make a longer
+        prompt), so a long chat costs O(log n) encodings, not one per dropped turn.
+        """
+        for i, message in enumerate(messages):
+            check_text(message.content, f"messages[{i}].content")
         system = [m for m in messages if m.role == "system"]
         turns = [m for m in messages if m.role != "system"]
         if not turns:
             raise InvalidRequestError("a chat needs at least one user or assistant message")
-        dropped = 0
-        while True:
-            ids = self._encode_chat(system + turns)
+        ids = self._encode_chat(system + turns)
+        if self._fits(len(ids), max_tokens):
+            return self._chat_prompt(ids, 0)
+        starts = history_starts(turns)
+        lo, hi, found = 1, len(starts) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            ids = self._encode_chat(system + turns[starts[mid] :])
             if self._fits(len(ids), max_tokens):
-                stop = ALPACA_STOP if self.template == "alpaca" else []
-                return Prompt(token_ids=ids, dropped_messages=dropped, stop=list(stop))
-            if len(turns) <= 1:
-                raise self._too_long(len(ids), max_tokens)
-            cut = 1
-            while cut < len(turns) - 1 and turns[cut].role == "assistant":
-                cut += 1  # never start the history with an assistant turn
-            turns = turns[cut:]
-            dropped += cut
+                found, hi = self._chat_prompt(ids, starts[mid]), mid - 1
+            else:
+                lo = mid + 1
+        if found is None:  # the last probe was the last turn alone
+            raise self._too_long(len(ids), max_tokens)
+        return found
 
-    def completion(self, prompt: str | list[int], max_tokens: int) -> Prompt:
-        """Encode a raw prompt (text or token ids); raw prompts are never truncated."""
-        if isinstance(prompt, str):
+    def completion(self, prompt: str | list[int] | Instruction, max_tokens: int) -> Prompt:
+        """Encode a raw prompt (text or token ids) or an instruction; never truncated."""
+        if isinstance(prompt, Instruction):
+            check_text(prompt.instruction, "instruction")
+            check_text(prompt.input, "input")
+            ids = self._encode_text(alpaca_instruction_prompt(prompt.instruction, prompt.input))
+        elif isinstance(prompt, str):
+            check_text(prompt, "prompt")
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         else:
             ids = list(prompt)
@@ -123,15 +150,18 @@ class PromptBuilder:
             raise self._too_long(len(ids), max_tokens)
         return Prompt(token_ids=ids)
 
+    def _chat_prompt(self, ids: list[int], dropped: int) -> Prompt:
+        stop = ALPACA_STOP if self.template == "alpaca" else []
+        return Prompt(token_ids=ids, dropped_messages=dropped, stop=list(stop))
+
     def _encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         if self.template == "alpaca":
-            return self.tokenizer(alpaca_chat_prompt(messages), add_special_tokens=True)["input_ids"]
-        text = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self._encode_text(alpaca_chat_prompt(messages))
+        return self.encoder.encode(messages)
+
+    def _encode_text(self, text: str) -> list[int]:
+        """A prompt built from user text: BOS and the like as configured, special-token text as text."""
+        return self.tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
 
     def _fits(self, prompt_tokens: int, max_tokens: int) -> bool:
         return (
@@ -145,3 +175,17 @@ class PromptBuilder:
             f"the limit is {self.max_input_tokens} prompt tokens and {self.context_window} "
             "tokens in all (shorten the input or lower max_tokens)"
         )
+
+
+def history_starts(turns: Sequence[ChatMessage]) -> list[int]:
+    """Where a trimmed history may start: the first turn, any later non-assistant turn, the last turn."""
+    starts = [0] + [i for i in range(1, len(turns)) if turns[i].role != "assistant"]
+    return starts if starts[-1] == len(turns) - 1 else starts + [len(turns) - 1]
+
+
+def check_text(text: str, field: str) -> None:
+    """InvalidRequestError naming `field` when the text cannot be encoded (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequestError(f"{field} is not valid Unicode text (position {err.start})") from None

@@ -13,6 +13,7 @@ from deployments.protocol import ChatCompletionRequest, GenerationDefaults
 from engine.errors import (
     EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError,
 )
+from engine.prompt import Instruction
 from engine.request import Delta, RequestStats
 
 STATS = RequestStats(prompt_tokens=5, completion_tokens=2, dropped_messages=0, latency=0.1,
@@ -87,7 +88,7 @@ def test_generate_returns_stripped_output():
     client, backend, _ = make_client([Delta(" Hello!\n", finish_reason="stop", stats=STATS)])
     body = {"prompt_config": {"instruction": "Greet", "input": ""}, "generation_config": {"max_new_tokens": 7}}
     assert client.post("/generate", json=body).json() == {"output": "Hello!"}
-    assert "### Instruction:\nGreet" in backend.calls[0].prompt
+    assert backend.calls[0].prompt == Instruction("Greet", "")
     assert backend.calls[0].sampling.max_tokens == 7
 
 
