@@ -2,31 +2,29 @@
 
 Request path: validate (pydantic) -> resolve model -> GenerateCall -> backend stream ->
 JSON or SSE frames. Errors use OpenAI's error JSON: 400 invalid input, 404 unknown model,
-413 prompt beyond the context window, 503 overloaded, 500 only for our own bugs. An error
-after streaming began arrives as an error event followed by `data: [DONE]`.
+413 prompt beyond the context window, 503 overloaded, 500 only for our own bugs (a generic
+message and the request id; the details only in the log, see http_errors.py). An error after
+streaming began arrives as an error event followed by `data: [DONE]`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from fastapi import Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Depends, FastAPI, Header
+from fastapi.responses import StreamingResponse
 
 from engine.prompt import Instruction
 from engine.request import Delta, RequestStats
 
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
+from deployments.http_errors import ApiError, install_error_handling, internal_error, public_message
 from deployments.messages import GenerateCall, RequestRejected
-from deployments.openai_format import DONE_FRAME, ResponseMeta, error_body, rejected_body, sse
+from deployments.openai_format import DONE_FRAME, ResponseMeta, sse
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, GenerateRequest
 
-log = logging.getLogger("ray.serve")
 Item = Delta | RequestRejected
 
 
@@ -46,14 +44,6 @@ class ApiSettings:
     max_messages: int = 256
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, retry_after: float | None = None):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, type, param, code)
-        self.retry_after = retry_after
-
-
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model",
     413: "Prompt beyond the context window, or body too large", 429: "Rate limit reached",
@@ -70,16 +60,9 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     """The FastAPI app: OpenAI routes, /generate, /health."""
     app = FastAPI(title="lora-serve", description="OpenAI-compatible chat serving for a base model and LoRA adapters")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_error_handling(app)
     service = ApiService(backend, settings)
     guarded = [Depends(service.authorize)]
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, err: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(_describe(err), param=_first_param(err)), status_code=400)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        return error_response(err.body, err.status, err.retry_after)
 
     @app.post("/v1/chat/completions", dependencies=guarded, responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
@@ -159,25 +142,29 @@ class ApiService:
         try:
             async for item in self.backend.stream(call):
                 if isinstance(item, RequestRejected):
-                    raise ApiError(item.status, item.message, item.type)
+                    raise self._rejection(item, call.request_id)
                 text += item.text
                 final = item
         except ApiError as err:
             self.settings.on_finish(meta.model, endpoint, err.status, None)
             raise
         except Exception as err:  # the replica died or the handle failed
-            log.exception("request %s failed", call.request_id)
             self.settings.on_finish(meta.model, endpoint, 500, None)
-            raise ApiError(500, f"generation failed: {err}", "server_error") from err
-        return self._finished(text, final, meta, endpoint)
+            raise internal_error(call.request_id, repr(err)) from err
+        return self._finished(call.request_id, text, final, meta, endpoint)
 
-    def _finished(self, text: str, final: Delta | None, meta: ResponseMeta, endpoint: str):
+    def _finished(self, request_id: str, text: str, final: Delta | None, meta: ResponseMeta, endpoint: str):
         if final is None or final.finish_reason in ("error", "cancelled"):
-            message = final.error if final and final.error else "generation was interrupted"
             self.settings.on_finish(meta.model, endpoint, 500, final.stats if final else None)
-            raise ApiError(500, message, "server_error")
+            raise internal_error(request_id, final.error if final and final.error else "generation was interrupted")
         self.settings.on_finish(meta.model, endpoint, 200, final.stats)
         return text, final.finish_reason, final.stats
+
+    @staticmethod
+    def _rejection(item: RequestRejected, request_id: str) -> ApiError:
+        """The client's answer to a rejection: as it is, except that a 500 says nothing internal."""
+        return ApiError(item.status, public_message(request_id, item.status, item.message), item.type,
+                        code="internal_error" if item.status == 500 else None)
 
     async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, include_usage: bool):
         """Answer with SSE once the first item is in (so a rejection still gets its status)."""
@@ -185,46 +172,47 @@ class ApiService:
         try:
             first = await anext(stream)
         except Exception as err:
-            log.exception("request %s failed before its first token", call.request_id)
-            raise ApiError(500, f"generation failed: {err}", "server_error") from err
+            self.settings.on_finish(meta.model, meta.kind, 500, None)
+            raise internal_error(call.request_id, f"before its first token: {err!r}") from err
         if isinstance(first, RequestRejected):
             self.settings.on_finish(meta.model, meta.kind, first.status, None)
-            return error_response(rejected_body(first), first.status)
-        frames = self._frames(first, stream, meta, include_usage)
+            raise self._rejection(first, call.request_id)
+        frames = self._frames(call.request_id, first, stream, meta, include_usage)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _frames(self, first: Item, stream, meta: ResponseMeta, include_usage: bool) -> AsyncIterator[str]:
+    async def _frames(self, request_id: str, first: Item, stream, meta: ResponseMeta,
+                      include_usage: bool) -> AsyncIterator[str]:
         item, status, stats = first, 500, None
         try:
             if meta.kind == "chat":
                 yield sse(meta.chunk(role=True))
             while True:
-                frame, status, stats = self._frame(item, meta, include_usage)
+                frame, status, stats = self._frame(request_id, item, meta, include_usage)
                 yield frame
                 if status:
                     break
                 item = await anext(stream)
         except StopAsyncIteration:
             status = 500
-            yield sse(error_body("the stream ended early", "server_error"))
+            yield sse(internal_error(request_id, "the stream ended early").body)
         except Exception as err:
             status = 500
-            log.exception("stream failed")
-            yield sse(error_body(f"generation failed: {err}", "server_error"))
+            yield sse(internal_error(request_id, f"mid-stream: {err!r}").body)
         finally:
             if hasattr(stream, "cancel") and not status:
                 stream.cancel()
             self.settings.on_finish(meta.model, meta.kind, status or 499, stats)
         yield DONE_FRAME
 
-    def _frame(self, item: Item, meta: ResponseMeta, include_usage: bool) -> tuple[str, int, RequestStats | None]:
+    def _frame(self, request_id: str, item: Item, meta: ResponseMeta,
+               include_usage: bool) -> tuple[str, int, RequestStats | None]:
         """SSE text for one item, and (status, stats) once the stream is over."""
         if isinstance(item, RequestRejected):
-            return sse(rejected_body(item)), item.status, None
+            return sse(self._rejection(item, request_id).body), item.status, None
         frame = sse(meta.chunk(item.text)) if item.text else ""
         if item.finish_reason in ("error", "cancelled"):
-            message = item.error or "generation was cancelled"
-            return frame + sse(error_body(message, "server_error")), 500, item.stats
+            error = internal_error(request_id, item.error or "generation was cancelled")
+            return frame + sse(error.body), 500, item.stats
         if not item.finish_reason:
             return frame, 0, None
         frame += sse(meta.chunk(finish_reason=item.finish_reason))
@@ -233,33 +221,5 @@ class ApiService:
         return frame, 200, item.stats
 
 
-def error_response(body: dict, status: int, retry_after: float | None = None) -> JSONResponse:
-    """OpenAI error JSON; 503 and 429 tell the client when to retry, 401 how to authenticate."""
-    headers = {}
-    if status in (429, 503):
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
-    if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def _usage_wanted(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
-
-
-def _describe(err: RequestValidationError) -> str:
-    parts = []
-    if any(e.get("type") == "json_invalid" for e in err.errors()):
-        return "invalid request: the body is not valid JSON"
-    for e in err.errors()[:5]:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return "invalid request: " + "; ".join(parts)
-
-
-def _first_param(err: RequestValidationError) -> str | None:
-    for e in err.errors():
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        if loc:
-            return ".".join(loc)
-    return None

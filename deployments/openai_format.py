@@ -10,8 +10,6 @@ from typing import Literal
 
 from engine.request import RequestStats
 
-from deployments.messages import RequestRejected
-
 Kind = Literal["chat", "completion"]
 DONE_FRAME = "data: [DONE]\n\n"
 
@@ -23,10 +21,6 @@ def sse(payload: dict) -> str:
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def rejected_body(rejected: RequestRejected) -> dict:
-    return error_body(rejected.message, rejected.type)
 
 
 def usage(stats: RequestStats | None) -> dict | None:

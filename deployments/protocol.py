@@ -3,17 +3,23 @@
 Each request knows how to turn itself into engine SamplingParams (`to_sampling_params`),
 filling what the client left out from the server's generation defaults. Fields of the
 OpenAI API that we do not implement are accepted only at their neutral value; anything
-else is a 400, never silently ignored. Unknown fields are a 400 too.
+else is a 400, never silently ignored. Unknown fields are a 400 too. Every string is `Text`:
+one that UTF-8 cannot encode (a lone surrogate, or bytes that were not UTF-8) is a 400 naming
+its field. Fields whose per-token cost grows with their size (stop strings, stop token ids)
+are bounded (engine/config.py).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from engine.config import SamplingParams
-from engine.prompt import ChatMessage
+from engine.config import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
+from engine.prompt import ChatMessage, valid_text
+
+Text = Annotated[str, AfterValidator(valid_text)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class GenerationDefaults(BaseModel):
@@ -45,12 +51,14 @@ class SamplingFields(StrictBody):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} strings of up to {MAX_STOP_CHARS} characters."
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     n: Literal[1] = 1
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
-    user: str | None = None
+    user: Text | None = None
 
     def to_sampling_params(self, defaults: GenerationDefaults) -> SamplingParams:
         """Engine settings: the request's values where given, else the server defaults."""
@@ -81,13 +89,13 @@ class StreamOptions(StrictBody):
 
 class TextPart(StrictBody):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(StrictBody):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def to_message(self) -> ChatMessage:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -100,7 +108,7 @@ class TextFormat(StrictBody):
 
 
 class ChatCompletionRequest(SamplingFields):
-    model: str
+    model: Text
     messages: list[ChatMessageIn] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -116,8 +124,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    model: str
-    prompt: str | list[int] | list[str] | list[list[int]]
+    model: Text
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: Literal[False] = False
@@ -158,8 +166,8 @@ class AlpacaGenerationConfig(StrictBody):
 
 
 class AlpacaPromptConfig(StrictBody):
-    instruction: str = Field(min_length=1)
-    input: str = ""
+    instruction: Text = Field(min_length=1)
+    input: Text = ""
 
 
 class GenerateRequest(StrictBody):
@@ -167,7 +175,7 @@ class GenerateRequest(StrictBody):
 
     generation_config: AlpacaGenerationConfig = Field(default_factory=AlpacaGenerationConfig)
     prompt_config: AlpacaPromptConfig
-    model: str | None = Field(None, description="Base model or adapter name; default: the base model.")
+    model: Text | None = Field(None, description="Base model or adapter name; default: the base model.")
 
 
 def _pick(value: float | None, default: float) -> float:

@@ -22,6 +22,7 @@ from engine.prompt import ALPACA_CHAT_CONTEXT
 from deployments.api import Backend
 from deployments.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
 from deployments.guard import key_matches, resolve_keys
+from deployments.http_errors import public_message
 from deployments.ingress import HandleBackend
 from deployments.messages import GenerateCall, RequestRejected
 from deployments.protocol import GenerationDefaults
@@ -44,16 +45,18 @@ async def stream_reply(
 ) -> AsyncIterator[Conversation]:
     """Stream the reply to the conversation's last turn, yielding the growing conversation."""
     adapter = None if model == base_model else model
-    stream = backend.stream(GenerateCall(sampling=params, adapter=adapter, messages=conversation.messages(context)))
+    call = GenerateCall(sampling=params, adapter=adapter, messages=conversation.messages(context))
+    stream = backend.stream(call)
     try:
         async for item in stream:
             if isinstance(item, RequestRejected):
-                yield conversation.finish_reply(None, f"⚠ {item.message}")
+                yield conversation.finish_reply(None, f"⚠ {public_message(call.request_id, item.status, item.message)}")
                 return
             if item.text:
                 conversation = conversation.extend_reply(item.text)
             if item.finish_reason:
-                note = f"⚠ {item.error}" if item.finish_reason == "error" else ""
+                failed = item.finish_reason == "error"
+                note = f"⚠ {public_message(call.request_id, 500, item.error or '')}" if failed else ""
                 conversation = conversation.finish_reply(item.stats, note)
             yield conversation
     finally:

@@ -183,9 +183,18 @@ def history_starts(turns: Sequence[ChatMessage]) -> list[int]:
     return starts if starts[-1] == len(turns) - 1 else starts + [len(turns) - 1]
 
 
-def check_text(text: str, field: str) -> None:
-    """InvalidRequestError naming `field` when the text cannot be encoded (a lone surrogate)."""
+def valid_text(text: str) -> str:
+    """The text, if UTF-8 can encode it; ValueError at its first lone surrogate otherwise."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise InvalidRequestError(f"{field} is not valid Unicode text (position {err.start})") from None
+        raise ValueError(f"not valid Unicode text (a lone surrogate at position {err.start})") from None
+    return text
+
+
+def check_text(text: str, field: str) -> None:
+    """InvalidRequestError naming `field` when the text cannot be encoded."""
+    try:
+        valid_text(text)
+    except ValueError as err:
+        raise InvalidRequestError(f"{field}: {err}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from peft import PeftModel
@@ -11,7 +12,38 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from tests.error_bodies import error_payloads, leaks
 from tests.tiny_models import save_tiny_adapter, save_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def error_bodies(monkeypatch) -> list[str]:
+    """Every error body this test's HTTP clients read; the test fails if one shows internals."""
+    seen: list[str] = []
+    iter_raw, aiter_raw = httpx.Response.iter_raw, httpx.Response.aiter_raw
+
+    def recording_iter_raw(self, *args, **kwargs):
+        chunks = []
+        try:
+            for chunk in iter_raw(self, *args, **kwargs):
+                chunks.append(chunk)
+                yield chunk
+        finally:
+            seen.extend(error_payloads(self.status_code, b"".join(chunks)))
+
+    async def recording_aiter_raw(self, *args, **kwargs):
+        chunks = []
+        try:
+            async for chunk in aiter_raw(self, *args, **kwargs):
+                chunks.append(chunk)
+                yield chunk
+        finally:
+            seen.extend(error_payloads(self.status_code, b"".join(chunks)))
+
+    monkeypatch.setattr(httpx.Response, "iter_raw", recording_iter_raw)
+    monkeypatch.setattr(httpx.Response, "aiter_raw", recording_aiter_raw)
+    yield seen
+    assert not leaks(seen), f"error bodies show server internals: {leaks(seen)}"
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +72,6 @@ async def engine(engine_config):
     engine = Engine.from_config(engine_config)
     yield engine
     await engine.close()
-
-
-
 
 
 @pytest.fixture(scope="session")

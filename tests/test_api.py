@@ -15,6 +15,7 @@ from engine.errors import (
 )
 from engine.prompt import Instruction
 from engine.request import Delta, RequestStats
+from tests.error_bodies import error_payloads, leaks
 
 STATS = RequestStats(prompt_tokens=5, completion_tokens=2, dropped_messages=0, latency=0.1,
                      time_to_first_token=0.05, tokens_per_second=20.0)
@@ -46,11 +47,15 @@ def sse_events(text: str) -> list:
     return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
 
 
-def test_an_error_mid_stream_becomes_an_error_event_then_done():
-    client, _, finished = make_client([Delta("Hel"), Delta("lo", finish_reason="error", error="boom", stats=STATS)])
+def test_an_error_mid_stream_becomes_an_error_event_then_done(caplog):
+    client, backend, finished = make_client([Delta("Hel"), Delta("lo", finish_reason="error", error="boom",
+                                                                  stats=STATS)])
     events = sse_events(client.post("/v1/chat/completions", json={**CHAT, "stream": True}).text)
     assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["message"] == "boom"
+    message = json.loads(events[-2])["error"]["message"]
+    request_id = backend.calls[0].request_id
+    assert request_id in message and "boom" not in message  # the details are in the log only
+    assert any(request_id in r.getMessage() and "boom" in r.getMessage() for r in caplog.records)
     assert [json.loads(e)["choices"][0]["delta"].get("content") for e in events[1:3]] == ["Hel", "lo"]
     assert finished == [("base", "chat", 500, STATS)]
 
@@ -58,7 +63,8 @@ def test_an_error_mid_stream_becomes_an_error_event_then_done():
 def test_a_failing_backend_mid_stream_still_ends_with_done():
     client, _, finished = make_client([Delta("a"), RuntimeError("replica died")])
     events = sse_events(client.post("/v1/completions", json={"model": "base", "prompt": "x", "stream": True}).text)
-    assert events[-1] == "[DONE]" and "replica died" in json.loads(events[-2])["error"]["message"]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+    assert "replica died" not in events[-2]
     assert finished[0][2] == 500
 
 
@@ -70,10 +76,13 @@ def test_overload_is_503_with_retry_after():
         assert response.json()["error"]["type"] == "overloaded_error"
 
 
-def test_non_streaming_failure_is_500_json():
-    client, _, _ = make_client([Delta("x", finish_reason="error", error="NaN logits")])
-    response = client.post("/v1/chat/completions", json=CHAT)
-    assert response.status_code == 500 and response.json()["error"]["message"] == "NaN logits"
+def test_non_streaming_failure_is_500_json_with_the_request_id():
+    for script in ([Delta("x", finish_reason="error", error="NaN logits")],
+                   [RequestRejected(500, "server_error", "internal error: KeyError('x') in pid=12")]):
+        client, backend, _ = make_client(script)
+        response = client.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+        assert backend.calls[0].request_id in response.json()["error"]["message"]
 
 
 def test_success_is_logged_with_stats_and_model_resolution():
@@ -116,3 +125,74 @@ def test_request_fields_become_engine_params():
 def test_engine_errors_map_to_http_statuses(error, status):
     """A dead engine is the replica's trouble, not the client's: 503, so a retry goes elsewhere."""
     assert RequestRejected.from_error(error).status == status
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "a\ud800"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "system", "content": [{"type": "text", "text": "\udfff"}]}]},
+     "messages.0.content.0.text"),
+    ("/v1/chat/completions", {**CHAT, "stop": ["ok", "\ud83d"]}, "stop.1"),
+    ("/v1/completions", {"model": "base", "prompt": "\ud800"}, "prompt"),
+    ("/v1/completions", {"model": "base\ud800", "prompt": "x"}, "model"),
+    ("/generate", {"prompt_config": {"instruction": "x", "input": "\udc80"}}, "prompt_config.input"),
+])
+def test_text_that_cannot_be_encoded_is_400_naming_the_field(path, body, param):
+    client, backend, _ = make_client([])
+    response = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+    assert backend.calls == []
+
+
+def test_bytes_that_are_not_utf8_are_400_naming_the_field():
+    client, _, _ = make_client([])
+    body = b'{"model": "base", "messages": [{"role": "user", "content": "caf\xe9 \xff"}]}'
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.content"
+    bad_key = client.post("/v1/chat/completions", content=b'{"\xff": 1}', headers={"content-type": "application/json"})
+    assert bad_key.status_code == 400 and bad_key.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"[" * 100_000 + b"]" * 100_000, 400), (b"{bad json", 400), (b'{"model": 1}', 400), (b"", 400),
+])
+def test_errors_before_our_code_runs_use_openai_error_json(body, status):
+    client, _, _ = make_client([])
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status and set(response.json()) == {"error"}
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    for response in (client.get("/v1/nowhere"), client.get("/v1/chat/completions")):
+        assert response.status_code in (404, 405) and response.json()["error"]["message"]
+
+
+class BrokenBackend:
+    def stream(self, call: GenerateCall):
+        raise RuntimeError(f"actor ServeReplica:llm died (pid=4242, ip=10.1.2.3) for {call.request_id}")
+
+
+def test_an_unexpected_exception_is_a_generic_500_and_logged(caplog):
+    client = TestClient(build_api(BrokenBackend(), ApiSettings("base", (), ())), raise_server_exceptions=False)
+    response = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    error = response.json()["error"]
+    assert response.status_code == 500 and error["type"] == "server_error"
+    request_id = error["message"].split("request ")[1].split(";")[0]
+    assert any(request_id in r.getMessage() for r in caplog.records)
+
+
+def test_the_error_body_check_finds_internals():
+    ray_style = ('{"error": {"message": "ray::ServeReplica:llm:LLMServer.stream() (pid=4242, ip=10.1.2.3, '
+                 'actor_id=ab12) RuntimeError: boom"}}')
+    assert leaks(error_payloads(500, ray_style.encode()))
+    assert leaks(error_payloads(200, b'data: {"chunk": 1}\n\ndata: {"error": {"message": "Traceback (most"}}\n\n'))
+    assert not leaks(error_payloads(500, b'{"error": {"message": "The server had an error while processing '
+                                         b'request 3f2a; its log has the details."}}'))
+    assert not leaks(error_payloads(200, b'data: {"text": "Traceback is fine in generated text"}\n\n'))
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"stop": ["s"] * 17}, "stop"), ({"stop": "x" * 129}, "stop"), ({"stop": [""]}, "stop"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+])
+def test_costly_fields_are_bounded(extra, param):
+    client, _, _ = make_client([])
+    response = client.post("/v1/chat/completions", json={**CHAT, **extra})
+    assert response.status_code == 400 and response.json()["error"]["param"].startswith(param)

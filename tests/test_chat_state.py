@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deployments.chat_state import CONTINUE_PROMPT, Conversation, escape, footer_text
-from engine.request import RequestStats
+from deployments.messages import RequestRejected
+from engine.config import SamplingParams
+from engine.request import Delta, RequestStats
+from tests.error_bodies import leaks
+from tests.test_api import ScriptedBackend
 
 STATS = RequestStats(prompt_tokens=9, completion_tokens=12, dropped_messages=0, latency=1.0,
                      time_to_first_token=0.1, tokens_per_second=20.0)
@@ -40,3 +46,16 @@ def test_dropped_turns_raise_a_notice_and_errors_show_in_the_footer():
     assert "4 oldest messages" in c.notice
     assert footer_text(None, "⚠ boom") == "⚠ boom"
     assert escape("a & b <c>") == "a &amp; b &lt;c&gt;"
+
+
+@pytest.mark.parametrize("script", [
+    [Delta("half"), Delta(finish_reason="error", error="RuntimeError at 0x7f00dead (pid=7)")],
+    [RequestRejected(500, "server_error", "internal error: KeyError('ServeReplica')")],
+])
+async def test_a_failed_reply_shows_the_request_id_not_the_error(script):
+    from deployments.ui import stream_reply
+
+    backend = ScriptedBackend(script)
+    *_, last = [c async for c in stream_reply(backend, Conversation().ask("hi"), "", "base", SamplingParams(), "base")]
+    footer = last.exchanges[-1].footer
+    assert backend.calls[0].request_id in footer and not leaks([footer])

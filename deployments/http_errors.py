@@ -1,0 +1,150 @@
+"""Every error the HTTP layer answers, in OpenAI's error JSON, and nothing internal in it.
+
+Covers what happens before a route runs (a body that is not JSON, not UTF-8, nested too
+deeply, or fails validation; an unknown route or method) as well as `ApiError`s raised by
+the routes and exceptions nobody caught. A 500 tells the client only a request id; the
+details go to the server log under the same id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+
+from engine.request import new_request_id
+
+from deployments.openai_format import error_body
+
+log = logging.getLogger("ray.serve")
+
+STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+                503: "overloaded_error"}
+
+
+class ApiError(Exception):
+    """An error answer: status, OpenAI error body, and for 429/503 when to retry."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type, param, code)
+        self.retry_after = retry_after
+
+
+def internal_error_message(request_id: str) -> str:
+    """What a client learns of a failure on our side: that it happened, and where to look."""
+    return f"The server had an error while processing request {request_id}; its log has the details."
+
+
+def internal_error(request_id: str, detail: object) -> ApiError:
+    """Log `detail` under the request id; return the generic 500 the client gets."""
+    log.error("request %s failed: %s", request_id, detail)
+    return ApiError(500, internal_error_message(request_id), "server_error", code="internal_error")
+
+
+def public_message(request_id: str, status: int, message: str) -> str:
+    """What a client may read of a failure: the message itself, or for a 500 the generic one."""
+    if status != 500:
+        return message
+    return internal_error(request_id, message).body["error"]["message"]
+
+
+class JsonBodyRequest(Request):
+    """A request whose JSON body decodes bytes that are not UTF-8 as lone surrogates (which
+    validation then refuses by field, see protocol.Text) and refuses deep nesting with a 400."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            text = (await self.body()).decode("utf-8", "surrogateescape")
+            try:
+                self._json = json.loads(text)
+            except RecursionError:
+                raise HTTPException(400, "invalid request: the JSON body is nested too deeply") from None
+        return self._json
+
+
+class JsonBodyRoute(APIRoute):
+    """Routes that read their body through JsonBodyRequest (FastAPI's custom-route pattern)."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            return await handler(JsonBodyRequest(request.scope, request.receive))
+
+        return handle
+
+
+def install_error_handling(app: FastAPI) -> None:
+    """Make every error `app` answers OpenAI's error JSON. Call before adding routes."""
+    app.router.route_class = JsonBodyRoute
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(describe(err), param=first_param(err)), status_code=400)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        return error_response(err.body, err.status, err.retry_after)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        body = error_body(str(err.detail), STATUS_TYPES.get(err.status_code, "invalid_request_error"))
+        return error_response(body, err.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+        request_id = new_request_id()
+        log.exception("request %s failed", request_id, exc_info=err)
+        body = error_body(internal_error_message(request_id), "server_error", code="internal_error")
+        return JSONResponse(body, status_code=500)
+
+
+def error_response(body: dict, status: int, retry_after: float | None = None) -> JSONResponse:
+    """OpenAI error JSON; 503 and 429 tell the client when to retry, 401 how to authenticate."""
+    headers = {}
+    if status in (429, 503):
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def describe(err: RequestValidationError) -> str:
+    """The first validation errors as one line: `field.path: message; ...`."""
+    if any(e.get("type") == "json_invalid" for e in err.errors()):
+        return "invalid request: the body is not valid JSON"
+    parts = []
+    for e in err.errors()[:5]:
+        where = _location(e)
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+def first_param(err: RequestValidationError) -> str | None:
+    """The field at fault: the deepest one named (a union's branches fail at different depths)."""
+    named = [where for e in err.errors() if (where := _location(e))]
+    return max(named, key=lambda where: where.count("."), default=None)
+
+
+def _location(error: dict) -> str:
+    """The error's field path, without pydantic's union-branch tags (`str`, `list[TextPart]`,
+    `function-after[...]`); a key that is not valid text is shown escaped."""
+    parts = [str(p) for p in error.get("loc", ()) if p != "body" and not _is_union_tag(p)]
+    return ".".join(parts).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_union_tag(part: int | str) -> bool:
+    return isinstance(part, str) and (part in _SCALAR_TAGS or "[" in part or "-" in part)
+
+
+_SCALAR_TAGS = {"str", "int", "float", "bool"}
