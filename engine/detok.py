@@ -53,6 +53,11 @@ class IncrementalDetokenizer:
 class StopMatcher:
     """Holds back text that may begin a stop string; reports when one is complete.
 
+    Work per `feed` is linear in the new text: a stop string that completes now must end in
+    the new text, so only the last `len(text) + longest - 1` characters are searched; the held
+    suffix is found by trying positions from the left, and a position that fails is released,
+    so each character is tried once (a set lookup) plus one try per feed.
+
     Also stops after `max_newlines` consecutive newlines (blank-only whitespace between them
     counts as part of the run); 0 disables that guard.
     """
@@ -61,11 +66,17 @@ class StopMatcher:
     max_newlines: int = 0
     pending: str = ""
     newline_run: int = 0
+    longest: int = field(init=False)
+    prefixes: frozenset[str] = field(init=False)  # every proper prefix of every stop string
+
+    def __post_init__(self) -> None:
+        self.longest = max(map(len, self.stop), default=0)
+        self.prefixes = frozenset(s[:n] for s in self.stop for n in range(1, len(s)))
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit now, whether generation must stop)."""
         self.pending += text
-        cut = self._first_stop()
+        cut = self._first_stop(len(text))
         if cut is not None:
             out, self.pending = self.pending[:cut], ""
             return out, True
@@ -79,19 +90,18 @@ class StopMatcher:
         out, self.pending = self.pending, ""
         return out
 
-    def _first_stop(self) -> int | None:
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+    def _first_stop(self, new: int) -> int | None:
+        """Where the earliest-starting stop string that ends in the new text begins."""
+        start = max(0, len(self.pending) - new - self.longest + 1)
+        hits = [i for i in (self.pending.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
     def _held_suffix_length(self) -> int:
         """Length of the longest end of `pending` that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.pending)), best, -1):
-                if self.pending.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+        for i in range(max(0, len(self.pending) - self.longest + 1), len(self.pending)):
+            if self.pending[i:] in self.prefixes:
+                return len(self.pending) - i
+        return 0
 
     def _too_many_newlines(self, text: str) -> bool:
         if not self.max_newlines:
