@@ -215,7 +215,7 @@ class ApiService:
             return frame + sse(error.body), 500, item.stats
         if not item.finish_reason:
             return frame, 0, None
-        frame += sse(meta.chunk(finish_reason=item.finish_reason))
+        frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats))
         if include_usage:
             frame += sse(meta.usage_chunk(item.stats))
         return frame, 200, item.stats

@@ -94,10 +94,10 @@ class Ingress:
             return
         self.request_log.info(
             "model=%s endpoint=%s status=%d prompt_tokens=%d completion_tokens=%d latency=%.3fs "
-            "ttft=%s tokens_per_s=%s dropped_messages=%d replica=%s",
+            "ttft=%s tokens_per_s=%s dropped_messages=%d replica=%s stop_reason=%s",
             model, endpoint, status, stats.prompt_tokens, stats.completion_tokens, stats.latency,
             _fmt(stats.time_to_first_token, "{:.3f}s"), _fmt(stats.tokens_per_second, "{:.1f}"),
-            stats.dropped_messages, stats.replica or "-",
+            stats.dropped_messages, stats.replica or "-", stats.stop_reason or "-",
         )
 
 

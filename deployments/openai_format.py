@@ -55,8 +55,9 @@ class ResponseMeta:
         return {"id": self.id, "object": self._object(streaming), "created": self.created,
                 "model": self.model, "choices": choices}
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
-        """One streaming chunk with a text delta and/or a finish reason."""
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
+              stats: RequestStats | None = None) -> dict:
+        """One streaming chunk with a text delta and/or a finish reason (and the last one's stats)."""
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else {}
             if text:
@@ -64,7 +65,7 @@ class ResponseMeta:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope(True, [choice])
+        return self._envelope(True, [_with_stop_reason(choice, stats)])
 
     def usage_chunk(self, stats: RequestStats | None) -> dict:
         return {**self._envelope(True, []), "usage": usage(stats)}
@@ -76,4 +77,11 @@ class ResponseMeta:
                       "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._envelope(False, [choice]), "usage": usage(stats)}
+        return {**self._envelope(False, [_with_stop_reason(choice, stats)]), "usage": usage(stats)}
+
+
+def _with_stop_reason(choice: dict, stats: RequestStats | None) -> dict:
+    """vLLM's `stop_reason` extension, when a guard stopped the reply (e.g. "repetition")."""
+    if stats is not None and stats.stop_reason:
+        choice["stop_reason"] = stats.stop_reason
+    return choice

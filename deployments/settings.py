@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.config import DEFAULT_MODEL, Device, Dtype, EngineConfig, PromptTemplate
+from engine.config import DEFAULT_MODEL, Device, Dtype, EngineConfig, PromptTemplate, RepetitionGuardConfig
 
 from deployments.protocol import GenerationDefaults
 
@@ -62,7 +62,10 @@ class AppArgs(BaseModel):
     prepack_weights: bool = Field(True, description="CPU bf16/fp16: oneDNN-packed weight copies (faster, 2x weight memory).")
     max_input_tokens: int | None = Field(None, ge=1)
     max_tokens_cap: int = Field(4096, ge=1)
-    max_consecutive_newlines: int = Field(32, ge=0)
+    max_consecutive_newlines: int = Field(32, ge=0, description="Stop a reply after this many line breaks in a row.")
+    repetition_guard: RepetitionGuardConfig = Field(
+        default_factory=RepetitionGuardConfig, description="Stop a reply that repeats a line or phrase."
+    )
     max_waiting: int = Field(256, ge=1, description="Requests a replica's engine queues before answering 503.")
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests waiting for a busy LLM replica before the ingress answers 503 (-1: no limit)."
@@ -114,6 +117,7 @@ class AppArgs(BaseModel):
             max_input_tokens=self.max_input_tokens,
             max_tokens_cap=self.max_tokens_cap,
             max_consecutive_newlines=self.max_consecutive_newlines,
+            repetition_guard=self.repetition_guard,
             request_timeout_s=self.request_timeout_s,
         )
 

@@ -18,6 +18,7 @@ from ray.serve import Application
 
 from engine.config import SamplingParams
 from engine.prompt import ALPACA_CHAT_CONTEXT
+from engine.request import Delta
 
 from deployments.api import Backend
 from deployments.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
@@ -55,13 +56,21 @@ async def stream_reply(
             if item.text:
                 conversation = conversation.extend_reply(item.text)
             if item.finish_reason:
-                failed = item.finish_reason == "error"
-                note = f"⚠ {public_message(call.request_id, 500, item.error or '')}" if failed else ""
+                note = _finish_note(call.request_id, item)
                 conversation = conversation.finish_reply(item.stats, note)
             yield conversation
     finally:
         if hasattr(stream, "cancel"):
             stream.cancel()  # Stop pressed or page closed: free the engine row
+
+
+def _finish_note(request_id: str, last: Delta) -> str:
+    """What the reply's footer says about how it ended, when that is worth saying."""
+    if last.finish_reason == "error":
+        return f"⚠ {public_message(request_id, 500, last.error or '')}"
+    if last.stats and last.stats.stop_reason == "repetition":
+        return "stopped: the reply kept repeating itself"
+    return ""
 
 
 def build_ui(backend: Backend, info: ModelInfo) -> gr.Blocks:

@@ -22,6 +22,17 @@ MAX_STOP_CHARS = 128
 MAX_STOP_TOKEN_IDS = 64
 
 
+class RepetitionGuardConfig(BaseModel):
+    """When a row counts as looping (engine/repetition.py): a unit of at most `max_period`
+    tokens repeated `min_repeats` times back to back, covering at least `min_tokens` tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_repeats: int = Field(8, ge=0, description="Repeats that make a loop (0 disables the guard).")
+    min_tokens: int = Field(96, ge=1, description="Tokens a loop must cover (spares short runs like '0, 0, 0').")
+    max_period: int = Field(64, ge=1, le=1024, description="Longest repeated unit looked for, in tokens.")
+
+
 class EngineConfig(BaseModel):
     """How the engine loads its model and schedules work."""
 
@@ -78,6 +89,9 @@ class EngineConfig(BaseModel):
     max_tokens_cap: int = Field(4096, ge=1, description="Hard cap on a request's max_tokens.")
     max_consecutive_newlines: int = Field(
         32, ge=0, description="Stop a row after this many newlines in a row (0 disables)."
+    )
+    repetition_guard: RepetitionGuardConfig = Field(
+        default_factory=RepetitionGuardConfig, description="Stop a row that repeats a line or phrase."
     )
     request_timeout_s: float | None = Field(
         None, gt=0, description="Stop a request this long after it arrived (finish_reason length)."

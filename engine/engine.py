@@ -131,6 +131,7 @@ class Engine:
             request, self.loaded.tokenizer, self.loaded.eos_token_ids,
             self.config.max_consecutive_newlines, self.loaded.device, self.config.request_timeout_s,
             adapter_identity=self.adapters.identity(request.adapter),
+            repetition=self.config.repetition_guard,
         )
 
     def submit_group(self, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[Delta] | Exception]:

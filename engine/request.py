@@ -42,6 +42,7 @@ class RequestStats:
     time_to_first_token: float | None
     tokens_per_second: float | None
     replica: str = ""  # where the request ran, filled in by the serving layer ("" in the engine)
+    stop_reason: str | None = None  # a guard that stopped the row ("repetition"), beyond finish_reason
 
 
 @dataclass

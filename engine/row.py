@@ -12,16 +12,21 @@ Thread: owned by the engine core (its worker thread); only `cancelled` is set fr
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from engine.config import RepetitionGuardConfig
 from engine.detok import IncrementalDetokenizer, StopMatcher
 from engine.kv_cache import BlockTable
+from engine.repetition import RepetitionGuard
 from engine.request import Delta, FinishReason, GenerationRequest, RequestStats
 from engine.sampling import RowSampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)  # rows are compared by identity (list membership, removal)
@@ -33,6 +38,7 @@ class Row:
     detok: IncrementalDetokenizer
     stops: StopMatcher
     eos_ids: frozenset[int]
+    repetition: RepetitionGuard = field(default_factory=RepetitionGuard)
     adapter_identity: bytes = b""
     table: BlockTable = field(default_factory=BlockTable)
     block_keys: list[bytes] = field(default_factory=list)
@@ -40,6 +46,7 @@ class Row:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: str | None = None
     cancelled: bool = False
     timeout_s: float | None = None
 
@@ -53,17 +60,22 @@ class Row:
         device: torch.device,
         timeout_s: float | None = None,
         adapter_identity: bytes = b"",
+        repetition: RepetitionGuardConfig | None = None,
     ) -> Row:
         params = request.params
         stop_ids = set(params.stop_token_ids)
+        guard = repetition or RepetitionGuardConfig()
         if not params.ignore_eos:
             stop_ids |= eos_ids
+        else:  # a request for exactly max_tokens (benchmarks) is not cut for repeating itself
+            guard = guard.model_copy(update={"min_repeats": 0})
         return cls(
             request=request,
             sampler=RowSampler.create(params, request.prompt_ids, device),
             detok=IncrementalDetokenizer(tokenizer),
             stops=StopMatcher(request.stop_strings, max_newlines),
             eos_ids=frozenset(stop_ids),
+            repetition=RepetitionGuard(guard),
             adapter_identity=adapter_identity,
             timeout_s=timeout_s,
         )
@@ -107,6 +119,11 @@ class Row:
         text, stop = self.stops.feed(self.detok.add(token))
         if stop:
             return self.finish("stop", text, [token])
+        if self.repetition.feed(token):
+            period, repeats = self.repetition.loop
+            log.info("request %s stopped: %d tokens repeated %d times", self.request_id, period, repeats)
+            self.stop_reason = "repetition"
+            return self.finish("stop", text + self._flush(), [token])
         if len(self.sampler.output_ids) >= self.request.params.max_tokens or self._late(now):
             return self.finish("length", text + self._flush(), [token])
         return Delta(text=text, token_ids=[token])
@@ -142,4 +159,5 @@ class Row:
             latency=now - self.arrival,
             time_to_first_token=ttft,
             tokens_per_second=(completion - 1) / decode_time if completion > 1 and decode_time else None,
+            stop_reason=self.stop_reason,
         )

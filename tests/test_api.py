@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -196,3 +197,14 @@ def test_costly_fields_are_bounded(extra, param):
     client, _, _ = make_client([])
     response = client.post("/v1/chat/completions", json={**CHAT, **extra})
     assert response.status_code == 400 and response.json()["error"]["param"].startswith(param)
+
+
+def test_a_guard_stop_is_told_as_vllms_stop_reason():
+    looped = dataclasses.replace(STATS, stop_reason="repetition")
+    client, _, _ = make_client([Delta("La vida", finish_reason="stop", stats=looped)])
+    choice = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "repetition")
+    events = sse_events(client.post("/v1/completions", json={"model": "base", "prompt": "x", "stream": True}).text)
+    assert json.loads(events[-2])["choices"][0]["stop_reason"] == "repetition"
+    client, _, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    assert "stop_reason" not in client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]
