@@ -38,7 +38,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +68,8 @@ from bench.systems import (
     SERVE_CONFIG,
     TransformersServe,
     config_app_args,
+    diagnostics,
+    llm_handle,
     our_endpoint,
     replica_threads,
     serve_app,
@@ -75,7 +77,7 @@ from bench.systems import (
 )
 from deployments.protocol import ChatCompletionRequest
 from deployments.settings import AppArgs
-from engine.engine import Engine
+from engine.engine import Engine, EngineStats
 from engine.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from engine.prompt import ChatMessage, PromptBuilder
 from tests.serve_fixtures import free_port, wait_until_healthy
@@ -101,6 +103,31 @@ MAX_LOGGED_ERRORS = 3
 Transport = Callable[[str, int], AsyncIterator[Chunk]]
 """(question, max_tokens) -> the request's stream of Chunks; raises RequestFailed on errors."""
 
+StatsProbe = Callable[[], Awaitable[EngineStats]]
+"""Reads our engine's counters (in this process, or the LLM replica's through a handle)."""
+
+
+@dataclass(frozen=True)
+class EngineSteps:
+    """Our engine's steps during one level: how busy it was and how big its steps were."""
+
+    steps: int
+    seconds: float
+    rows: int
+    tokens: int
+
+    @classmethod
+    def between(cls, before: EngineStats, after: EngineStats) -> EngineSteps:
+        return cls(after.steps - before.steps, after.step_seconds - before.step_seconds,
+                   after.step_rows - before.step_rows, after.step_tokens - before.step_tokens)
+
+    def cells(self, wall: float) -> str:
+        """Table cells: steps, rows per step, ms per step, share of the wall time in steps."""
+        if not self.steps:
+            return "| 0 | - | - | - "
+        return (f"| {self.steps} | {self.rows / self.steps:.1f} | {1000 * self.seconds / self.steps:.1f} "
+                f"| {self.seconds / wall:.2f} ")
+
 
 @dataclass(frozen=True)
 class LevelResult:
@@ -112,6 +139,7 @@ class LevelResult:
     results: tuple[RequestResult, ...]
     own_cores: float = math.nan  # CPU cores this process tree kept busy on average
     other_cores: float = math.nan  # CPU cores every other process kept busy on average
+    engine: EngineSteps | None = None  # our engine's steps (serve and engine systems only)
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -227,8 +255,9 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_level(transport: Transport, system: str, concurrency: int, count: int,
-                    max_tokens: int) -> LevelResult:
-    """`concurrency` clients each send requests one after another until `count` were sent."""
+                    max_tokens: int, probe: StatsProbe | None = None) -> LevelResult:
+    """`concurrency` clients each send requests one after another until `count` were sent;
+    `probe` reads our engine's step counters before and after."""
     indexes = iter(range(count))  # shared by the clients: each next() hands out one request
     results: list[RequestResult] = []
 
@@ -236,12 +265,14 @@ async def run_level(transport: Transport, system: str, concurrency: int, count: 
         for i in indexes:
             results.append(await measure(transport(QUESTIONS[i % len(QUESTIONS)], max_tokens)))
 
+    before = await probe() if probe else None
     cpu = CpuSnapshot.take()
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     own, other = CpuSnapshot.take().cores_since(cpu, wall)
-    level = LevelResult(system, concurrency, wall, tuple(results), own, other)
+    steps = EngineSteps.between(before, await probe()) if probe else None
+    level = LevelResult(system, concurrency, wall, tuple(results), own, other, steps)
     log_level(level, max_tokens)
     return level
 
@@ -252,6 +283,11 @@ def log_level(level: LevelResult, max_tokens: int) -> None:
              "CPU cores: %.2f ours, %.2f others",
              level.system, level.concurrency, len(level.results), level.wall, level.tokens_per_s,
              level.ttft(50), level.errors, level.own_cores, level.other_cores)
+    if level.engine and level.engine.steps:
+        steps = level.engine
+        log.info("%s c=%d: engine %d steps, %.1f rows/step, %.1f ms/step, busy %.2f", level.system,
+                 level.concurrency, steps.steps, steps.rows / steps.steps, 1000 * steps.seconds / steps.steps,
+                 steps.seconds / level.wall)
     for result in [r for r in level.results if r.error][:MAX_LOGGED_ERRORS]:
         log.warning("%s c=%d: request failed: %s", level.system, level.concurrency, result.error)
     short = [r.tokens for r in level.ok if r.tokens != max_tokens]
@@ -259,7 +295,8 @@ def log_level(level: LevelResult, max_tokens: int) -> None:
         log.warning("%s c=%d: token counts other than %d: %s", level.system, level.concurrency, max_tokens, short)
 
 
-async def run_levels(transport: Transport, system: str, args: argparse.Namespace) -> list[LevelResult]:
+async def run_levels(transport: Transport, system: str, args: argparse.Namespace,
+                     probe: StatsProbe | None = None) -> list[LevelResult]:
     """An untimed warm-up, then every concurrency level in turn."""
     log.info("%s: warming up (%d x %d tokens)", system, WARMUP_REQUESTS, WARMUP_TOKENS)
     await run_level(transport, f"{system} warm-up", WARMUP_REQUESTS, WARMUP_REQUESTS, WARMUP_TOKENS)
@@ -267,7 +304,7 @@ async def run_levels(transport: Transport, system: str, args: argparse.Namespace
     for concurrency in args.concurrency:
         count = requests_per_level(args, concurrency)
         log.info("%s: concurrency %d, %d requests x %d tokens", system, concurrency, count, args.max_tokens)
-        levels.append(await run_level(transport, system, concurrency, count, args.max_tokens))
+        levels.append(await run_level(transport, system, concurrency, count, args.max_tokens, probe))
     return levels
 
 
@@ -280,10 +317,11 @@ def question_stream(client: httpx.AsyncClient, endpoint: Endpoint, question: str
     return stream_chat(client, endpoint, user_message(question), max_tokens, ignore_eos=True)
 
 
-async def measure_http(endpoint: Endpoint, system: str, args: argparse.Namespace) -> list[LevelResult]:
+async def measure_http(endpoint: Endpoint, system: str, args: argparse.Namespace,
+                       probe: StatsProbe | None = None) -> list[LevelResult]:
     """Run every level against an OpenAI-compatible server."""
     async with endpoint.client(max(args.concurrency) + WARMUP_REQUESTS, args.timeout) as client:
-        return await run_levels(partial(question_stream, client, endpoint), system, args)
+        return await run_levels(partial(question_stream, client, endpoint), system, args, probe)
 
 
 async def engine_stream(engine: Engine, question: str, max_tokens: int) -> AsyncIterator[Chunk]:
@@ -308,9 +346,18 @@ async def measure_engine(values: dict[str, Any], args: argparse.Namespace, syste
     for name in app.preloaded():
         await engine.load_adapter(name, app.adapter_source(name))
     try:
-        return await run_levels(partial(engine_stream, engine), system, args)
+        return await run_levels(partial(engine_stream, engine), system, args, partial(engine_stats, engine))
     finally:
         await engine.close()
+
+
+async def engine_stats(engine: Engine) -> EngineStats:
+    return engine.stats()
+
+
+async def replica_stats() -> EngineStats:
+    """The LLM replica's engine stats, through a DeploymentHandle (inside `serve_app`)."""
+    return (await diagnostics(llm_handle()))["stats"]
 
 
 # ----- the serve system -----------------------------------------------------------------------
@@ -331,7 +378,7 @@ def measure_serve(values: dict[str, Any], args: argparse.Namespace, notes: list[
         threads = replica_threads()
         log.info("serve: up at %s; torch threads in the LLM replica: %s", url, threads)
         notes.append(f"serve: torch threads in the LLM replica: {threads}")
-        return asyncio.run(measure_http(our_endpoint(url, values), "serve", args))
+        return asyncio.run(measure_http(our_endpoint(url, values), "serve", args, replica_stats))
 
 
 # ----- the hf-per-request system ----------------------------------------------------------------
@@ -543,6 +590,9 @@ def header(values: dict[str, Any], args: argparse.Namespace, dtype: str) -> list
         "- CPU: cores busy on average during the level, in this benchmark's process tree (client, engine, "
         "Ray, transformers serve) and in every other process (other work on the machine: it skews the figures "
         "when well above 0)",
+        "- engine steps (serve and engine): steps that computed something during the level, rows per step "
+        "(mean batch), ms per step (forward pass, sampling and bookkeeping on the engine's worker), engine busy "
+        "(time in steps / wall time: below 1 the engine waited for requests)",
     ]
 
 
@@ -552,14 +602,15 @@ def system_table(levels: Sequence[LevelResult]) -> list[str]:
         f"## {levels[0].system}",
         "",
         "| concurrency | requests | errors | tok/s | TTFT p50 s | TTFT p95 s | ITL p50 ms | TPOT p50 ms | e2e p50 s "
-        "| e2e p95 s | chunks/token | CPU ours | CPU others |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| e2e p95 s | chunks/token | CPU ours | CPU others | engine steps | rows/step | ms/step | engine busy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     return lines + [
         f"| {lv.concurrency} | {len(lv.results)} | {lv.errors} | {fmt(lv.tokens_per_s, 1)} | {fmt(lv.ttft(50), 3)} "
         f"| {fmt(lv.ttft(95), 3)} | {fmt(lv.itl(50) * 1000, 1)} | {fmt(lv.tpot(50) * 1000, 1)} "
         f"| {fmt(lv.latency(50))} | {fmt(lv.latency(95))} "
-        f"| {fmt(lv.chunks_per_token)} | {fmt(lv.own_cores)} | {fmt(lv.other_cores)} |"
+        f"| {fmt(lv.chunks_per_token)} | {fmt(lv.own_cores)} | {fmt(lv.other_cores)} "
+        + (lv.engine.cells(lv.wall) if lv.engine else "| - | - | - | - ") + "|"
         for lv in levels
     ]
 

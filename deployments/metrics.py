@@ -35,6 +35,13 @@ class LLMMetrics:
         self.preemptions = metrics.Counter(
             "llm_preemptions", "Running requests that gave their KV blocks back for lack of memory.", ("model",)
         )
+        self.steps = metrics.Counter("llm_engine_steps", "Engine steps that computed tokens.", ("model",))
+        self.step_tokens = metrics.Counter(
+            "llm_engine_step_tokens", "Tokens computed by engine steps (prompt chunks and decodes).", ("model",)
+        )
+        self.step_ms = metrics.Counter(
+            "llm_engine_step_milliseconds", "Time the engine spent in steps (busy share = rate / 1000).", ("model",)
+        )
         self.batch_size = metrics.Histogram(
             "llm_admission_group_size", "Requests per @serve.batch admission group.",
             boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",),
@@ -43,7 +50,7 @@ class LLMMetrics:
 
     async def watch(self, engine: Engine, period_s: float = 1.0) -> None:
         """Refresh the gauges every `period_s` seconds, for the life of the replica."""
-        counted = [0, 0, 0]  # what the counters below have been told so far
+        counted = [0] * 6  # what the counters below have been told so far
         while True:
             stats = engine.stats()
             self.running.set(stats.running, self.tags)
@@ -52,8 +59,10 @@ class LLMMetrics:
             self.kv_tokens.set(stats.kv_tokens, self.tags)
             self.kv_blocks_used.set(stats.kv_blocks_used, self.tags)
             self.kv_blocks_cached.set(stats.kv_blocks_cached, self.tags)
-            totals = (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.preemptions)
-            counters = (self.prefix_queries, self.prefix_hits, self.preemptions)
+            totals = (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.preemptions,
+                      stats.steps, stats.step_tokens, int(stats.step_seconds * 1000))
+            counters = (self.prefix_queries, self.prefix_hits, self.preemptions,
+                        self.steps, self.step_tokens, self.step_ms)
             for i, (counter, total) in enumerate(zip(counters, totals)):  # the engine counts since start
                 if total > counted[i]:
                     counter.inc(total - counted[i], self.tags)

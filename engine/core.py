@@ -19,6 +19,7 @@ error alone. An exception in the forward pass fails the rows of that pass; the c
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -55,6 +56,26 @@ class EngineStats:
     finished_requests: int
     generated_tokens: int
     tracked_requests: int  # waiting + running + finished-but-unread: 0 when idle, or something leaks
+    steps: int = 0  # steps that computed something, since start
+    step_seconds: float = 0.0  # time those steps took (forward pass, sampling, bookkeeping)
+    step_rows: int = 0  # rows computed, summed over those steps (mean batch = step_rows / steps)
+    step_tokens: int = 0  # tokens computed (prompt chunks and decodes), summed over those steps
+
+
+@dataclass
+class StepCounters:
+    """Where the worker's time goes: totals since start, read by stats() and benchmarks."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    rows: int = 0
+    tokens: int = 0
+
+    def add(self, seconds: float, chunks: list[ScheduledChunk]) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.rows += len(chunks)
+        self.tokens += sum(c.length for c in chunks)
 
 
 class EngineCore:
@@ -70,6 +91,7 @@ class EngineCore:
         self.runner = ModelRunner(loaded.model, self.cache, adapters)
         self._incoming: deque[Row] = deque()
         self._last_rows = 0
+        self.counters = StepCounters()
         self.finished_requests = 0
         self.generated_tokens = 0
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, self.block_size, self.cache.nbytes / 2**20)
@@ -99,19 +121,26 @@ class EngineCore:
             return self._step()
 
     def _step(self) -> list[Event]:
+        start = time.perf_counter()
         events = self._take_incoming()
         chunks = self.scheduler.schedule()
         self._last_rows = len(chunks)
         if not chunks:
             return events
+        events += self._compute(chunks)
+        self.counters.add(time.perf_counter() - start, chunks)
+        return events
+
+    def _compute(self, chunks: list[ScheduledChunk]) -> list[Event]:
+        """The forward pass over the chunks, then sampling; a failed pass fails its rows."""
         try:
             rows, logits = self.runner.run(chunks)
         except Exception as err:
             log.exception("forward pass failed for %d rows", len(chunks))
-            return events + [self._finish(c.row, "error", error=f"forward pass failed: {err}") for c in chunks]
+            return [self._finish(c.row, "error", error=f"forward pass failed: {err}") for c in chunks]
         for chunk in chunks:
             self._computed(chunk)
-        return events + self._sample(rows, logits)
+        return self._sample(rows, logits)
 
     def abort_all(self, message: str) -> list[Event]:
         """Fail every request (the engine is shutting down or broke)."""
@@ -136,6 +165,10 @@ class EngineCore:
             finished_requests=self.finished_requests,
             generated_tokens=self.generated_tokens,
             tracked_requests=tracked_requests,
+            steps=self.counters.steps,
+            step_seconds=self.counters.seconds,
+            step_rows=self.counters.rows,
+            step_tokens=self.counters.tokens,
         )
 
     # ----- inside a step ---------------------------------------------------------------

@@ -198,3 +198,18 @@ async def test_prepacked_bf16_weights_give_the_same_tokens(engine_config, adapte
         await engine.close()
     assert outputs[0] == outputs[1]
     assert outputs[0]["None"] != outputs[0]["alpha"]
+
+
+def test_step_counters_count_computed_tokens_and_rows(make_engine):
+    engine = make_engine(max_step_tokens=16, max_batch_size=4, enable_prefix_caching=False)
+    prompt = ids(engine, LONG_TEXT)  # longer than one step's budget: prefilled in chunks
+    steps_with_rows = []
+    run(engine, [GenerationRequest(prompt, GREEDY, request_id="a"), GenerationRequest(prompt[:5], GREEDY, request_id="b")],
+        on_step=lambda e: steps_with_rows.append(e.core.stats(0).batch_size))
+    stats = engine.stats()
+    computed = [n for n in steps_with_rows if n]
+    assert stats.steps == len(computed)
+    assert stats.step_rows == sum(computed)
+    # every prompt token and every sampled token but each request's last is computed once
+    assert stats.step_tokens == len(prompt) + 5 + 2 * (GREEDY.max_tokens - 1)
+    assert stats.step_seconds > 0
