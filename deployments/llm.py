@@ -1,8 +1,12 @@
 """The LLM deployment: one engine per replica, @serve.batch admission, multiplexed adapters.
 
-Ray glue only: requests arrive through a streaming DeploymentHandle (`stream`), are grouped
-by `@serve.batch` and handed to the engine as one admission group; their outputs flow back
-merged per step (see deployments/streams.py). Everything worth testing lives in `engine/`.
+Ray glue only. One request, end to end: the ingress calls `stream(call)` through a streaming
+DeploymentHandle; `_prepare` loads the adapter and builds the engine request; `_admit`
+(`@serve.batch`, admission only) hands the requests that arrived together to the engine as one
+group, which it prefills together, and returns each request its own delta stream; `stream`
+then reads that stream and yields each delta back over the handle. Deltas are paced (see
+`message_pause`): Ray's per-message CPU competes with the model for cores. Everything worth
+testing lives in `engine/`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from engine.request import Delta, GenerationRequest
 from deployments.messages import GenerateCall, RequestRejected
 from deployments.metrics import LLMMetrics
 from deployments.settings import AppArgs, BatchSettings
-from deployments.streams import coalescing_interval, merge_streams
 
 log = logging.getLogger("ray.serve")
 
@@ -50,6 +53,13 @@ def replica_name() -> str:
     """`<replica id>@<node id prefix>`: which replica on which node served a request."""
     replica = serve.get_replica_context().replica_id.unique_id
     return f"{replica}@{ray.get_runtime_context().get_node_id()[:12]}"
+
+
+def message_pause(full_load_interval_s: float, running: int, full_load_rows: int = 8) -> float:
+    """Least time between two messages of a stream: none for a lone stream (every token at
+    once), growing with the running rows up to `full_load_interval_s`, where Ray's per-message
+    CPU would otherwise take a share of the cores that the model needs."""
+    return full_load_interval_s * min(1.0, max(running - 1, 0) / full_load_rows)
 
 
 def _on_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
@@ -85,8 +95,8 @@ class LLMServer:
 
     def _apply(self, settings: BatchSettings) -> None:
         self.settings = settings
-        self._batched.set_max_batch_size(settings.batch_size)
-        self._batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._admit.set_max_batch_size(settings.batch_size)
+        self._admit.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
     async def check_health(self) -> None:
         if not self.engine.alive:
@@ -116,21 +126,19 @@ class LLMServer:
         """Generate for one call; a client disconnect cancels its engine row."""
         self._start_gauges()
         try:
-            request = await self._prepare(call)
+            deltas = await self._admit(await self._prepare(call))
         except (EngineError, ValueError) as err:
-            yield RequestRejected.from_error(err)
+            deltas = err
+        if isinstance(deltas, Exception):
+            yield RequestRejected.from_error(deltas)
             return
         try:
-            async for item in self._batched(request):
-                if isinstance(item, Exception):
-                    yield RequestRejected.from_error(item)
-                    return
-                if item is not None:
-                    if item.stats is not None:
-                        item.stats.replica = self.replica
-                    yield item
+            async for delta in deltas:
+                if delta.stats is not None:
+                    delta.stats.replica = self.replica
+                yield delta
         finally:
-            self.engine.cancel(request.request_id)
+            await deltas.aclose()  # cancels the row if it is still running
 
     async def _prepare(self, call: GenerateCall) -> GenerationRequest:
         """Load the adapter if needed, apply defaults, build the prompt within the context budget."""
@@ -154,16 +162,15 @@ class LLMServer:
         await self.engine.load_adapter(name, self.args.adapter_source(name))
         return AdapterLease(self.engine, name, asyncio.get_running_loop())
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
-    async def _batched(self, requests: list[GenerationRequest]):
-        """One admission group: submitted together, so the engine prefills them together."""
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _admit(self, requests: list[GenerationRequest]) -> list[AsyncIterator[Delta] | Exception]:
+        """One admission group: submitted together, so the engine prefills them together. Each
+        request gets its delta stream, or the exception that refused it."""
         self.metrics.batch_size.observe(len(requests))
-        streams = self.engine.submit_group(requests)
-        async for step in merge_streams(streams, self._message_pause):
-            yield step
+        return self.engine.submit_group(requests, pace=self._message_pause)
 
     def _message_pause(self) -> float:
-        return coalescing_interval(self.settings.stream_interval_s, self.engine.running)
+        return message_pause(self.settings.stream_interval_s, self.engine.running)
 
     def _start_gauges(self) -> None:
         if self._gauges is None:

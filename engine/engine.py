@@ -13,7 +13,7 @@ Contract:
 - `submit(request)` validates at once (raising InvalidRequestError and subclasses, or
   EngineOverloadedError when too many wait) and returns an async iterator of Deltas; the
   last delta has `finish_reason` (stop, length, cancelled, error) and `stats`. Deltas that
-  pile up while the consumer is busy are merged into one.
+  pile up while the consumer is busy are merged into one; `pace` spaces them further.
 - Threads: the core runs on one worker thread, one step at a time; the event loop awaits each
   step, so the two never touch the core at once. Between steps the loop only hands rows to
   the core (`EngineCore.add`, a thread-safe deque) and sets `row.cancelled`; it owns the
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
@@ -44,7 +44,10 @@ from engine.row import Row
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineStats"]
+__all__ = ["Engine", "EngineStats", "Pace"]
+
+Pace = Callable[[], float]
+"""Least seconds until a stream's next delta (see `Engine.submit`)."""
 
 
 class Engine:
@@ -114,8 +117,13 @@ class Engine:
         self._check_params(params)
         return GenerationRequest(self.prompts.completion(prompt, params.max_tokens).token_ids, params, adapter)
 
-    def submit(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Queue a request now; iterate the result to read its deltas (closing it cancels)."""
+    def submit(self, request: GenerationRequest, pace: Pace | None = None) -> AsyncIterator[Delta]:
+        """Queue a request now; iterate the result to read its deltas (closing it cancels).
+
+        `pace()`: least seconds between two deltas of the stream, asked after each one (default
+        none). The first delta and the last (with `finish_reason`) are never held back; what
+        arrives meanwhile is merged. Fewer, larger deltas cost a transport with a per-message
+        price (Ray's handles) less CPU."""
         self._check(request)
         self._ensure_started()
         row = self.new_row(request)
@@ -123,7 +131,7 @@ class Engine:
         self._queues[request.request_id] = queue = asyncio.Queue()
         self.core.add(row)
         self._wakeup.set()
-        return self._stream(request.request_id, queue)
+        return self._stream(request.request_id, queue, pace or _no_pause)
 
     def new_row(self, request: GenerationRequest) -> Row:
         """The engine-side state of a (validated) request, for `submit` or for `core.add`."""
@@ -134,7 +142,9 @@ class Engine:
             repetition=self.config.repetition_guard,
         )
 
-    def submit_group(self, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[Delta] | Exception]:
+    def submit_group(
+        self, requests: Sequence[GenerationRequest], pace: Pace | None = None
+    ) -> list[AsyncIterator[Delta] | Exception]:
         """Queue several requests at once so they are admitted and prefilled together.
 
         A request that fails validation gets its exception in its place; the others go on.
@@ -142,7 +152,7 @@ class Engine:
         streams: list[AsyncIterator[Delta] | Exception] = []
         for request in requests:
             try:
-                streams.append(self.submit(request))
+                streams.append(self.submit(request, pace))
             except (InvalidRequestError, EngineOverloadedError, EngineDeadError) as err:
                 streams.append(err)
         return streams
@@ -210,15 +220,22 @@ class Engine:
         if params.max_tokens > cap:
             raise InvalidRequestError(f"max_tokens is {params.max_tokens}; at most {cap} allowed")
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue[Delta]) -> AsyncIterator[Delta]:
+    async def _stream(self, request_id: str, queue: asyncio.Queue[Delta], pace: Pace) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        hold_until = 0.0  # the next delta waits until then for more to merge (not a last one)
         try:
             while True:
-                delta = await queue.get()
-                while not delta.finish_reason and not queue.empty():
-                    delta = delta.merge(queue.get_nowait())
+                delta = _drain(queue, await queue.get())
+                while not delta.finish_reason and loop.time() < hold_until:
+                    try:
+                        async with asyncio.timeout_at(hold_until):
+                            delta = _drain(queue, delta.merge(await queue.get()))
+                    except TimeoutError:
+                        break
                 yield delta
                 if delta.finish_reason:
                     return
+                hold_until = loop.time() + pace()
         finally:
             self.cancel(request_id)
 
@@ -256,6 +273,17 @@ class Engine:
             if delta.finish_reason:
                 self._queues.pop(request_id, None)
                 self._rows.pop(request_id, None)
+
+
+def _no_pause() -> float:
+    return 0.0
+
+
+def _drain(queue: asyncio.Queue[Delta], delta: Delta) -> Delta:
+    """`delta` merged with every delta already queued after it, up to a last one."""
+    while not delta.finish_reason and not queue.empty():
+        delta = delta.merge(queue.get_nowait())
+    return delta
 
 
 def uses_packed_weights(loaded: LoadedModel, config: EngineConfig) -> bool:

@@ -80,3 +80,11 @@ def test_project_relative_adapters_resolve_and_the_demo_adapter_ships():
     source = Path(args.adapter_source("pirate"))
     assert source.is_absolute() and (source / "adapter_config.json").is_file()
     assert AppArgs(adapters={"hub": "tloen/alpaca-lora-7b"}).adapter_source("hub") == "tloen/alpaca-lora-7b"
+
+
+def test_message_pause_grows_with_load():
+    from deployments.llm import message_pause
+
+    assert message_pause(0.25, running=1) == 0.0
+    assert 0 < message_pause(0.25, running=3) < message_pause(0.25, running=6) < 0.25
+    assert message_pause(0.25, running=40) == 0.25

@@ -294,3 +294,28 @@ async def test_a_dead_loop_fails_its_requests_and_reports_not_alive(engine, monk
     assert not engine.alive  # what LLMServer.check_health reports, so Serve replaces the replica
     with pytest.raises(EngineDeadError):
         engine.submit(GenerationRequest(encode(engine, PROMPTS[0]), GREEDY))
+
+
+async def test_pace_merges_deltas_but_never_holds_the_first_or_last(engine, reference):
+    """With a pause far longer than the whole request: the first token at once, the rest
+    merged into one delta that leaves as soon as the request finishes."""
+    prompt = encode(engine, PROMPTS[1])
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    start = asyncio.get_running_loop().time()
+    deltas = [d async for d in engine.submit(GenerationRequest(prompt, params), pace=lambda: 3600.0)]
+    assert asyncio.get_running_loop().time() - start < 60
+    assert [len(d.token_ids) for d in deltas] == [1, 7]
+    assert deltas[-1].finish_reason == "length"
+    assert [t for d in deltas for t in d.token_ids] == reference(prompt, 8)
+
+
+async def test_pace_spaces_the_deltas_of_a_stream(engine):
+    prompt = encode(engine, PROMPTS[0])
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    loop = asyncio.get_running_loop()
+    arrivals, sizes = [], []
+    async for delta in engine.submit(GenerationRequest(prompt, params), pace=lambda: 0.05):
+        arrivals.append(loop.time())
+        sizes.append(len(delta.token_ids))
+    gaps = [later - earlier for earlier, later in zip(arrivals[:-2], arrivals[1:-1])]  # the last one may be early
+    assert sum(sizes) == 40 and all(gap >= 0.05 for gap in gaps)
