@@ -32,12 +32,23 @@ class Backend(Protocol):
     def stream(self, call: GenerateCall) -> AsyncIterator[Item]: ...
 
 
+@dataclass(frozen=True)
+class Finished:
+    """How one request ended, for the request log and metrics (status 499: the client left)."""
+
+    request_id: str
+    model: str
+    endpoint: str
+    status: int
+    stats: RequestStats | None = None
+
+
 @dataclass
 class ApiSettings:
     model_name: str
     model_aliases: tuple[str, ...]
     adapters: tuple[str, ...]
-    on_finish: Callable[[str, str, int, RequestStats | None], None] = lambda *args: None
+    on_finish: Callable[[Finished], None] = lambda finished: None
     api_keys: tuple[str, ...] = ()
     rate_limit_per_minute: int | None = None
     max_body_bytes: int = 1 << 20
@@ -68,23 +79,27 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest):
         if len(body.messages) > settings.max_messages:
             raise ApiError(400, f"at most {settings.max_messages} messages per request", param="messages")
-        call = GenerateCall(sampling=body, adapter=service.adapter_for(body.model), messages=body.chat_messages())
-        return await service.respond(call, ResponseMeta("chat", body.model), body.stream, _usage_wanted(body))
+        meta = ResponseMeta("chat", body.model)
+        call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), messages=body.chat_messages(),
+                            request_id=meta.id)
+        return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/v1/completions", dependencies=guarded, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest):
-        call = GenerateCall(sampling=body, adapter=service.adapter_for(body.model), prompt=body.prompt)
-        return await service.respond(call, ResponseMeta("completion", body.model), body.stream, _usage_wanted(body))
+        meta = ResponseMeta("completion", body.model)
+        call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), prompt=body.prompt,
+                            request_id=meta.id)
+        return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/generate", dependencies=guarded, responses=ERRORS)
     async def generate(body: GenerateRequest):
         """The seed REST API: Alpaca instruction prompt in, {"output": text} out."""
         model = body.model or settings.model_name
         prompt = Instruction(body.prompt_config.instruction, body.prompt_config.input)
-        call = GenerateCall(
-            sampling=body.generation_config.to_sampling_params(), adapter=service.adapter_for(model), prompt=prompt
-        )
-        text, _, _ = await service.complete(call, ResponseMeta("completion", model), "generate")
+        meta = ResponseMeta("completion", model)
+        call = GenerateCall(body.generation_config.to_overrides(), service.adapter_for(model), prompt=prompt,
+                            request_id=meta.id)
+        text, _, _ = await service.complete(call, meta, "generate")
         return {"output": text.strip()}
 
     @app.get("/v1/models", dependencies=guarded, responses=ERRORS)
@@ -146,18 +161,18 @@ class ApiService:
                 text += item.text
                 final = item
         except ApiError as err:
-            self.settings.on_finish(meta.model, endpoint, err.status, None)
+            self.settings.on_finish(Finished(call.request_id, meta.model, endpoint, err.status))
             raise
         except Exception as err:  # the replica died or the handle failed
-            self.settings.on_finish(meta.model, endpoint, 500, None)
+            self.settings.on_finish(Finished(call.request_id, meta.model, endpoint, 500))
             raise internal_error(call.request_id, repr(err)) from err
         return self._finished(call.request_id, text, final, meta, endpoint)
 
     def _finished(self, request_id: str, text: str, final: Delta | None, meta: ResponseMeta, endpoint: str):
         if final is None or final.finish_reason in ("error", "cancelled"):
-            self.settings.on_finish(meta.model, endpoint, 500, final.stats if final else None)
+            self.settings.on_finish(Finished(request_id, meta.model, endpoint, 500, final.stats if final else None))
             raise internal_error(request_id, final.error if final and final.error else "generation was interrupted")
-        self.settings.on_finish(meta.model, endpoint, 200, final.stats)
+        self.settings.on_finish(Finished(request_id, meta.model, endpoint, 200, final.stats))
         return text, final.finish_reason, final.stats
 
     @staticmethod
@@ -172,10 +187,10 @@ class ApiService:
         try:
             first = await anext(stream)
         except Exception as err:
-            self.settings.on_finish(meta.model, meta.kind, 500, None)
+            self.settings.on_finish(Finished(call.request_id, meta.model, meta.kind, 500))
             raise internal_error(call.request_id, f"before its first token: {err!r}") from err
         if isinstance(first, RequestRejected):
-            self.settings.on_finish(meta.model, meta.kind, first.status, None)
+            self.settings.on_finish(Finished(call.request_id, meta.model, meta.kind, first.status))
             raise self._rejection(first, call.request_id)
         frames = self._frames(call.request_id, first, stream, meta, include_usage)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -201,7 +216,7 @@ class ApiService:
         finally:
             if hasattr(stream, "cancel") and not status:
                 stream.cancel()
-            self.settings.on_finish(meta.model, meta.kind, status or 499, stats)
+            self.settings.on_finish(Finished(request_id, meta.model, meta.kind, status or 499, stats))
         yield DONE_FRAME
 
     def _frame(self, request_id: str, item: Item, meta: ResponseMeta,

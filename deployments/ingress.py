@@ -14,9 +14,7 @@ from fastapi import FastAPI
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from engine.request import RequestStats
-
-from deployments.api import ApiSettings, Item, build_api
+from deployments.api import ApiSettings, Finished, Item, build_api
 from deployments.guard import KEYS_ENV, resolve_keys
 from deployments.messages import GenerateCall, RequestRejected
 from deployments.metrics import RequestMetrics
@@ -86,16 +84,18 @@ class Ingress:
         )
         return build_api(HandleBackend(self.llm), settings)
 
-    def record(self, model: str, endpoint: str, status: int, stats: RequestStats | None) -> None:
-        """One line per finished request, like the seed chatbot's app.log, plus metrics."""
+    def record(self, finished: Finished) -> None:
+        """One line per finished request, like the seed chatbot's app.log, plus metrics; the
+        request id is the response's `id`."""
+        model, endpoint, status, stats = finished.model, finished.endpoint, finished.status, finished.stats
         self.metrics.record(model, endpoint, status, stats)
         if stats is None:
-            self.request_log.info("model=%s endpoint=%s status=%d", model, endpoint, status)
+            self.request_log.info("id=%s model=%s endpoint=%s status=%d", finished.request_id, model, endpoint, status)
             return
         self.request_log.info(
-            "model=%s endpoint=%s status=%d prompt_tokens=%d completion_tokens=%d latency=%.3fs "
+            "id=%s model=%s endpoint=%s status=%d prompt_tokens=%d completion_tokens=%d latency=%.3fs "
             "ttft=%s tokens_per_s=%s dropped_messages=%d replica=%s stop_reason=%s",
-            model, endpoint, status, stats.prompt_tokens, stats.completion_tokens, stats.latency,
+            finished.request_id, model, endpoint, status, stats.prompt_tokens, stats.completion_tokens, stats.latency,
             _fmt(stats.time_to_first_token, "{:.3f}s"), _fmt(stats.tokens_per_second, "{:.1f}"),
             stats.dropped_messages, stats.replica or "-", stats.stop_reason or "-",
         )

@@ -19,7 +19,6 @@ import psutil
 import ray
 from ray import serve
 
-from engine.config import SamplingParams
 from engine.engine import Engine, EngineStats
 from engine.errors import EngineError, UnknownAdapterError
 from engine.request import Delta, GenerationRequest
@@ -146,9 +145,7 @@ class LLMServer:
             if call.adapter not in self.args.adapters:
                 raise UnknownAdapterError(f"model {call.adapter!r} does not exist")
             await self.adapter(call.adapter)
-        params = call.sampling
-        if not isinstance(params, SamplingParams):
-            params = params.to_sampling_params(self.settings.defaults)
+        params = call.overrides.resolve(self.settings.defaults)
         if call.messages is not None:
             request = self.engine.chat_request(call.messages, params, call.adapter)
         else:

@@ -5,27 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from engine.config import SamplingParams
+from engine.config import SamplingOverrides
 from engine.errors import (
     EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError,
 )
 from engine.prompt import ChatMessage, Instruction
 from engine.request import new_request_id
 
-from deployments.protocol import SamplingFields
-
 ErrorType = Literal["invalid_request_error", "not_found_error", "overloaded_error", "server_error"]
 
 
 @dataclass
 class GenerateCall:
-    """One generation: a chat (messages) or a completion (prompt), for the base model or an adapter.
+    """One generation: a chat (messages) or a completion (prompt), for the base model or an
+    adapter: the whole ingress-to-replica contract (no HTTP types). `overrides` holds what the
+    caller set; the replica fills the rest from its current defaults. `request_id` is the id
+    the client sees, the engine uses and the logs show."""
 
-    `sampling` is either the client's fields (server defaults fill the gaps in the LLM
-    replica, so `reconfigure` can change them) or complete engine settings.
-    """
-
-    sampling: SamplingFields | SamplingParams
+    overrides: SamplingOverrides
     adapter: str | None = None
     messages: list[ChatMessage] | None = None
     prompt: str | list[int] | Instruction | None = None

@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.config import DEFAULT_MODEL, Device, Dtype, EngineConfig, PromptTemplate, RepetitionGuardConfig
-
-from deployments.protocol import GenerationDefaults
+from engine.config import (
+    DEFAULT_MODEL, Device, Dtype, EngineConfig, GenerationDefaults, PromptTemplate, RepetitionGuardConfig,
+)
 
 
 class BatchSettings(BaseModel):

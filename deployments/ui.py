@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
-from engine.config import SamplingParams
+from engine.config import GenerationDefaults, SamplingOverrides
 from engine.prompt import ALPACA_CHAT_CONTEXT
 from engine.request import Delta
 
@@ -26,7 +26,6 @@ from deployments.guard import key_matches, resolve_keys
 from deployments.http_errors import public_message
 from deployments.ingress import HandleBackend
 from deployments.messages import GenerateCall, RequestRejected
-from deployments.protocol import GenerationDefaults
 
 CSS = "footer {display: none !important}"
 
@@ -41,12 +40,12 @@ class ModelInfo:
 
 
 async def stream_reply(
-    backend: Backend, conversation: Conversation, context: str, model: str, params: SamplingParams,
+    backend: Backend, conversation: Conversation, context: str, model: str, params: SamplingOverrides,
     base_model: str,
 ) -> AsyncIterator[Conversation]:
     """Stream the reply to the conversation's last turn, yielding the growing conversation."""
     adapter = None if model == base_model else model
-    call = GenerateCall(sampling=params, adapter=adapter, messages=conversation.messages(context))
+    call = GenerateCall(params, adapter, messages=conversation.messages(context))
     stream = backend.stream(call)
     try:
         async for item in stream:
@@ -109,8 +108,9 @@ def build_ui(backend: Backend, info: ModelInfo) -> gr.Blocks:
         settings = [temperature, top_p, top_k, max_tokens, repetition]
         shown = [chatbot, state, notice]
 
-        def params(temp, p, k, n, rep) -> SamplingParams:
-            return SamplingParams(temperature=temp, top_p=p, top_k=int(k), max_tokens=int(n), repetition_penalty=rep)
+        def params(temp, p, k, n, rep) -> SamplingOverrides:
+            return SamplingOverrides(temperature=temp, top_p=p, top_k=int(k), max_tokens=int(n),
+                                     repetition_penalty=rep)
 
         async def reply(conversation: Conversation, context_text: str, model_name: str, *values):
             async for updated in stream_reply(backend, conversation, context_text, model_name, params(*values),

@@ -98,24 +98,50 @@ class EngineConfig(BaseModel):
     )
 
 
-class SamplingParams(BaseModel):
-    """Per-request generation settings. Temperature 0 means greedy decoding."""
+# One declaration per sampling field (its type and bounds): the engine's SamplingParams, the
+# server's GenerationDefaults, the ingress's SamplingOverrides and the HTTP bodies all use these.
+MaxTokens = Annotated[int, Field(ge=1)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 means greedy decoding.")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=0, description="0 disables top-k.")]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+StopTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)]
+
+
+class GenerationDefaults(BaseModel):
+    """Server-side defaults for what a request leaves out (serve_config.yaml, `reconfigure`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k.")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
-        default_factory=list, max_length=MAX_STOP_STRINGS
-    )
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    max_tokens: MaxTokens = 256
+    temperature: Temperature = 0.7
+    top_p: TopP = 0.95
+    top_k: TopK = 0
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+
+
+class SamplingParams(BaseModel):
+    """Per-request generation settings, complete. Temperature 0 means greedy decoding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: MaxTokens = 256
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    seed: Seed | None = None
+    stop: StopStrings = Field(default_factory=list)
+    stop_token_ids: StopTokenIds = Field(default_factory=list)
     ignore_eos: bool = False
 
     @property
@@ -133,3 +159,27 @@ class SamplingParams(BaseModel):
     @property
     def uses_filters(self) -> bool:
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+class SamplingOverrides(BaseModel):
+    """What one request sets; a field left None takes the server's default. Resolved once, in
+    the LLM replica (`resolve`), where `reconfigure` keeps the defaults current."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    seed: Seed | None = None
+    stop: StopStrings = Field(default_factory=list)
+    stop_token_ids: StopTokenIds = Field(default_factory=list)
+    ignore_eos: bool = False
+
+    def resolve(self, defaults: GenerationDefaults) -> SamplingParams:
+        """Complete settings: the request's values where given, else the defaults."""
+        return SamplingParams(**{**defaults.model_dump(), **self.model_dump(exclude_none=True)})

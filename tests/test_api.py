@@ -8,9 +8,10 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.api import ApiSettings, build_api
+from deployments.api import ApiSettings, Finished, build_api
 from deployments.messages import GenerateCall, RequestRejected
-from deployments.protocol import ChatCompletionRequest, GenerationDefaults
+from deployments.protocol import ChatCompletionRequest
+from engine.config import GenerationDefaults
 from engine.errors import (
     EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError,
 )
@@ -40,7 +41,7 @@ class ScriptedBackend:
 def make_client(script: list) -> tuple[TestClient, ScriptedBackend, list]:
     finished = []
     backend = ScriptedBackend(script)
-    settings = ApiSettings("base", ("base-alias",), ("lora",), on_finish=lambda *a: finished.append(a))
+    settings = ApiSettings("base", ("base-alias",), ("lora",), on_finish=finished.append)
     return TestClient(build_api(backend, settings)), backend, finished
 
 
@@ -58,7 +59,7 @@ def test_an_error_mid_stream_becomes_an_error_event_then_done(caplog):
     assert request_id in message and "boom" not in message  # the details are in the log only
     assert any(request_id in r.getMessage() and "boom" in r.getMessage() for r in caplog.records)
     assert [json.loads(e)["choices"][0]["delta"].get("content") for e in events[1:3]] == ["Hel", "lo"]
-    assert finished == [("base", "chat", 500, STATS)]
+    assert finished == [Finished(request_id, "base", "chat", 500, STATS)]
 
 
 def test_a_failing_backend_mid_stream_still_ends_with_done():
@@ -66,7 +67,7 @@ def test_a_failing_backend_mid_stream_still_ends_with_done():
     events = sse_events(client.post("/v1/completions", json={"model": "base", "prompt": "x", "stream": True}).text)
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
     assert "replica died" not in events[-2]
-    assert finished[0][2] == 500
+    assert finished[0].status == 500
 
 
 def test_overload_is_503_with_retry_after():
@@ -88,10 +89,12 @@ def test_non_streaming_failure_is_500_json_with_the_request_id():
 
 def test_success_is_logged_with_stats_and_model_resolution():
     client, backend, finished = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
-    assert client.post("/v1/chat/completions", json={**CHAT, "model": "lora"}).json()["usage"]["total_tokens"] == 7
+    reply = client.post("/v1/chat/completions", json={**CHAT, "model": "lora"}).json()
+    assert reply["usage"]["total_tokens"] == 7
     assert client.post("/v1/chat/completions", json={**CHAT, "model": "base-alias"}).status_code == 200
     assert [c.adapter for c in backend.calls] == ["lora", None]
-    assert finished[0] == ("lora", "chat", 200, STATS)
+    # one id: the response's, the engine request's (the call's) and the request log's
+    assert finished[0] == Finished(reply["id"], "lora", "chat", 200, STATS) and backend.calls[0].request_id == reply["id"]
 
 
 def test_generate_returns_stripped_output():
@@ -99,7 +102,7 @@ def test_generate_returns_stripped_output():
     body = {"prompt_config": {"instruction": "Greet", "input": ""}, "generation_config": {"max_new_tokens": 7}}
     assert client.post("/generate", json=body).json() == {"output": "Hello!"}
     assert backend.calls[0].prompt == Instruction("Greet", "")
-    assert backend.calls[0].sampling.max_tokens == 7
+    assert backend.calls[0].overrides.max_tokens == 7
 
 
 @pytest.mark.parametrize("extra", [{"logprobs": True}, {"echo": True}, {"best_of": 2}, {"suffix": "x"}])
@@ -113,10 +116,13 @@ def test_request_fields_become_engine_params():
     request = ChatCompletionRequest.model_validate(
         {**CHAT, "max_completion_tokens": 9, "stop": "END", "top_k": -1, "seed": 3, "presence_penalty": 0.5}
     )
-    params = request.to_sampling_params(GenerationDefaults(temperature=0.3, top_k=20))
+    overrides = request.to_overrides()
+    assert overrides.temperature is None and overrides.top_p is None  # left to the server's defaults
+    params = overrides.resolve(GenerationDefaults(temperature=0.3, top_k=20))
     assert (params.max_tokens, params.stop, params.top_k, params.seed) == (9, ["END"], 0, 3)
     assert params.temperature == 0.3 and params.presence_penalty == 0.5
-    assert ChatCompletionRequest.model_validate(CHAT).to_sampling_params(GenerationDefaults()).top_k == 0
+    plain = ChatCompletionRequest.model_validate(CHAT).to_overrides().resolve(GenerationDefaults(top_k=20))
+    assert plain.top_k == 20 and plain.max_tokens == GenerationDefaults().max_tokens
 
 
 @pytest.mark.parametrize("error, status", [

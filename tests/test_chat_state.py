@@ -6,7 +6,7 @@ import pytest
 
 from deployments.chat_state import CONTINUE_PROMPT, Conversation, escape, footer_text
 from deployments.messages import RequestRejected
-from engine.config import SamplingParams
+from engine.config import SamplingOverrides
 from engine.request import Delta, RequestStats
 from tests.error_bodies import leaks
 from tests.test_api import ScriptedBackend
@@ -56,6 +56,6 @@ async def test_a_failed_reply_shows_the_request_id_not_the_error(script):
     from deployments.ui import stream_reply
 
     backend = ScriptedBackend(script)
-    *_, last = [c async for c in stream_reply(backend, Conversation().ask("hi"), "", "base", SamplingParams(), "base")]
+    *_, last = [c async for c in stream_reply(backend, Conversation().ask("hi"), "", "base", SamplingOverrides(), "base")]
     footer = last.exchanges[-1].footer
     assert backend.calls[0].request_id in footer and not leaks([footer])

@@ -59,12 +59,12 @@ def test_chat_completion_matches_reference(client, expected_chat):
 
 
 def test_each_request_is_logged_with_its_numbers(client, request_log):
-    chat(client, "Log me", max_tokens=5, extra_body={"ignore_eos": True})
+    reply = chat(client, "Log me", max_tokens=5, extra_body={"ignore_eos": True})
     deadline = time.monotonic() + 10
-    while "completion_tokens=5 " not in request_log.read_text() and time.monotonic() < deadline:
+    while f"id={reply.id} " not in request_log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
-    line = [x for x in request_log.read_text().splitlines() if "completion_tokens=5 " in x][-1]
-    for field in ("model=tiny", "endpoint=chat", "status=200", "prompt_tokens=", "latency=", "ttft=", "tokens_per_s="):
+    line = [x for x in request_log.read_text().splitlines() if f"id={reply.id} " in x][-1]
+    for field in ("completion_tokens=5 ", "model=tiny", "endpoint=chat", "status=200", "prompt_tokens=", "latency=", "ttft=", "tokens_per_s="):
         assert field in line
 
 
@@ -199,7 +199,7 @@ def test_adapters_beyond_the_per_replica_cap_are_evicted_lru(server, tiny_model_
 
     from deployments.app import build_app
     from deployments.messages import GenerateCall
-    from engine.config import SamplingParams
+    from engine.config import SamplingOverrides
 
     args = {
         "model": str(tiny_model_dir), "served_model_name": MODEL, "dtype": "float32", "num_cpus": 0,
@@ -211,10 +211,10 @@ def test_adapters_beyond_the_per_replica_cap_are_evicted_lru(server, tiny_model_
         handle = serve.get_deployment_handle("LLMServer", app_name="lru")
         assert handle.diagnostics.remote().result()["adapters"] == ["alpha"]  # preloaded, up to the cap
         ids = PromptBuilder(build_tokenizer(), "auto", 2048).chat([ChatMessage("user", "Hello there")], 12).token_ids
-        params = SamplingParams(temperature=0, max_tokens=12)
+        params = SamplingOverrides(temperature=0, max_tokens=12)
         for name in ("beta", "alpha", "beta"):
             stream = handle.options(stream=True, multiplexed_model_id=name).stream.remote(
-                GenerateCall(sampling=params, adapter=name, prompt=ids)
+                GenerateCall(params, adapter=name, prompt=ids)
             )
             items = list(stream)
             text = "".join(item.text for item in items)
@@ -230,7 +230,7 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(served, tiny_mo
 
     from deployments.app import build_app_with
     from deployments.messages import GenerateCall
-    from engine.config import SamplingParams
+    from engine.config import SamplingOverrides
 
     args = {"model": str(tiny_model_dir), "served_model_name": MODEL, "dtype": "float32", "num_cpus": 0,
             "adapters": {"alpha": str(adapter_dirs["alpha"]), "beta": str(adapter_dirs["beta"])},
@@ -240,7 +240,7 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(served, tiny_mo
         handle = serve.get_deployment_handle("LLMServer", app_name="multiplex")
 
         def replica_for(adapter: str) -> str:
-            call = GenerateCall(sampling=SamplingParams(temperature=0, max_tokens=4), adapter=adapter, prompt="Hi")
+            call = GenerateCall(SamplingOverrides(temperature=0, max_tokens=4), adapter=adapter, prompt="Hi")
             items = list(handle.options(stream=True, multiplexed_model_id=adapter).stream.remote(call))
             return items[-1].stats.replica
 
