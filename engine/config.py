@@ -82,7 +82,7 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV of cached prompt prefixes (same tokens and adapter)."
     )
-    max_waiting: int = Field(1024, ge=1, description="Requests allowed to wait for admission.")
+    max_waiting: int = Field(256, ge=1, description="Requests a replica's engine queues before answering 503.")
     max_input_tokens: int | None = Field(
         None, ge=1, description="Cap on prompt tokens; default: the model's context window."
     )
@@ -94,7 +94,7 @@ class EngineConfig(BaseModel):
         default_factory=RepetitionGuardConfig, description="Stop a row that repeats a line or phrase."
     )
     request_timeout_s: float | None = Field(
-        None, gt=0, description="Stop a request this long after it arrived (finish_reason length)."
+        300, gt=0, description="Stop a request this long after it arrived (finish_reason length)."
     )
 
 
