@@ -22,7 +22,9 @@ from engine.request import Delta, RequestStats
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.http_errors import ApiError, install_error_handling, internal_error, public_message
 from deployments.messages import GenerateCall, RequestRejected
-from deployments.openai_format import DONE_FRAME, ResponseMeta, sse
+from deployments.openai_format import (
+    DONE_FRAME, ChatCompletion, Completion, GenerateResponse, ModelCard, ModelList, ResponseMeta, sse,
+)
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, GenerateRequest
 
 Item = Delta | RequestRejected
@@ -61,8 +63,8 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
     500: "Server error", 503: "Overloaded: retry after Retry-After seconds",
 }.items()}
 GENERATION_RESPONSES = {
-    200: {"description": "JSON, or a text/event-stream of chunks when `stream` is true",
-          "content": {"application/json": {}, "text/event-stream": {}}},
+    200: {"description": "JSON, or with `stream` true a text/event-stream of chunks (`data: {chunk}` "
+          "frames, then `data: [DONE]`)", "content": {"text/event-stream": {}}},
     **ERRORS,
 }
 
@@ -75,7 +77,8 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     service = ApiService(backend, settings)
     guarded = [Depends(service.authorize)]
 
-    @app.post("/v1/chat/completions", dependencies=guarded, responses=GENERATION_RESPONSES)
+    @app.post("/v1/chat/completions", dependencies=guarded, response_model=ChatCompletion,
+              responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
         if len(body.messages) > settings.max_messages:
             raise ApiError(400, f"at most {settings.max_messages} messages per request", param="messages")
@@ -84,15 +87,15 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
                             request_id=meta.id)
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
-    @app.post("/v1/completions", dependencies=guarded, responses=GENERATION_RESPONSES)
+    @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest):
         meta = ResponseMeta("completion", body.model)
         call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), prompt=body.prompt,
                             request_id=meta.id)
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
-    @app.post("/generate", dependencies=guarded, responses=ERRORS)
-    async def generate(body: GenerateRequest):
+    @app.post("/generate", dependencies=guarded, response_model=GenerateResponse, responses=ERRORS)
+    async def generate(body: GenerateRequest) -> GenerateResponse:
         """The seed REST API: Alpaca instruction prompt in, {"output": text} out."""
         model = body.model or settings.model_name
         prompt = Instruction(body.prompt_config.instruction, body.prompt_config.input)
@@ -100,11 +103,11 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         call = GenerateCall(body.generation_config.to_overrides(), service.adapter_for(model), prompt=prompt,
                             request_id=meta.id)
         text, _, _ = await service.complete(call, meta, "generate")
-        return {"output": text.strip()}
+        return GenerateResponse(output=text.strip())
 
-    @app.get("/v1/models", dependencies=guarded, responses=ERRORS)
-    async def models():
-        return {"object": "list", "data": service.model_cards()}
+    @app.get("/v1/models", dependencies=guarded, response_model=ModelList, responses=ERRORS)
+    async def models() -> ModelList:
+        return ModelList(data=service.model_cards())
 
     @app.get("/health")
     async def health():
@@ -138,12 +141,11 @@ class ApiService:
             return model
         raise ApiError(404, f"The model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
 
-    def model_cards(self) -> list[dict]:
+    def model_cards(self) -> list[ModelCard]:
         base = self.settings.model_name
-        cards = [{"id": base, "object": "model", "created": 0, "owned_by": "lora-serve", "root": base, "parent": None}]
-        cards += [{"id": name, "object": "model", "created": 0, "owned_by": "lora-serve", "root": base, "parent": base}
-                  for name in self.settings.adapters]
-        return cards
+        return [ModelCard(id=base, root=base)] + [
+            ModelCard(id=name, root=base, parent=base) for name in self.settings.adapters
+        ]
 
     async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, include_usage: bool):
         if stream:

@@ -1,4 +1,10 @@
-"""OpenAI response objects and SSE frames, as plain dicts (the wire format is the contract)."""
+"""OpenAI response objects as pydantic models, and SSE frames of them.
+
+The routes declare these models as their response schemas, so the OpenAPI document (and the
+schema fuzzing in the tests) describes successful replies too. `ResponseMeta` builds every
+object of one response with the same id (the request's id), creation time and model.
+`stop_reason` is vLLM's extension: why a guard stopped the reply (e.g. "repetition"), else null.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,114 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pydantic import BaseModel
+
 from engine.request import RequestStats
 
 Kind = Literal["chat", "completion"]
 DONE_FRAME = "data: [DONE]\n\n"
 
 
-def sse(payload: dict) -> str:
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, stats: RequestStats | None) -> Usage | None:
+        if stats is None:
+            return None
+        return cls(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
+                   total_tokens=stats.prompt_tokens + stats.completion_tokens)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+    stop_reason: str | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+
+
+class Completion(BaseModel):
+    """A text completion, whole or (streaming) one chunk of it: OpenAI uses one shape for both."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class GenerateResponse(BaseModel):
+    """The seed REST API's answer."""
+
+    output: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "lora-serve"
+    root: str
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def sse(payload: BaseModel | dict) -> str:
+    """One SSE frame of a response object (or of an error body)."""
+    if isinstance(payload, BaseModel):
+        return f"data: {payload.model_dump_json()}\n\n"
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
@@ -23,19 +130,9 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def usage(stats: RequestStats | None) -> dict | None:
-    if stats is None:
-        return None
-    return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.completion_tokens,
-        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-    }
-
-
 @dataclass
 class ResponseMeta:
-    """Identity shared by every object of one response."""
+    """Identity shared by every object of one response; `id` is also the request's id."""
 
     kind: Kind
     model: str
@@ -46,42 +143,28 @@ class ResponseMeta:
         prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
         self.id = self.id or f"{prefix}-{uuid.uuid4().hex}"
 
-    def _object(self, streaming: bool) -> str:
-        if self.kind == "chat":
-            return "chat.completion.chunk" if streaming else "chat.completion"
-        return "text_completion"
-
-    def _envelope(self, streaming: bool, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": self._object(streaming), "created": self.created,
-                "model": self.model, "choices": choices}
-
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
-              stats: RequestStats | None = None) -> dict:
+              stats: RequestStats | None = None) -> ChatCompletionChunk | Completion:
         """One streaming chunk with a text delta and/or a finish reason (and the last one's stats)."""
+        stop_reason = stats.stop_reason if stats else None
         if self.kind == "chat":
-            delta = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope(True, [_with_stop_reason(choice, stats)])
+            delta = ChatDelta(role="assistant", content=text or "") if role else ChatDelta(content=text or None)
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason, stop_reason=stop_reason)
+            return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        choice = CompletionChoice(text=text or "", finish_reason=finish_reason, stop_reason=stop_reason)
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
 
-    def usage_chunk(self, stats: RequestStats | None) -> dict:
-        return {**self._envelope(True, []), "usage": usage(stats)}
+    def usage_chunk(self, stats: RequestStats | None) -> ChatCompletionChunk | Completion:
+        kind = ChatCompletionChunk if self.kind == "chat" else Completion
+        return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=Usage.of(stats))
 
-    def response(self, text: str, finish_reason: str, stats: RequestStats | None) -> dict:
+    def response(self, text: str, finish_reason: str, stats: RequestStats | None) -> ChatCompletion | Completion:
         """The whole (non-streaming) response."""
+        stop_reason = stats.stop_reason if stats else None
+        envelope = {"id": self.id, "created": self.created, "model": self.model, "usage": Usage.of(stats)}
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._envelope(False, [_with_stop_reason(choice, stats)]), "usage": usage(stats)}
-
-
-def _with_stop_reason(choice: dict, stats: RequestStats | None) -> dict:
-    """vLLM's `stop_reason` extension, when a guard stopped the reply (e.g. "repetition")."""
-    if stats is not None and stats.stop_reason:
-        choice["stop_reason"] = stats.stop_reason
-    return choice
+            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason,
+                                stop_reason=stop_reason)
+            return ChatCompletion(choices=[choice], **envelope)
+        return Completion(choices=[CompletionChoice(text=text, finish_reason=finish_reason, stop_reason=stop_reason)],
+                          **envelope)

@@ -213,4 +213,15 @@ def test_a_guard_stop_is_told_as_vllms_stop_reason():
     events = sse_events(client.post("/v1/completions", json={"model": "base", "prompt": "x", "stream": True}).text)
     assert json.loads(events[-2])["choices"][0]["stop_reason"] == "repetition"
     client, _, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
-    assert "stop_reason" not in client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]
+    assert client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["stop_reason"] is None
+
+
+def test_routes_declare_their_reply_schemas():
+    client, _, _ = make_client([])
+    paths = client.get("/openapi.json").json()["paths"]
+    declared = {path: paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+                for path, method in [("/v1/chat/completions", "post"), ("/v1/completions", "post"),
+                                     ("/generate", "post"), ("/v1/models", "get")]}
+    assert [ref.rsplit("/", 1)[-1] for ref in declared.values()] == [
+        "ChatCompletion", "Completion", "GenerateResponse", "ModelList"]
+    assert "text/event-stream" in paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
