@@ -1,7 +1,7 @@
 """The HTTP API as a FastAPI app over a backend that streams Deltas (no Ray in here).
 
-Request path: validate (pydantic) -> resolve model -> GenerateCall -> backend stream ->
-JSON or SSE frames. Errors use OpenAI's error JSON: 400 invalid input, 404 unknown model,
+Request path: validate (pydantic) -> resolve model -> GenerateCall -> the shared request path
+(service.py: limits, backend stream, one finish record) -> JSON or SSE frames. Errors use OpenAI's error JSON: 400 invalid input, 404 unknown model,
 413 prompt beyond the context window, 503 overloaded, 500 only for our own bugs (a generic
 message and the request id; the details only in the log, see http_errors.py). An error after
 streaming began arrives as an error event followed by `data: [DONE]`.
@@ -10,14 +10,14 @@ streaming began arrives as an error event followed by `data: [DONE]`.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Protocol
 
 from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
 
 from engine.prompt import Instruction
-from engine.request import Delta, RequestStats
+from engine.request import RequestStats
 
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.http_errors import ApiError, install_error_handling, internal_error, public_message
@@ -26,23 +26,9 @@ from deployments.openai_format import (
     DONE_FRAME, ChatCompletion, Completion, GenerateResponse, ModelCard, ModelList, ResponseMeta, sse,
 )
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, GenerateRequest
+from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
 
-Item = Delta | RequestRejected
-
-
-class Backend(Protocol):
-    def stream(self, call: GenerateCall) -> AsyncIterator[Item]: ...
-
-
-@dataclass(frozen=True)
-class Finished:
-    """How one request ended, for the request log and metrics (status 499: the client left)."""
-
-    request_id: str
-    model: str
-    endpoint: str
-    status: int
-    stats: RequestStats | None = None
+__all__ = ["ApiSettings", "Backend", "Finished", "Item", "build_api"]
 
 
 @dataclass
@@ -80,8 +66,6 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=guarded, response_model=ChatCompletion,
               responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
-        if len(body.messages) > settings.max_messages:
-            raise ApiError(400, f"at most {settings.max_messages} messages per request", param="messages")
         meta = ResponseMeta("chat", body.model)
         call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), messages=body.chat_messages(),
                             request_id=meta.id)
@@ -120,7 +104,8 @@ class ApiService:
     """The work behind the routes: model resolution, collection, SSE."""
 
     def __init__(self, backend: Backend, settings: ApiSettings):
-        self.backend, self.settings = backend, settings
+        self.settings = settings
+        self.requests = RequestService(backend, settings.on_finish, settings.max_messages)
         self.limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
 
     async def authorize(self, authorization: str | None = Header(None)) -> None:
@@ -156,25 +141,19 @@ class ApiService:
     async def complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> tuple[str, str, RequestStats]:
         """Run a call to the end; raise ApiError if it fails."""
         text, final = "", None
-        try:
-            async for item in self.backend.stream(call):
-                if isinstance(item, RequestRejected):
-                    raise self._rejection(item, call.request_id)
-                text += item.text
-                final = item
-        except ApiError as err:
-            self.settings.on_finish(Finished(call.request_id, meta.model, endpoint, err.status))
-            raise
-        except Exception as err:  # the replica died or the handle failed
-            self.settings.on_finish(Finished(call.request_id, meta.model, endpoint, 500))
-            raise internal_error(call.request_id, repr(err)) from err
-        return self._finished(call.request_id, text, final, meta, endpoint)
-
-    def _finished(self, request_id: str, text: str, final: Delta | None, meta: ResponseMeta, endpoint: str):
-        if final is None or final.finish_reason in ("error", "cancelled"):
-            self.settings.on_finish(Finished(request_id, meta.model, endpoint, 500, final.stats if final else None))
-            raise internal_error(request_id, final.error if final and final.error else "generation was interrupted")
-        self.settings.on_finish(Finished(request_id, meta.model, endpoint, 200, final.stats))
+        async with aclosing(self.requests.stream(call, meta.model, endpoint)) as items:
+            try:
+                async for item in items:
+                    if isinstance(item, RequestRejected):
+                        raise self._rejection(item, call.request_id)
+                    text += item.text
+                    final = item
+            except ApiError:
+                raise
+            except Exception as err:  # the replica died or the handle failed
+                raise internal_error(call.request_id, repr(err)) from err
+        if final is None or final.finish_reason in FAILED_FINISHES:
+            raise internal_error(call.request_id, final.error if final and final.error else "generation was interrupted")
         return text, final.finish_reason, final.stats
 
     @staticmethod
@@ -184,58 +163,54 @@ class ApiService:
                         code="internal_error" if item.status == 500 else None)
 
     async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, include_usage: bool):
-        """Answer with SSE once the first item is in (so a rejection still gets its status)."""
-        stream = self.backend.stream(call)
+        """Answer with SSE once the first item is in (so a refusal still gets its status)."""
+        items = self.requests.stream(call, meta.model, meta.kind)
         try:
-            first = await anext(stream)
-        except Exception as err:
-            self.settings.on_finish(Finished(call.request_id, meta.model, meta.kind, 500))
+            first = await anext(items)
+        except ApiError:
+            raise
+        except Exception as err:  # including a stream that ended before its first item
+            await items.aclose()
             raise internal_error(call.request_id, f"before its first token: {err!r}") from err
         if isinstance(first, RequestRejected):
-            self.settings.on_finish(Finished(call.request_id, meta.model, meta.kind, first.status))
+            await items.aclose()
             raise self._rejection(first, call.request_id)
-        frames = self._frames(call.request_id, first, stream, meta, include_usage)
+        frames = self._frames(call.request_id, first, items, meta, include_usage)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _frames(self, request_id: str, first: Item, stream, meta: ResponseMeta,
+    async def _frames(self, request_id: str, first: Item, items: AsyncIterator[Item], meta: ResponseMeta,
                       include_usage: bool) -> AsyncIterator[str]:
-        item, status, stats = first, 500, None
-        try:
-            if meta.kind == "chat":
-                yield sse(meta.chunk(role=True))
-            while True:
-                frame, status, stats = self._frame(request_id, item, meta, include_usage)
+        """SSE frames of the items, then `[DONE]`; a failure becomes an error event before it."""
+        done = False
+        async with aclosing(items):
+            try:
+                if meta.kind == "chat":
+                    yield sse(meta.chunk(role=True))
+                frame, done = self._frame(request_id, first, meta, include_usage)
                 yield frame
-                if status:
-                    break
-                item = await anext(stream)
-        except StopAsyncIteration:
-            status = 500
-            yield sse(internal_error(request_id, "the stream ended early").body)
-        except Exception as err:
-            status = 500
-            yield sse(internal_error(request_id, f"mid-stream: {err!r}").body)
-        finally:
-            if hasattr(stream, "cancel") and not status:
-                stream.cancel()
-            self.settings.on_finish(Finished(request_id, meta.model, meta.kind, status or 499, stats))
+                async for item in items:
+                    frame, done = self._frame(request_id, item, meta, include_usage)
+                    yield frame
+                if not done:
+                    yield sse(internal_error(request_id, "the stream ended early").body)
+            except Exception as err:
+                yield sse(internal_error(request_id, f"mid-stream: {err!r}").body)
         yield DONE_FRAME
 
-    def _frame(self, request_id: str, item: Item, meta: ResponseMeta,
-               include_usage: bool) -> tuple[str, int, RequestStats | None]:
-        """SSE text for one item, and (status, stats) once the stream is over."""
+    def _frame(self, request_id: str, item: Item, meta: ResponseMeta, include_usage: bool) -> tuple[str, bool]:
+        """SSE text for one item, and whether the stream is over."""
         if isinstance(item, RequestRejected):
-            return sse(self._rejection(item, request_id).body), item.status, None
+            return sse(self._rejection(item, request_id).body), True
         frame = sse(meta.chunk(item.text)) if item.text else ""
-        if item.finish_reason in ("error", "cancelled"):
+        if item.finish_reason in FAILED_FINISHES:
             error = internal_error(request_id, item.error or "generation was cancelled")
-            return frame + sse(error.body), 500, item.stats
+            return frame + sse(error.body), True
         if not item.finish_reason:
-            return frame, 0, None
+            return frame, False
         frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats))
         if include_usage:
             frame += sse(meta.usage_chunk(item.stats))
-        return frame, 200, item.stats
+        return frame, True
 
 
 def _usage_wanted(body: ChatCompletionRequest | CompletionRequest) -> bool:

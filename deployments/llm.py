@@ -107,6 +107,8 @@ class LLMServer:
             "models": (self.args.model_name, *self.args.adapters),
             "template": self.engine.prompts.template,
             "defaults": self.settings.defaults,
+            "max_messages": self.args.max_messages,
+            "request_log_file": self.args.request_log_file,
         }
 
     async def stats(self) -> EngineStats:

@@ -1,13 +1,15 @@
 """The Gradio chat page, served at /ui by its own deployment, talking to the LLM by handle.
 
-`build_ui(backend, info)` makes the Blocks from a backend that streams Deltas (the same
-contract as the HTTP API's), so the page can be driven without Ray; `ChatUI` is the
-Serve deployment that mounts it. No model code here.
+`build_ui(service, info)` makes the Blocks over the request path the HTTP API uses too
+(deployments/service.py: limits, one request-log line and metrics per reply), so the page can
+be driven without Ray; `ChatUI` is the Serve deployment that mounts it, with a handle to the LLM
+deployment as the service's backend. No model code here.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import gradio as gr
@@ -20,12 +22,13 @@ from engine.config import GenerationDefaults, SamplingOverrides
 from engine.prompt import ALPACA_CHAT_CONTEXT
 from engine.request import Delta
 
-from deployments.api import Backend
 from deployments.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
 from deployments.guard import key_matches, resolve_keys
-from deployments.http_errors import public_message
+from deployments.http_errors import ApiError, public_message
 from deployments.ingress import HandleBackend
 from deployments.messages import GenerateCall, RequestRejected
+from deployments.request_log import RequestRecorder
+from deployments.service import RequestService
 
 CSS = "footer {display: none !important}"
 
@@ -37,30 +40,32 @@ class ModelInfo:
     models: tuple[str, ...]
     template: str
     defaults: GenerationDefaults
+    max_messages: int = 256
+    request_log_file: str | None = None
 
 
 async def stream_reply(
-    backend: Backend, conversation: Conversation, context: str, model: str, params: SamplingOverrides,
+    service: RequestService, conversation: Conversation, context: str, model: str, params: SamplingOverrides,
     base_model: str,
 ) -> AsyncIterator[Conversation]:
-    """Stream the reply to the conversation's last turn, yielding the growing conversation."""
+    """Stream the reply to the conversation's last turn, yielding the growing conversation.
+    Stop pressed or page closed: the stream closes, which frees the engine row."""
     adapter = None if model == base_model else model
     call = GenerateCall(params, adapter, messages=conversation.messages(context))
-    stream = backend.stream(call)
     try:
-        async for item in stream:
-            if isinstance(item, RequestRejected):
-                yield conversation.finish_reply(None, f"⚠ {public_message(call.request_id, item.status, item.message)}")
-                return
-            if item.text:
-                conversation = conversation.extend_reply(item.text)
-            if item.finish_reason:
-                note = _finish_note(call.request_id, item)
-                conversation = conversation.finish_reply(item.stats, note)
-            yield conversation
-    finally:
-        if hasattr(stream, "cancel"):
-            stream.cancel()  # Stop pressed or page closed: free the engine row
+        async with aclosing(service.stream(call, model, "ui")) as items:
+            async for item in items:
+                if isinstance(item, RequestRejected):
+                    note = public_message(call.request_id, item.status, item.message)
+                    yield conversation.finish_reply(None, f"⚠ {note}")
+                    return
+                if item.text:
+                    conversation = conversation.extend_reply(item.text)
+                if item.finish_reason:
+                    conversation = conversation.finish_reply(item.stats, _finish_note(call.request_id, item))
+                yield conversation
+    except ApiError as refused:  # beyond the limits (e.g. too many messages)
+        yield conversation.finish_reply(None, f"⚠ {refused.body['error']['message']}")
 
 
 def _finish_note(request_id: str, last: Delta) -> str:
@@ -72,7 +77,7 @@ def _finish_note(request_id: str, last: Delta) -> str:
     return ""
 
 
-def build_ui(backend: Backend, info: ModelInfo) -> gr.Blocks:
+def build_ui(service: RequestService, info: ModelInfo) -> gr.Blocks:
     """The chat page: chat, Context, Summarize, Continue, Stop, model choice, settings."""
     base_model = info.models[0]
     default_context = ALPACA_CHAT_CONTEXT if info.template == "alpaca" else ""
@@ -113,7 +118,7 @@ def build_ui(backend: Backend, info: ModelInfo) -> gr.Blocks:
                                      repetition_penalty=rep)
 
         async def reply(conversation: Conversation, context_text: str, model_name: str, *values):
-            async for updated in stream_reply(backend, conversation, context_text, model_name, params(*values),
+            async for updated in stream_reply(service, conversation, context_text, model_name, params(*values),
                                               base_model):
                 yield updated.display(), updated, updated.notice
 
@@ -145,7 +150,7 @@ def build_ui(backend: Backend, info: ModelInfo) -> gr.Blocks:
             if not conversation.exchanges:
                 return
             summary = ""
-            async for updated in stream_reply(backend, conversation.ask(SUMMARIZE_PROMPT), context_text,
+            async for updated in stream_reply(service, conversation.ask(SUMMARIZE_PROMPT), context_text,
                                               model_name, params(*values), base_model):
                 summary = updated.exchanges[-1].reply
                 yield summary, conversation.display(), conversation, "Summarizing the conversation into Context..."
@@ -178,7 +183,9 @@ class ChatUI:
         self.api_keys = resolve_keys(api_keys)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        ui = build_ui(HandleBackend(self.llm), self.info)
+        recorder = RequestRecorder(self.info.request_log_file)
+        service = RequestService(HandleBackend(self.llm), recorder.record, self.info.max_messages)
+        ui = build_ui(service, self.info)
         if not self.api_keys:
             return gr.mount_gradio_app(FastAPI(), ui, path="/", css=CSS)
         return gr.mount_gradio_app(

@@ -6,6 +6,7 @@ import pytest
 
 from deployments.chat_state import CONTINUE_PROMPT, Conversation, escape, footer_text
 from deployments.messages import RequestRejected
+from deployments.service import RequestService
 from engine.config import SamplingOverrides
 from engine.request import Delta, RequestStats
 from tests.error_bodies import leaks
@@ -55,7 +56,18 @@ def test_dropped_turns_raise_a_notice_and_errors_show_in_the_footer():
 async def test_a_failed_reply_shows_the_request_id_not_the_error(script):
     from deployments.ui import stream_reply
 
-    backend = ScriptedBackend(script)
-    *_, last = [c async for c in stream_reply(backend, Conversation().ask("hi"), "", "base", SamplingOverrides(), "base")]
+    backend, finished = ScriptedBackend(script), []
+    service = RequestService(backend, finished.append)
+    *_, last = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), "base")]
     footer = last.exchanges[-1].footer
     assert backend.calls[0].request_id in footer and not leaks([footer])
+    assert [(f.endpoint, f.status) for f in finished] == [("ui", 500)]  # the page's replies are logged too
+
+
+async def test_the_page_keeps_the_message_limit():
+    from deployments.ui import stream_reply
+
+    service = RequestService(ScriptedBackend([Delta("x", finish_reason="stop")]), max_messages=2)
+    long_chat = Conversation().ask("a").extend_reply("first reply").ask("b")  # three messages
+    *_, last = [c async for c in stream_reply(service, long_chat, "", "base", SamplingOverrides(), "base")]
+    assert "at most 2 messages" in last.exchanges[-1].footer

@@ -49,7 +49,7 @@ def squash(text: str) -> str:
     return " ".join(text.split())
 
 
-def test_gradio_api_chat_continue_summarize(ui_url, expected_reply):
+def test_gradio_api_chat_continue_summarize(ui_url, expected_reply, request_log):
     from gradio_client import Client
 
     client = Client(ui_url, verbose=False)
@@ -65,6 +65,14 @@ def test_gradio_api_chat_continue_summarize(ui_url, expected_reply):
 
     context, bubbles, notice = client.predict("", SERVED_MODEL, *SETTINGS, api_name="/summarize")
     assert context and bubbles == [] and "Context" in notice
+
+    def page_lines() -> list[str]:  # the page's replies take the API's request path: logged alike
+        return [line for line in request_log.read_text().splitlines() if "endpoint=ui status=200" in line]
+
+    deadline = time.monotonic() + 10
+    while len(page_lines()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(page_lines()) >= 3 and all("completion_tokens=" in line for line in page_lines())
 
 
 def test_gradio_api_adapter_choice(ui_url, expected_reply, adapter_dirs):

@@ -1,0 +1,73 @@
+"""The request path every front end shares: the HTTP API (api.py) and the chat page (ui.py).
+
+No HTTP and no Ray here. `RequestService.stream(call, ...)` checks the request's limits, reads
+the backend's items for it and, whatever happens (finished, refused, failed, or the consumer
+stopped reading), reports how it ended exactly once, through `on_finish` (the request log and
+the metrics): 200 finished, the refusal's status, 500 failed, 499 the client left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.request import Delta, RequestStats
+
+from deployments.http_errors import ApiError
+from deployments.messages import GenerateCall, RequestRejected
+
+Item = Delta | RequestRejected
+FAILED_FINISHES = ("error", "cancelled")
+
+
+class Backend(Protocol):
+    def stream(self, call: GenerateCall) -> AsyncIterator[Item]: ...
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How one request ended, for the request log and metrics (status 499: the client left)."""
+
+    request_id: str
+    model: str
+    endpoint: str
+    status: int
+    stats: RequestStats | None = None
+
+
+class RequestService:
+    """Limits, the backend's stream, and one `on_finish` per request."""
+
+    def __init__(self, backend: Backend, on_finish: Callable[[Finished], None] = lambda finished: None,
+                 max_messages: int = 256):
+        self.backend, self.on_finish, self.max_messages = backend, on_finish, max_messages
+
+    def check(self, call: GenerateCall) -> None:
+        """Raise ApiError(400) for a request beyond the limits (before anything is recorded)."""
+        if call.messages is not None and len(call.messages) > self.max_messages:
+            raise ApiError(400, f"at most {self.max_messages} messages per request", param="messages")
+
+    async def stream(self, call: GenerateCall, model: str, endpoint: str) -> AsyncIterator[Item]:
+        """The backend's items up to the last delta or a refusal. Close it (or read it to the
+        end) to record the request; closing early cancels the generation."""
+        self.check(call)
+        status, stats = 499, None
+        stream = self.backend.stream(call)
+        try:
+            async for item in stream:
+                if isinstance(item, RequestRejected):
+                    status = item.status
+                elif item.finish_reason:
+                    status, stats = (500 if item.finish_reason in FAILED_FINISHES else 200), item.stats
+                yield item
+                if status != 499:
+                    return
+            status = 500  # the stream ended without a last delta
+        except Exception:
+            status = 500
+            raise
+        finally:
+            if status == 499 and hasattr(stream, "cancel"):
+                stream.cancel()
+            self.on_finish(Finished(call.request_id, model, endpoint, status, stats))
