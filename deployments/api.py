@@ -20,8 +20,8 @@ from engine.prompt import Instruction
 from engine.request import RequestStats
 
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
-from deployments.http_errors import ApiError, install_error_handling, internal_error, public_message
-from deployments.messages import GenerateCall, RequestRejected
+from deployments.http_errors import install_error_handling, internal_error, public
+from deployments.messages import ApiError, GenerateCall
 from deployments.openai_format import (
     DONE_FRAME, ChatCompletion, Completion, GenerateResponse, ModelCard, ModelList, ResponseMeta, sse,
 )
@@ -144,37 +144,31 @@ class ApiService:
         async with aclosing(self.requests.stream(call, meta.model, endpoint)) as items:
             try:
                 async for item in items:
-                    if isinstance(item, RequestRejected):
-                        raise self._rejection(item, call.request_id)
+                    if isinstance(item, ApiError):
+                        raise public(item, call.request_id)
                     text += item.text
                     final = item
-            except ApiError:
-                raise
+            except ApiError as err:
+                raise public(err, call.request_id) from None
             except Exception as err:  # the replica died or the handle failed
                 raise internal_error(call.request_id, repr(err)) from err
         if final is None or final.finish_reason in FAILED_FINISHES:
             raise internal_error(call.request_id, final.error if final and final.error else "generation was interrupted")
         return text, final.finish_reason, final.stats
 
-    @staticmethod
-    def _rejection(item: RequestRejected, request_id: str) -> ApiError:
-        """The client's answer to a rejection: as it is, except that a 500 says nothing internal."""
-        return ApiError(item.status, public_message(request_id, item.status, item.message), item.type,
-                        code="internal_error" if item.status == 500 else None)
-
     async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, include_usage: bool):
         """Answer with SSE once the first item is in (so a refusal still gets its status)."""
         items = self.requests.stream(call, meta.model, meta.kind)
         try:
             first = await anext(items)
-        except ApiError:
-            raise
+        except ApiError as err:
+            raise public(err, call.request_id) from None
         except Exception as err:  # including a stream that ended before its first item
             await items.aclose()
             raise internal_error(call.request_id, f"before its first token: {err!r}") from err
-        if isinstance(first, RequestRejected):
+        if isinstance(first, ApiError):
             await items.aclose()
-            raise self._rejection(first, call.request_id)
+            raise public(first, call.request_id)
         frames = self._frames(call.request_id, first, items, meta, include_usage)
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -199,8 +193,8 @@ class ApiService:
 
     def _frame(self, request_id: str, item: Item, meta: ResponseMeta, include_usage: bool) -> tuple[str, bool]:
         """SSE text for one item, and whether the stream is over."""
-        if isinstance(item, RequestRejected):
-            return sse(self._rejection(item, request_id).body), True
+        if isinstance(item, ApiError):
+            return sse(public(item, request_id).body), True
         frame = sse(meta.chunk(item.text)) if item.text else ""
         if item.finish_reason in FAILED_FINISHES:
             error = internal_error(request_id, item.error or "generation was cancelled")

@@ -22,23 +22,10 @@ from starlette.exceptions import HTTPException
 
 from engine.request import new_request_id
 
+from deployments.messages import ApiError
 from deployments.openai_format import error_body
 
 log = logging.getLogger("ray.serve")
-
-STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
-                503: "overloaded_error"}
-
-
-class ApiError(Exception):
-    """An error answer: status, OpenAI error body, and for 429/503 when to retry."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, retry_after: float | None = None):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, type, param, code)
-        self.retry_after = retry_after
-
 
 def internal_error_message(request_id: str) -> str:
     """What a client learns of a failure on our side: that it happened, and where to look."""
@@ -51,11 +38,10 @@ def internal_error(request_id: str, detail: object) -> ApiError:
     return ApiError(500, internal_error_message(request_id), "server_error", code="internal_error")
 
 
-def public_message(request_id: str, status: int, message: str) -> str:
-    """What a client may read of a failure: the message itself, or for a 500 the generic one."""
-    if status != 500:
-        return message
-    return internal_error(request_id, message).body["error"]["message"]
+def public(err: ApiError, request_id: str) -> ApiError:
+    """What a client may see of an error: the error itself, or for a 500 the generic one (the
+    details go to the log under the request id)."""
+    return internal_error(request_id, err.message) if err.status == 500 else err
 
 
 class JsonBodyRequest(Request):
@@ -98,8 +84,7 @@ def install_error_handling(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException) -> JSONResponse:
-        body = error_body(str(err.detail), STATUS_TYPES.get(err.status_code, "invalid_request_error"))
-        return error_response(body, err.status_code)
+        return error_response(ApiError(err.status_code, str(err.detail)).body, err.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, err: Exception) -> JSONResponse:

@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api import ApiSettings, Item, build_api
 from deployments.guard import KEYS_ENV, resolve_keys
-from deployments.messages import GenerateCall, RequestRejected
+from deployments.messages import ApiError, GenerateCall
 from deployments.request_log import RequestRecorder
 from deployments.settings import AppArgs
 
@@ -48,7 +48,7 @@ class ShedWhenFull:
             return await self.response.__anext__()
         except BackPressureError:
             self.response = _exhausted()
-            return RequestRejected(503, "overloaded_error", "the server is at capacity; retry shortly")
+            return ApiError(503, "the server is at capacity; retry shortly")
 
     def cancel(self) -> None:
         if hasattr(self.response, "cancel"):

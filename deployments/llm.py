@@ -23,7 +23,7 @@ from engine.engine import Engine, EngineStats
 from engine.errors import EngineError, UnknownAdapterError
 from engine.request import Delta, GenerationRequest
 
-from deployments.messages import GenerateCall, RequestRejected
+from deployments.messages import ApiError, GenerateCall
 from deployments.metrics import LLMMetrics
 from deployments.settings import AppArgs, BatchSettings
 
@@ -69,7 +69,7 @@ def _on_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 class LLMServer:
-    """Holds the engine; `stream(call)` yields Deltas, or one RequestRejected."""
+    """Holds the engine; `stream(call)` yields Deltas, or one ApiError when it refuses the call."""
 
     async def __init__(self, args: AppArgs):
         """Load the model off the event loop, then the preloaded adapters through the multiplexer
@@ -123,7 +123,7 @@ class LLMServer:
             "rss_bytes": psutil.Process().memory_info().rss,
         }
 
-    async def stream(self, call: GenerateCall) -> AsyncIterator[Delta | RequestRejected]:
+    async def stream(self, call: GenerateCall) -> AsyncIterator[Delta | ApiError]:
         """Generate for one call; a client disconnect cancels its engine row."""
         self._start_gauges()
         try:
@@ -131,7 +131,7 @@ class LLMServer:
         except (EngineError, ValueError) as err:
             deltas = err
         if isinstance(deltas, Exception):
-            yield RequestRejected.from_error(deltas)
+            yield ApiError.from_error(deltas)
             return
         try:
             async for delta in deltas:

@@ -1,4 +1,4 @@
-"""What the ingress sends to the LLM deployment and what comes back, besides engine Deltas."""
+"""What the ingress sends to the LLM deployment (GenerateCall) and the one error type (ApiError)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from engine.errors import (
 from engine.prompt import ChatMessage, Instruction
 from engine.request import new_request_id
 
-ErrorType = Literal["invalid_request_error", "not_found_error", "overloaded_error", "server_error"]
+from deployments.openai_format import error_body
+
+ErrorType = Literal[
+    "invalid_request_error", "authentication_error", "not_found_error", "rate_limit_error", "overloaded_error",
+    "server_error",
+]
 
 
 @dataclass
@@ -34,24 +39,53 @@ class GenerateCall:
         self.request_id = self.request_id or new_request_id()
 
 
-@dataclass
-class RequestRejected:
-    """The request failed before producing any token; `status` is the HTTP status to answer."""
+STATUS_TYPES: dict[int, ErrorType] = {
+    401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 500: "server_error",
+    503: "overloaded_error",
+}
 
-    status: int
-    type: ErrorType
-    message: str
+
+class ApiError(Exception):
+    """The one error type: an HTTP status and OpenAI's error fields, and for 429/503 when to retry.
+
+    The routes raise it; the LLM replica yields it instead of a delta stream when it refuses a
+    request (a value crosses Ray as it is, where an exception would come wrapped); `from_error`
+    is the one mapping from engine errors to HTTP. A 500's message is internal: clients get
+    `public(request_id)` instead.
+    """
+
+    def __init__(self, status: int, message: str, type: ErrorType | None = None, param: str | None = None,
+                 code: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or STATUS_TYPES.get(status, "invalid_request_error")
+        self.retry_after = retry_after
+
+    def __reduce__(self):
+        return ApiError, (self.status, self.message, self.type, self.param, self.code, self.retry_after)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ApiError) and self.__reduce__() == other.__reduce__()
+
+    __hash__ = Exception.__hash__
+
+    @property
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
 
     @classmethod
-    def from_error(cls, err: Exception) -> RequestRejected:
+    def from_error(cls, err: Exception) -> ApiError:
+        """An engine error (or a bad value) as the answer the client gets."""
+        if isinstance(err, ApiError):
+            return err
         if isinstance(err, UnknownAdapterError):
-            return cls(404, "not_found_error", str(err))
+            return cls(404, str(err), "not_found_error")
         if isinstance(err, PromptTooLongError):
-            return cls(413, "invalid_request_error", str(err))
+            return cls(413, str(err))
         if isinstance(err, (InvalidRequestError, ValueError)):
-            return cls(400, "invalid_request_error", str(err))
+            return cls(400, str(err))
         if isinstance(err, EngineOverloadedError):
-            return cls(503, "overloaded_error", str(err))
+            return cls(503, str(err))
         if isinstance(err, EngineDeadError):  # Serve replaces this replica; a retry goes elsewhere
-            return cls(503, "server_error", str(err))
-        return cls(500, "server_error", f"internal error: {err}")
+            return cls(503, str(err), "server_error")
+        return cls(500, f"internal error: {err!r}")

@@ -14,10 +14,9 @@ from typing import Protocol
 
 from engine.request import Delta, RequestStats
 
-from deployments.http_errors import ApiError
-from deployments.messages import GenerateCall, RequestRejected
+from deployments.messages import ApiError, GenerateCall
 
-Item = Delta | RequestRejected
+Item = Delta | ApiError  # a refusal comes as an item, in place of the deltas
 FAILED_FINISHES = ("error", "cancelled")
 
 
@@ -56,7 +55,7 @@ class RequestService:
         stream = self.backend.stream(call)
         try:
             async for item in stream:
-                if isinstance(item, RequestRejected):
+                if isinstance(item, ApiError):
                     status = item.status
                 elif item.finish_reason:
                     status, stats = (500 if item.finish_reason in FAILED_FINISHES else 200), item.stats

@@ -24,9 +24,9 @@ from engine.request import Delta
 
 from deployments.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
 from deployments.guard import key_matches, resolve_keys
-from deployments.http_errors import ApiError, public_message
+from deployments.http_errors import internal_error, public
 from deployments.ingress import HandleBackend
-from deployments.messages import GenerateCall, RequestRejected
+from deployments.messages import ApiError, GenerateCall
 from deployments.request_log import RequestRecorder
 from deployments.service import RequestService
 
@@ -55,9 +55,8 @@ async def stream_reply(
     try:
         async with aclosing(service.stream(call, model, "ui")) as items:
             async for item in items:
-                if isinstance(item, RequestRejected):
-                    note = public_message(call.request_id, item.status, item.message)
-                    yield conversation.finish_reply(None, f"⚠ {note}")
+                if isinstance(item, ApiError):
+                    yield conversation.finish_reply(None, f"⚠ {public(item, call.request_id).message}")
                     return
                 if item.text:
                     conversation = conversation.extend_reply(item.text)
@@ -65,13 +64,13 @@ async def stream_reply(
                     conversation = conversation.finish_reply(item.stats, _finish_note(call.request_id, item))
                 yield conversation
     except ApiError as refused:  # beyond the limits (e.g. too many messages)
-        yield conversation.finish_reply(None, f"⚠ {refused.body['error']['message']}")
+        yield conversation.finish_reply(None, f"⚠ {public(refused, call.request_id).message}")
 
 
 def _finish_note(request_id: str, last: Delta) -> str:
     """What the reply's footer says about how it ended, when that is worth saying."""
     if last.finish_reason == "error":
-        return f"⚠ {public_message(request_id, 500, last.error or '')}"
+        return f"⚠ {internal_error(request_id, last.error or 'generation failed').message}"
     if last.stats and last.stats.stop_reason == "repetition":
         return "stopped: the reply kept repeating itself"
     return ""

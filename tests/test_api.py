@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 
 import pytest
 from fastapi.testclient import TestClient
 
 from deployments.api import ApiSettings, Finished, build_api
-from deployments.messages import GenerateCall, RequestRejected
+from deployments.messages import ApiError, GenerateCall
 from deployments.protocol import ChatCompletionRequest
 from engine.config import GenerationDefaults
 from engine.errors import (
@@ -25,7 +26,7 @@ CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
 
 
 class ScriptedBackend:
-    """Plays back a list of items (or raises an exception placed in it) for every call."""
+    """Plays back a list of items for every call: refusals (ApiError) as items, other exceptions raised."""
 
     def __init__(self, script: list):
         self.script, self.calls = script, []
@@ -33,7 +34,7 @@ class ScriptedBackend:
     async def stream(self, call: GenerateCall):
         self.calls.append(call)
         for item in self.script:
-            if isinstance(item, Exception):
+            if isinstance(item, Exception) and not isinstance(item, ApiError):  # refusals are items
                 raise item
             yield item
 
@@ -71,7 +72,7 @@ def test_a_failing_backend_mid_stream_still_ends_with_done():
 
 
 def test_overload_is_503_with_retry_after():
-    client, _, _ = make_client([RequestRejected(503, "overloaded_error", "too many requests")])
+    client, _, _ = make_client([ApiError(503, "too many requests")])
     for stream in (False, True):
         response = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
@@ -80,7 +81,7 @@ def test_overload_is_503_with_retry_after():
 
 def test_non_streaming_failure_is_500_json_with_the_request_id():
     for script in ([Delta("x", finish_reason="error", error="NaN logits")],
-                   [RequestRejected(500, "server_error", "internal error: KeyError('x') in pid=12")]):
+                   [ApiError(500, "internal error: KeyError('x') in pid=12")]):
         client, backend, _ = make_client(script)
         response = client.post("/v1/chat/completions", json=CHAT)
         assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
@@ -131,7 +132,16 @@ def test_request_fields_become_engine_params():
 ])
 def test_engine_errors_map_to_http_statuses(error, status):
     """A dead engine is the replica's trouble, not the client's: 503, so a retry goes elsewhere."""
-    assert RequestRejected.from_error(error).status == status
+    assert ApiError.from_error(error).status == status
+
+
+def test_a_refusal_crosses_ray_intact():
+    """The replica yields refusals as values: they are pickled on the way to the ingress."""
+    refusal = ApiError(429, "slow down", param="model", code="rate_limit_exceeded", retry_after=2.5)
+    copy = pickle.loads(pickle.dumps(refusal))
+    assert copy == refusal and copy.type == "rate_limit_error" and copy.retry_after == 2.5
+    assert copy.body == {"error": {"message": "slow down", "type": "rate_limit_error", "param": "model",
+                                   "code": "rate_limit_exceeded"}}
 
 
 @pytest.mark.parametrize("path, body, param", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deployments.chat_state import CONTINUE_PROMPT, Conversation, escape, footer_text
-from deployments.messages import RequestRejected
+from deployments.messages import ApiError
 from deployments.service import RequestService
 from engine.config import SamplingOverrides
 from engine.request import Delta, RequestStats
@@ -51,7 +51,7 @@ def test_dropped_turns_raise_a_notice_and_errors_show_in_the_footer():
 
 @pytest.mark.parametrize("script", [
     [Delta("half"), Delta(finish_reason="error", error="RuntimeError at 0x7f00dead (pid=7)")],
-    [RequestRejected(500, "server_error", "internal error: KeyError('ServeReplica')")],
+    [ApiError(500, "internal error: KeyError('ServeReplica')")],
 ])
 async def test_a_failed_reply_shows_the_request_id_not_the_error(script):
     from deployments.ui import stream_reply

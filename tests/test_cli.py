@@ -24,7 +24,7 @@ import pytest
 
 from deployments import cli
 from deployments.api import ApiSettings, build_api
-from deployments.messages import GenerateCall, RequestRejected
+from deployments.messages import ApiError, GenerateCall
 from engine.request import Delta, RequestStats
 from tests.serve_fixtures import SERVED_MODEL, free_port, llm_handle
 
@@ -385,8 +385,8 @@ def test_ctrl_c_closes_the_stream_and_the_server_cancels(fake, terminals):
 def test_server_errors_are_one_line_and_the_session_goes_on(fake, terminals):
     url, backend = fake
     backend.scripts += [
-        [RequestRejected(503, "overloaded_error", "the server is busy")],
-        [RequestRejected(413, "invalid_request_error", "the prompt is longer than the context window")],
+        [ApiError(503, "the server is busy")],
+        [ApiError(413, "the prompt is longer than the context window")],
         [Delta("half"), Delta(finish_reason="error", error="the replica died")],
         [Delta("fine", finish_reason="stop", stats=STATS)],
         [Delta(" and more", finish_reason="stop", stats=STATS)],

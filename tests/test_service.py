@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.http_errors import ApiError
-from deployments.messages import GenerateCall, RequestRejected
+from deployments.messages import ApiError, GenerateCall
 from deployments.service import Finished, RequestService
 from engine.config import SamplingOverrides
 from engine.prompt import ChatMessage
@@ -26,7 +25,7 @@ class CancellableStream:
         item = next(self.items, None)
         if item is None:
             raise StopAsyncIteration
-        if isinstance(item, Exception):
+        if isinstance(item, Exception) and not isinstance(item, ApiError):  # refusals are items
             raise item
         return item
 
@@ -56,7 +55,7 @@ def call(messages: int = 1) -> GenerateCall:
 @pytest.mark.parametrize("script, status", [
     ([Delta("a"), Delta("b", finish_reason="stop", stats=STATS)], 200),
     ([Delta("a"), Delta("", finish_reason="error", error="boom")], 500),
-    ([RequestRejected(503, "overloaded_error", "busy")], 503),
+    ([ApiError(503, "busy")], 503),
     ([Delta("a")], 500),  # ended without a last delta
 ])
 async def test_each_ending_is_recorded_once(script, status):
