@@ -8,7 +8,7 @@ deployment as the service's backend. No model code here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -76,8 +76,11 @@ def _finish_note(request_id: str, last: Delta) -> str:
     return ""
 
 
-def build_ui(service: RequestService, info: ModelInfo) -> gr.Blocks:
-    """The chat page: chat, Context, Summarize, Continue, Stop, model choice, settings."""
+def build_ui(service: RequestService, info: ModelInfo,
+             current_defaults: Callable[[], Awaitable[GenerationDefaults]] | None = None) -> gr.Blocks:
+    """The chat page: chat, Context, Summarize, Continue, Stop, model choice, settings.
+    `current_defaults`: asked on every page load, so the settings start at the server's
+    generation defaults of the moment (`reconfigure` changes them without a restart)."""
     base_model = info.models[0]
     default_context = ALPACA_CHAT_CONTEXT if info.template == "alpaca" else ""
     with gr.Blocks(title="lora-serve chat") as ui:
@@ -165,6 +168,12 @@ def build_ui(service: RequestService, info: ModelInfo) -> gr.Blocks:
             summarize.click(summarize_history, inputs, [context, *shown], api_name="summarize"),
         ]
         stop.click(None, None, None, cancels=events, api_name=False)
+        if current_defaults is not None:
+            async def load_defaults() -> tuple[float, float, int, int, float]:
+                d = await current_defaults()
+                return d.temperature, d.top_p, d.top_k, d.max_tokens, d.repetition_penalty
+
+            ui.load(load_defaults, None, settings, api_name="defaults")
         undo.click(lambda c: (c.undo().display(), c.undo(), ""), [state], shown, api_name="undo")
         clear.click(lambda: ([], Conversation(), ""), None, shown, api_name="clear")
     # Gradio runs one call per event at a time unless told otherwise; the engine batches
@@ -184,13 +193,16 @@ class ChatUI:
     def __serve_build_asgi_app__(self) -> FastAPI:
         recorder = RequestRecorder(self.info.request_log_file)
         service = RequestService(HandleBackend(self.llm), recorder.record, self.info.max_messages)
-        ui = build_ui(service, self.info)
+        ui = build_ui(service, self.info, self.current_defaults)
         if not self.api_keys:
             return gr.mount_gradio_app(FastAPI(), ui, path="/", css=CSS)
         return gr.mount_gradio_app(
             FastAPI(), ui, path="/", css=CSS, auth=self.check_login,
             auth_message="This chat needs an API key: enter any user name and the key as the password.",
         )
+
+    async def current_defaults(self) -> GenerationDefaults:
+        return (await self.llm.info.remote())["defaults"]
 
     def check_login(self, _user: str, password: str) -> bool:
         return key_matches(password, self.api_keys)

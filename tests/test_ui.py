@@ -75,6 +75,20 @@ def test_gradio_api_chat_continue_summarize(ui_url, expected_reply, request_log)
     assert len(page_lines()) >= 3 and all("completion_tokens=" in line for line in page_lines())
 
 
+def test_the_page_loads_the_current_defaults(ui_url):
+    """Settings start at the server's generation defaults of the moment, not of the page's build."""
+    from gradio_client import Client
+
+    handle = llm_handle()
+    live = {"batch_size": 4, "stream_interval_s": 0.0, "defaults": {"temperature": 0.0}}  # the served fixture's
+    handle.reconfigure.remote({**live, "defaults": {"temperature": 1.25, "top_p": 0.5, "max_tokens": 96}}).result()
+    try:
+        assert Client(ui_url, verbose=False).predict(api_name="/defaults") == (1.25, 0.5, 0, 96, 1.0)
+    finally:
+        handle.reconfigure.remote(live).result()
+    assert Client(ui_url, verbose=False).predict(api_name="/defaults")[0] == 0.0
+
+
 def test_gradio_api_adapter_choice(ui_url, expected_reply, adapter_dirs):
     from gradio_client import Client
 
