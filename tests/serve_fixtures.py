@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from client.servers import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "llm"
 SERVED_MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -55,18 +47,6 @@ def serve_app(args: dict, port: int | None = None):
         yield url
     finally:
         serve.shutdown()
-
-
-def wait_until_healthy(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not become healthy")
 
 
 def llm_handle():
