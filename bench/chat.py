@@ -54,18 +54,19 @@ from bench.cli import (
     publish,
     setup_logging,
 )
-from bench.client import Endpoint, RequestResult, measure, stream_chat, user_message
+from bench.client import Endpoint, RequestResult, measure, stream_chat
 from bench.serve import CpuSnapshot, fmt, safe_percentile
 from bench.systems import (
     SERVE_CONFIG,
     TransformersServe,
     config_app_args,
     diagnostics,
-    llm_handle,
     our_endpoint,
     serve_app,
     transformers_serve,
 )
+from client.bodies import user_message
+from deployments.local import llm_handle
 from deployments.settings import AppArgs
 from engine.loader import resolve_checkpoint
 

@@ -62,25 +62,26 @@ from bench.cli import (
     publish,
     setup_logging,
 )
-from bench.client import Chunk, Endpoint, RequestFailed, RequestResult, measure, stream_chat, user_message
+from bench.client import Chunk, Endpoint, RequestFailed, RequestResult, measure, stream_chat
 from bench.engine import QUESTIONS, greedy, percentile
 from bench.systems import (
     SERVE_CONFIG,
     TransformersServe,
     config_app_args,
     diagnostics,
-    llm_handle,
     our_endpoint,
     replica_threads,
     serve_app,
     transformers_serve,
 )
 from deployments.protocol import ChatCompletionRequest
+from client.bodies import user_message
+from client.servers import free_port, wait_until_healthy
+from deployments.local import llm_handle
 from deployments.settings import AppArgs
 from engine.engine import Engine, EngineStats
 from engine.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from engine.prompt import ChatMessage, PromptBuilder
-from tests.serve_fixtures import free_port, wait_until_healthy
 
 log = logging.getLogger("bench.serve")
 

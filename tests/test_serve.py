@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
 import openai
 import pytest
 
+from client.stream import DONE, decode_chunk, event_data
 from engine.prompt import ChatMessage, PromptBuilder, alpaca_instruction_prompt
-from tests.serve_fixtures import llm_handle, local_ray, serve_app
+from tests.serve_fixtures import llm_handle
 from tests.tiny_models import build_tokenizer
 
 from tests.serve_fixtures import SERVED_MODEL as MODEL
@@ -174,8 +174,8 @@ async def test_eight_concurrent_streams_complete_correctly(server, expected_chat
 def test_raw_sse_frames_end_with_done(server):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3}
     response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
-    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]" and all(json.loads(e)["object"] for e in events[:-1])
+    events = list(event_data(response))
+    assert events[-1] == DONE and all(decode_chunk(e)["object"] == "chat.completion.chunk" for e in events[:-1])
 
 
 def test_reconfigure_changes_defaults_without_a_restart(server, client):
