@@ -49,13 +49,14 @@ from bench.cli import (
     add_report_options,
     add_system_options,
     figure,
+    fmt,
     label_axis,
     parse_with_quick,
     publish,
     setup_logging,
 )
 from bench.client import Endpoint, RequestResult, measure, stream_chat
-from bench.serve import CpuSnapshot, fmt, safe_percentile
+from bench.load import CpuSnapshot, safe_percentile
 from bench.systems import (
     SERVE_CONFIG,
     TransformersServe,

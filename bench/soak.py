@@ -49,9 +49,9 @@ from typing import Any
 import httpx
 import torch
 
-from bench.cli import publish, setup_logging
+from bench.cli import fmt, publish, setup_logging
 from bench.engine import QUESTIONS
-from bench.serve import CpuSnapshot, fmt
+from bench.load import CpuSnapshot
 from bench.systems import SERVE_CONFIG, config_app_args, diagnostics, serve_app
 from client import bodies
 from client.stream import ErrorEvent, StreamError, aevent_data, decode_chunk
