@@ -29,7 +29,7 @@ from client.stream import event_data
 from deployments.api import ApiSettings, build_api
 from deployments.messages import GenerateCall, RequestRejected
 from engine.request import Delta, RequestStats
-from tests.serve_fixtures import SERVED_MODEL, llm_handle
+from tests.serve_fixtures import SERVED_MODEL, llm_handle, log_lines_after
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "\n" + cli.USER_PROMPT  # every prompt after the first starts a line
@@ -231,10 +231,11 @@ def engine_stats():
     return llm_handle().stats.remote().result()
 
 
-def test_ctrl_c_stops_the_reply_frees_the_engine_and_keeps_the_session(served, terminals):
+def test_ctrl_c_stops_the_reply_frees_the_engine_and_keeps_the_session(served, terminals, request_log):
     terminal = terminals(served, "--temperature", "0", "--max-tokens", "2000")  # the base model by default
     assert f"Chatting with {SERVED_MODEL}" in terminal.expect(cli.USER_PROMPT)
-    before = engine_stats().generated_tokens
+    before = engine_stats()
+    logged = len(request_log.read_text().splitlines())
     terminal.type("Tell me everything")
     terminal.expect(cli.ASSISTANT_PREFIX)
     deadline = time.monotonic() + 30
@@ -244,9 +245,11 @@ def test_ctrl_c_stops_the_reply_frees_the_engine_and_keeps_the_session(served, t
     partial = terminal.expect("\n(stopped)\n" + cli.USER_PROMPT).removesuffix("\n(stopped)\n" + cli.USER_PROMPT)
     assert partial.strip()
     deadline = time.monotonic() + 10
-    while (stats := engine_stats()).running and time.monotonic() < deadline:
+    while (stats := engine_stats()).tracked_requests and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert stats.running == 0 and stats.generated_tokens - before < 2000  # the server stopped generating
+    assert stats.running == stats.tracked_requests == 0 and stats.finished_requests == before.finished_requests + 1
+    # the server stopped generating because the client left (499), not at max_tokens
+    assert log_lines_after(request_log, logged)[-1].endswith(f"model={SERVED_MODEL} endpoint=chat status=499")
 
     terminal.type("/reset")  # the client still works
     assert "(history cleared)" in terminal.expect(PROMPT)

@@ -123,13 +123,16 @@ async def test_soak_with_random_disconnects_leaks_nothing(served):
 
 def test_chat_page_asks_for_a_key_when_keys_are_set(served):
     from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
 
     from deployments.ui import build_ui_app
 
     serve.run(build_ui_app({"llm_app": "llm", "api_keys": ["sk-page"]}), name="ui-keys", route_prefix="/ui-keys")
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
             Client(f"{served}/ui-keys/", verbose=False)
+        with pytest.raises(ValueError, match="Could not login to"):  # Gradio answers a wrong key with 400
+            Client(f"{served}/ui-keys/", auth=("anyone", "sk-wrong"), verbose=False)
         client = Client(f"{served}/ui-keys/", auth=("anyone", "sk-page"), verbose=False)
         bubbles, _, _ = client.predict("Hello", "", SERVED_MODEL, 0.0, 0.95, 0, 16, 1.0, api_name="/chat")
         assert bubbles[-1]["role"] == "assistant"
