@@ -49,23 +49,25 @@ from bench.cli import (
     add_report_options,
     add_system_options,
     figure,
+    fmt,
     label_axis,
     parse_with_quick,
     publish,
     setup_logging,
 )
-from bench.client import Endpoint, RequestResult, measure, stream_chat, user_message
-from bench.serve import CpuSnapshot, fmt, safe_percentile
+from bench.client import Endpoint, RequestResult, measure, stream_chat
+from bench.load import CpuSnapshot, safe_percentile
 from bench.systems import (
     SERVE_CONFIG,
     TransformersServe,
     config_app_args,
     diagnostics,
-    llm_handle,
     our_endpoint,
     serve_app,
     transformers_serve,
 )
+from client.bodies import user_message
+from deployments.local import llm_handle
 from deployments.settings import AppArgs
 from engine.loader import resolve_checkpoint
 

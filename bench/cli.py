@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -81,3 +82,8 @@ def publish(markdown: str, output: Path | None) -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(markdown)
         log.info("report written to %s", output)
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A table cell: the number rounded, or "-" when there is none."""
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"

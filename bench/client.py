@@ -12,13 +12,15 @@ ignores `stream_options` (it always sends usage, with the finish chunk) and send
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
+
+from client.bodies import chat_body
+from client.stream import aevent_data, completion_tokens, decode_chunk
 
 OUR_EXTRA_FIELDS: Mapping[str, Any] = {"stream_options": {"include_usage": True}}
 OUR_IGNORE_EOS_FIELDS: Mapping[str, Any] = {"ignore_eos": True}
@@ -35,7 +37,8 @@ class Chunk:
 
 
 class RequestFailed(Exception):
-    """The server answered with an error status, sent an error event, or cut the stream short."""
+    """The server answered with an error status or cut the stream short (an error event raises
+    client.stream.ErrorEvent)."""
 
 
 @dataclass(frozen=True)
@@ -71,17 +74,8 @@ class Endpoint:
 
     def chat_body(self, messages: Sequence[Mapping[str, str]], max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
         """A greedy streaming chat request of at most max_tokens (exactly, with ignore_eos)."""
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [dict(m) for m in messages],
-            "stream": True,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            **self.extra_fields,
-        }
-        if ignore_eos:
-            body.update(self.ignore_eos_fields)
-        return body
+        body = chat_body(self.model, messages, max_tokens=max_tokens, temperature=0, **self.extra_fields)
+        return body | (dict(self.ignore_eos_fields) if ignore_eos else {})
 
     def client(self, connections: int, timeout_s: float) -> httpx.AsyncClient:
         """An HTTP client for this server with room for `connections` streams at once."""
@@ -89,34 +83,13 @@ class Endpoint:
                                  timeout=httpx.Timeout(timeout_s, connect=30.0))
 
 
-def user_message(text: str) -> list[dict[str, str]]:
-    """A chat of one user message."""
-    return [{"role": "user", "content": text}]
-
-
-def error_message(payload: dict[str, Any]) -> str:
-    """The message of an SSE error event: OpenAI's {"error": {"message": ...}} or a bare string."""
-    error = payload["error"]
-    return str(error.get("message", "error event")) if isinstance(error, dict) else str(error)
-
-
-def parse_event(data: str) -> list[Chunk]:
-    """The Chunks of one SSE `data:` payload (none for a role-only or finish-only chunk)."""
-    payload = json.loads(data)
-    if "error" in payload:
-        raise RequestFailed(error_message(payload))
-    chunks = [Chunk("content", text=text) for c in payload.get("choices", [])
+def parse_chunk(chunk: dict[str, Any]) -> list[Chunk]:
+    """The Chunks of one chat.completion.chunk (none for a role-only or finish-only chunk)."""
+    chunks = [Chunk("content", text=text) for c in chunk.get("choices", [])
               if (text := (c.get("delta") or {}).get("content"))]
-    if usage := payload.get("usage"):
-        chunks.append(Chunk("usage", usage["completion_tokens"], prompt_tokens=usage.get("prompt_tokens")))
+    if (tokens := completion_tokens(chunk)) is not None:
+        chunks.append(Chunk("usage", tokens, prompt_tokens=chunk["usage"].get("prompt_tokens")))
     return chunks
-
-
-async def sse_payloads(response: httpx.Response) -> AsyncIterator[str]:
-    """The `data:` payloads of a server-sent-events response, in order ("[DONE]" included)."""
-    async for line in response.aiter_lines():
-        if line.startswith("data:"):
-            yield line.removeprefix("data:").strip()
 
 
 async def stream_chat(client: httpx.AsyncClient, endpoint: Endpoint, messages: Sequence[Mapping[str, str]],
@@ -132,10 +105,10 @@ async def stream_chat(client: httpx.AsyncClient, endpoint: Endpoint, messages: S
         if response.status_code != 200:
             text = (await response.aread()).decode(errors="replace")
             raise RequestFailed(f"HTTP {response.status_code}: {text[:200]}")
-        async for data in sse_payloads(response):
-            if data == "[DONE]":
+        async for data in aevent_data(response):
+            if (event := decode_chunk(data)) is None:
                 return
-            for chunk in parse_event(data):
+            for chunk in parse_chunk(event):
                 usage_seen = usage_seen or chunk.kind == "usage"
                 yield chunk
     if not usage_seen:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import logging
 import math
 import os
@@ -50,11 +49,13 @@ from typing import Any
 import httpx
 import torch
 
-from bench.cli import publish, setup_logging
-from bench.client import sse_payloads
+from bench.cli import fmt, publish, setup_logging
 from bench.engine import QUESTIONS
-from bench.serve import CpuSnapshot, fmt
-from bench.systems import SERVE_CONFIG, config_app_args, diagnostics, llm_handle, serve_app
+from bench.load import CpuSnapshot
+from bench.systems import SERVE_CONFIG, config_app_args, diagnostics, serve_app
+from client import bodies
+from client.stream import ErrorEvent, StreamError, aevent_data, decode_chunk
+from deployments.local import llm_handle
 from deployments.settings import AppArgs
 from engine.loader import resolve_device, resolve_dtype
 
@@ -226,15 +227,9 @@ def random_messages(rng: random.Random) -> list[dict[str, str]]:
 
 def chat_body(model: str, rng: random.Random) -> dict[str, Any]:
     """A streaming chat request to `model` with random messages, max_tokens and sampling."""
-    return {
-        "model": model,
-        "messages": random_messages(rng),
-        "stream": True,
-        "max_tokens": rng.randint(*MAX_TOKENS_RANGE),
-        "temperature": rng.choice(TEMPERATURES),
-        "seed": rng.randrange(2**31),
-        "ignore_eos": rng.random() < 0.5,
-    }
+    return bodies.chat_body(model, random_messages(rng), max_tokens=rng.randint(*MAX_TOKENS_RANGE),
+                            temperature=rng.choice(TEMPERATURES), seed=rng.randrange(2**31),
+                            ignore_eos=rng.random() < 0.5)
 
 
 async def one_request(client: httpx.AsyncClient, body: dict[str, Any], drop_after: int | None) -> tuple[str, str]:
@@ -248,16 +243,16 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any], drop_afte
                 text = (await response.aread()).decode(errors="replace")
                 return f"HTTP {response.status_code}", text
             events = 0
-            async for data in sse_payloads(response):
-                if data == "[DONE]":
+            async for data in aevent_data(response):
+                if decode_chunk(data) is None:
                     return COMPLETED, ""
-                if "error" in json.loads(data):
-                    return "error event", data
                 events += 1
                 if drop_after is not None and events >= drop_after:
                     return DROPPED, ""  # leaving the block closes the connection mid-stream
             return "stream ended without [DONE]", ""
-    except (httpx.HTTPError, ValueError) as err:  # ValueError: an event that is not JSON
+    except ErrorEvent as err:
+        return "error event", str(err)
+    except (httpx.HTTPError, StreamError) as err:  # StreamError: an event that is not a JSON object
         return type(err).__name__, str(err) or repr(err)
 
 

@@ -1,7 +1,8 @@
 """Starting and stopping the servers the HTTP benchmarks measure, each in one place.
 
 - `serve_app`: our Ray Serve application (deployments/app.py) in a private local Ray
-  instance in this process; `diagnostics` reads its LLM replica's state through a handle.
+  instance in this process, started as the tests start it (deployments/local.py);
+  `diagnostics` reads its LLM replica's state through a handle.
 - `transformers_serve`: `transformers serve --continuous-batching` as a subprocess on the
   checkpoint folder our loader uses for the same model, with the same dtype and device,
   offline (HF_HUB_OFFLINE=1); stopped by its PID and its children's, never by name.
@@ -29,15 +30,14 @@ import torch
 import yaml
 
 from bench.client import Endpoint
+from client.servers import free_port, wait_until_healthy
+from deployments.local import ROOT, local_app, local_ray
 from deployments.settings import AppArgs
 from engine.loader import resolve_checkpoint, resolve_device, resolve_dtype
-from tests.serve_fixtures import free_port, wait_until_healthy
 
 log = logging.getLogger("bench.systems")
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = ROOT / "serve_config.yaml"
-APP_NAME = "llm"
 SETTLE_TIMEOUT_S = 60.0  # longest wait for Ray's processes to end after ray.shutdown()
 DIAGNOSTICS_TIMEOUT_S = 60.0
 TRANSFORMERS_PAGE_SIZE = 256  # tokens per block of its KV cache (ContinuousBatchingConfig.page_size default)
@@ -71,32 +71,16 @@ def serve_app(values: dict[str, Any], ray_logs: bool) -> Iterator[str]:
     Serve and Ray are shut down on exit, and Ray's processes have ended (or a warning says
     which have not), so they use no CPU during whatever runs next.
     """
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}},
-        log_to_driver=ray_logs,
-    )
+    ray_processes: list[psutil.Process] = []
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        try:
-            serve.run(build_app(values), name=APP_NAME, route_prefix="/")
-            url = f"http://127.0.0.1:{port}"
-            wait_until_healthy(url, timeout_s=120)
-            yield url
-        finally:
-            serve.shutdown()
+        with local_ray(log_to_driver=ray_logs):
+            try:
+                with local_app(values, healthy_timeout_s=120) as url:
+                    yield url
+            finally:
+                ray_processes = psutil.Process().children(recursive=True)  # GCS, raylet, agents, workers
     finally:
-        started = psutil.Process().children(recursive=True)  # GCS, raylet, agents, workers
-        ray.shutdown()
-        wait_for_exit(started)
+        wait_for_exit(ray_processes)
 
 
 def wait_for_exit(processes: Sequence[psutil.Process], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
@@ -124,13 +108,6 @@ def replica_threads() -> str:
         log.warning("could not ask the LLM replica for its torch threads: %s", err)
         return "unknown"
     return f"{threads} (OMP_NUM_THREADS={omp})"
-
-
-def llm_handle() -> Any:
-    """A DeploymentHandle to the running application's LLM deployment (inside `serve_app`)."""
-    from ray import serve
-
-    return serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
 
 
 async def diagnostics(handle: Any, timeout_s: float = DIAGNOSTICS_TIMEOUT_S) -> dict[str, Any]:

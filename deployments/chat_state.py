@@ -1,4 +1,5 @@
-"""One browser session's conversation, independent of Gradio: history, context, display.
+"""One browser session's conversation, independent of Gradio: the client's Conversation
+(client/conversation.py: history, hidden turns, undo) plus the page's display.
 
 The model sees clean turns (context as the system prompt, hidden "continue." prompts
 included); the page sees escaped Markdown bubbles with a footer of numbers under each
@@ -10,36 +11,19 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, replace
 
+from client import conversation
+from client.conversation import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Exchange
 from engine.prompt import ChatMessage
 from engine.request import RequestStats
 
-SUMMARIZE_PROMPT = "summarize our conversations so far in three sentences."
-CONTINUE_PROMPT = "continue."
+__all__ = ["CONTINUE_PROMPT", "SUMMARIZE_PROMPT", "Conversation", "Exchange", "escape", "footer_text"]
 
 
 @dataclass(frozen=True)
-class Exchange:
-    """A user turn and the reply to it. A hidden user turn (Continue) is not displayed."""
+class Conversation(conversation.Conversation):
+    """The client's conversation with the page's notice (old turns left out) and display."""
 
-    user: str
-    reply: str = ""
-    footer: str = ""
-    hidden_user: bool = False
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """Immutable: every change returns a new Conversation (safe to keep in gr.State)."""
-
-    exchanges: tuple[Exchange, ...] = ()
     notice: str = ""
-
-    def ask(self, text: str, hidden: bool = False) -> Conversation:
-        return replace(self, exchanges=self.exchanges + (Exchange(text, hidden_user=hidden),))
-
-    def extend_reply(self, text: str) -> Conversation:
-        last = self.exchanges[-1]
-        return replace(self, exchanges=self.exchanges[:-1] + (replace(last, reply=last.reply + text),))
 
     def finish_reply(self, stats: RequestStats | None, note: str = "") -> Conversation:
         """Put the numbers under the last reply, and a notice when old turns were dropped."""
@@ -53,27 +37,12 @@ class Conversation:
         return replace(self, exchanges=self.exchanges[:-1] + (replace(last, footer=footer),), notice=notice)
 
     def undo(self) -> Conversation:
-        """Drop the last visible exchange (and the hidden Continue turns after it)."""
-        exchanges = list(self.exchanges)
-        while exchanges and exchanges[-1].hidden_user:
-            exchanges.pop()
-        return replace(self, exchanges=tuple(exchanges[:-1]), notice="")
-
-    def last_user_turn(self) -> tuple[Conversation, str] | None:
-        """For Regenerate: the conversation without its last visible exchange, and that prompt."""
-        visible = [e for e in self.exchanges if not e.hidden_user]
-        if not visible:
-            return None
-        return self.undo(), visible[-1].user
+        """Drop the last visible exchange (and the hidden Continue turns after it) and the notice."""
+        return replace(super().undo(), notice="")
 
     def messages(self, context: str) -> list[ChatMessage]:
         """What the model sees: context as the system prompt, then every turn."""
-        messages = [ChatMessage("system", context)] if context.strip() else []
-        for exchange in self.exchanges:
-            messages.append(ChatMessage("user", exchange.user))
-            if exchange.reply:
-                messages.append(ChatMessage("assistant", exchange.reply))
-        return messages
+        return [ChatMessage(m["role"], m["content"]) for m in self.chat_messages(context)]
 
     def display(self) -> list[dict]:
         """Gradio 'messages' for the Chatbot: escaped Markdown, footers in italics."""
@@ -103,4 +72,3 @@ def footer_text(stats: RequestStats | None, note: str = "") -> str:
     if note:
         parts.append(note)
     return " · ".join(parts)
-

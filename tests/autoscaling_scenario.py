@@ -26,7 +26,10 @@ from ray.cluster_utils import Cluster
 from ray.serve._private.api import serve_start
 from ray.serve.schema import ServeDeploySchema
 
-from tests.serve_fixtures import ROOT, free_port, wait_until_healthy
+from client.bodies import chat_body, user_message
+from client.servers import free_port, wait_until_healthy
+from client.stream import StreamError, achunks, aevent_data, completion_tokens, delta_text, error_text
+from tests.serve_fixtures import ROOT
 
 log = logging.getLogger("autoscaling_scenario")
 PROMPTS = ["Tell me about rivers.", "Count to ten.", "Describe a cat.", "What is rain?"]
@@ -60,23 +63,20 @@ def running_replicas() -> int:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, outcomes: list) -> None:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "stream": True,
-            "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0,
-            "stream_options": {"include_usage": True}}
+    body = chat_body("tiny", user_message(prompt), max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0,
+                     stream_options={"include_usage": True})
     text, tokens, error = "", 0, None
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    error = event["error"]["message"]
-                for choice in event.get("choices", []):
-                    text += choice["delta"].get("content") or ""
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
             status = response.status_code
+            if status != 200:
+                error = error_text(json.loads(await response.aread()))
+            else:
+                async for chunk in achunks(aevent_data(response)):
+                    text += delta_text(chunk)
+                    tokens = completion_tokens(chunk) or tokens
+    except StreamError as err:
+        error = str(err)
     except httpx.HTTPError as err:
         status, error = 0, repr(err)
     outcomes.append({"prompt": prompt, "status": status, "text": text, "tokens": tokens, "error": error,

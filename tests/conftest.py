@@ -85,7 +85,7 @@ def served(tiny_model_dir, adapter_dirs, request_log):
     from ray import serve
 
     from deployments.ui import build_ui_app
-    from tests.serve_fixtures import SERVED_MODEL, local_ray, serve_app
+    from tests.serve_fixtures import SERVED_MODEL, local_app, local_ray
 
     args = {
         "model": str(tiny_model_dir),
@@ -98,7 +98,7 @@ def served(tiny_model_dir, adapter_dirs, request_log):
         "request_log_file": str(request_log),
         "batch": {"batch_size": 4, "stream_interval_s": 0.0, "defaults": {"temperature": 0.0}},
     }
-    with local_ray(), serve_app(args) as url:
+    with local_ray(), local_app(args) as url:
         serve.run(build_ui_app({"llm_app": "llm"}), name="ui", route_prefix="/ui")
         yield url
 

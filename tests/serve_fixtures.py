@@ -1,75 +1,33 @@
-"""Start a local Ray cluster and a Serve app on a tiny model, for tests that talk HTTP."""
+"""What the tests that talk HTTP share: the served model's name, and the app in a local Ray
+(deployments/local.py, which the benchmarks use too)."""
 
 from __future__ import annotations
 
 import os
-import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from deployments.local import ROOT, llm_handle, local_app
 
-ROOT = Path(__file__).resolve().parent.parent
-APP_NAME = "llm"
+__all__ = ["ROOT", "SERVED_MODEL", "llm_handle", "local_app", "local_ray", "log_lines_after"]
+
 SERVED_MODEL = "tiny"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
-def local_ray(num_cpus: int = 2):
-    """A private local Ray instance whose workers can import this repository."""
-    import ray
+def local_ray(num_cpus: int = 2) -> Iterator[None]:
+    """deployments.local.local_ray, with the replicas' logs shown when TEST_RAY_LOGS=1."""
+    from deployments.local import local_ray as start
 
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}},
-        log_to_driver=os.environ.get("TEST_RAY_LOGS") == "1",
-    )
-    try:
+    with start(num_cpus, log_to_driver=os.environ.get("TEST_RAY_LOGS") == "1"):
         yield
-    finally:
-        ray.shutdown()
 
 
-@contextmanager
-def serve_app(args: dict, port: int | None = None):
-    """Run the application built from `args` on 127.0.0.1; yield its base URL."""
-    from ray import serve
-
-    from deployments.app import build_app
-
-    port = port or free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(url)
-    try:
-        yield url
-    finally:
-        serve.shutdown()
-
-
-def wait_until_healthy(url: str, timeout_s: float = 60) -> None:
+def log_lines_after(path: Path, seen: int, timeout_s: float = 10) -> list[str]:
+    """The request log's lines after its first `seen`, waiting up to `timeout_s` for one."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not become healthy")
-
-
-def llm_handle():
-    from ray import serve
-
-    return serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+    while len(lines := path.read_text().splitlines()) <= seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return lines[seen:]

@@ -9,6 +9,7 @@ import pickle
 import pytest
 from fastapi.testclient import TestClient
 
+from client.stream import event_data
 from deployments.api import ApiSettings, Finished, build_api
 from deployments.messages import ApiError, GenerateCall
 from deployments.protocol import ChatCompletionRequest
@@ -46,14 +47,10 @@ def make_client(script: list) -> tuple[TestClient, ScriptedBackend, list]:
     return TestClient(build_api(backend, settings)), backend, finished
 
 
-def sse_events(text: str) -> list:
-    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
-
-
 def test_an_error_mid_stream_becomes_an_error_event_then_done(caplog):
     client, backend, finished = make_client([Delta("Hel"), Delta("lo", finish_reason="error", error="boom",
                                                                   stats=STATS)])
-    events = sse_events(client.post("/v1/chat/completions", json={**CHAT, "stream": True}).text)
+    events = list(event_data(client.post("/v1/chat/completions", json={**CHAT, "stream": True})))
     assert events[-1] == "[DONE]"
     message = json.loads(events[-2])["error"]["message"]
     request_id = backend.calls[0].request_id
@@ -65,7 +62,7 @@ def test_an_error_mid_stream_becomes_an_error_event_then_done(caplog):
 
 def test_a_failing_backend_mid_stream_still_ends_with_done():
     client, _, finished = make_client([Delta("a"), RuntimeError("replica died")])
-    events = sse_events(client.post("/v1/completions", json={"model": "base", "prompt": "x", "stream": True}).text)
+    events = list(event_data(client.post("/v1/completions", json={"model": "base", "prompt": "x", "stream": True})))
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
     assert "replica died" not in events[-2]
     assert finished[0].status == 500
@@ -220,7 +217,7 @@ def test_a_guard_stop_is_told_as_vllms_stop_reason():
     client, _, _ = make_client([Delta("La vida", finish_reason="stop", stats=looped)])
     choice = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]
     assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "repetition")
-    events = sse_events(client.post("/v1/completions", json={"model": "base", "prompt": "x", "stream": True}).text)
+    events = list(event_data(client.post("/v1/completions", json={"model": "base", "prompt": "x", "stream": True})))
     assert json.loads(events[-2])["choices"][0]["stop_reason"] == "repetition"
     client, _, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
     assert client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["stop_reason"] is None

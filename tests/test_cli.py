@@ -22,11 +22,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments import cli
+from client import cli
+from client.conversation import CONTINUE_PROMPT, SUMMARIZE_PROMPT
+from client.servers import free_port
+from client.stream import event_data
 from deployments.api import ApiSettings, build_api
 from deployments.messages import ApiError, GenerateCall
 from engine.request import Delta, RequestStats
-from tests.serve_fixtures import SERVED_MODEL, free_port, llm_handle
+from tests.serve_fixtures import SERVED_MODEL, llm_handle, log_lines_after
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "\n" + cli.USER_PROMPT  # every prompt after the first starts a line
@@ -46,7 +49,7 @@ class Terminal:
     """
 
     def __init__(self, url: str, *args: str, env: dict[str, str] | None = None):
-        argv = [sys.executable, "-m", "deployments.cli", "--url", url, *args]
+        argv = [sys.executable, "-m", "client.cli", "--url", url, *args]
         environ = {k: v for k, v in os.environ.items() if k not in cli.KEY_VARIABLES}
         environ |= {"PYTHONPATH": str(ROOT), "TERM": "dumb", **(env or {})}
         self.pid, self.fd = pty.fork()
@@ -175,14 +178,14 @@ def test_chat_continue_and_summarize_send_the_history(served, terminals):
     assert first.strip() and reply_after(terminal, "Hello there") == as_printed(first)
 
     history = [user("Hello there"), assistant(first)]
-    more = server_answer(served, [*history, user(cli.CONTINUE_PROMPT)])  # the hidden turn is sent
+    more = server_answer(served, [*history, user(CONTINUE_PROMPT)])  # the hidden turn is sent
     assert reply_after(terminal, "/continue") == as_printed(more)
-    assert cli.CONTINUE_PROMPT not in terminal.screen
+    assert CONTINUE_PROMPT not in terminal.screen
 
-    history += [user(cli.CONTINUE_PROMPT), assistant(more)]
+    history += [user(CONTINUE_PROMPT), assistant(more)]
     terminal.type("/summarize")
     screen = terminal.expect(PROMPT)
-    summary = server_answer(served, [*history, user(cli.SUMMARIZE_PROMPT)])
+    summary = server_answer(served, [*history, user(SUMMARIZE_PROMPT)])
     assert f"{cli.ASSISTANT_PREFIX}{as_printed(summary)}\n" in screen and "the summary is now the system prompt" in screen
 
     # the summary is the system prompt of a fresh history
@@ -228,10 +231,11 @@ def engine_stats():
     return llm_handle().stats.remote().result()
 
 
-def test_ctrl_c_stops_the_reply_frees_the_engine_and_keeps_the_session(served, terminals):
+def test_ctrl_c_stops_the_reply_frees_the_engine_and_keeps_the_session(served, terminals, request_log):
     terminal = terminals(served, "--temperature", "0", "--max-tokens", "2000")  # the base model by default
     assert f"Chatting with {SERVED_MODEL}" in terminal.expect(cli.USER_PROMPT)
-    before = engine_stats().generated_tokens
+    before = engine_stats()
+    logged = len(request_log.read_text().splitlines())
     terminal.type("Tell me everything")
     terminal.expect(cli.ASSISTANT_PREFIX)
     deadline = time.monotonic() + 30
@@ -241,9 +245,11 @@ def test_ctrl_c_stops_the_reply_frees_the_engine_and_keeps_the_session(served, t
     partial = terminal.expect("\n(stopped)\n" + cli.USER_PROMPT).removesuffix("\n(stopped)\n" + cli.USER_PROMPT)
     assert partial.strip()
     deadline = time.monotonic() + 10
-    while (stats := engine_stats()).running and time.monotonic() < deadline:
+    while (stats := engine_stats()).tracked_requests and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert stats.running == 0 and stats.generated_tokens - before < 2000  # the server stopped generating
+    assert stats.running == stats.tracked_requests == 0 and stats.finished_requests == before.finished_requests + 1
+    # the server stopped generating because the client left (499), not at max_tokens
+    assert log_lines_after(request_log, logged)[-1].endswith(f"model={SERVED_MODEL} endpoint=chat status=499")
 
     terminal.type("/reset")  # the client still works
     assert "(history cleared)" in terminal.expect(PROMPT)
@@ -406,7 +412,7 @@ def test_server_errors_are_one_line_and_the_session_goes_on(fake, terminals):
     assert reply_after(terminal, "four") == "fine"
     assert backend.messages(3) == [("user", "four")]  # failed turns stay out of the history
     assert reply_after(terminal, "/continue") == " and more"
-    assert backend.messages(4) == [("user", "four"), ("assistant", "fine"), ("user", cli.CONTINUE_PROMPT)]
+    assert backend.messages(4) == [("user", "four"), ("assistant", "fine"), ("user", CONTINUE_PROMPT)]
     terminal.type("/quit")
     assert terminal.exit_code() == 0
     assert "Traceback" not in terminal.screen
@@ -424,12 +430,6 @@ def test_an_unreachable_server_is_one_line(terminals):
 # --- The pieces -----------------------------------------------------------------------------
 
 
-def test_the_prompts_are_the_chat_pages():
-    from deployments.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT
-
-    assert (cli.SUMMARIZE_PROMPT, cli.CONTINUE_PROMPT) == (SUMMARIZE_PROMPT, CONTINUE_PROMPT)
-
-
 def test_api_key_and_header_from_the_environment():
     assert cli.api_key({"LLM_API_KEY": " sk-a ", "OPENAI_API_KEY": "sk-b"}) == "sk-a"
     assert cli.api_key({"LLM_API_KEY": "", "OPENAI_API_KEY": "sk-b"}) == "sk-b"
@@ -438,23 +438,30 @@ def test_api_key_and_header_from_the_environment():
     assert cli.Api("http://h:1/v1/", "sk-a").http.headers["authorization"] == "Bearer sk-a"
 
 
+def event_stream(lines: list[str]) -> httpx.Response:
+    """A text/event-stream response whose body is `lines`."""
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, text="".join(line + "\n" for line in lines))
+
+
 def test_sse_events_and_reply_pieces():
     lines = [": comment", "event: message", 'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}',
              "", 'data: {"choices": [{"delta": {"content": "Hel"}}]}', "", "data:{\"choices\":",
              'data: [{"delta": {"content": "lo"}}]}', "", 'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}',
-             "", 'data: {"choices": [], "usage": {"completion_tokens": 2}}', "", "data: [DONE]", "", "data: ignored"]
-    assert list(cli.sse_data(["data: a", "data:  b", "", "", "data: c"])) == ["a\n b", "c"]
-    assert list(cli.reply_pieces(lines)) == ["Hel", "lo"]
+             "", 'data: {"choices": [], "usage": {"completion_tokens": 2}}', "", "data: [DONE]", "", "data: ignored", ""]
+    assert list(event_data(event_stream(["data: a", "data:  b", "", "", "data: c", ""]))) == ["a\n b", "c"]
+    assert list(cli.reply_pieces(event_data(event_stream(lines)))) == ["Hel", "lo"]
 
 
 @pytest.mark.parametrize("lines, message", [
     (['data: {"choices": [{"delta": {"content": "a"}}]}', ""], "ended before it was complete"),
-    (['data: {"error": {"message": "boom", "type": "server_error"}}', "", "data: [DONE]"], "error: boom"),
+    (['data: {"choices": [{"delta": {"content": "a"}}]}', "", "data: [DONE]"], "ended before it was complete"),
+    (['data: {"error": {"message": "boom", "type": "server_error"}}', "", "data: [DONE]", ""], "^error: boom$"),
     (["data: {not json", ""], "malformed event"),
+    (["data: [1, 2]", ""], "malformed event"),
 ])
 def test_broken_streams_raise_one_line(lines, message):
     with pytest.raises(cli.ChatError, match=message):
-        list(cli.reply_pieces(lines))
+        list(cli.reply_pieces(event_data(event_stream(lines))))
 
 
 def test_error_bodies_become_one_line():
@@ -471,12 +478,13 @@ def test_terminal_control_characters_are_not_passed_through():
     assert cli.printable("a\tb\nc\r\n\x1b[2J\x07\x9b") == "a\tb\nc\n\ufffd[2J\ufffd\ufffd"
 
 
-def test_session_messages_and_request_body():
+def test_session_request_body():
     session = cli.Session("m", system="ctx", temperature=0.0, max_tokens=8)
-    session.add("hi", "hello")
-    assert session.body("more") == {
+    session.conversation = session.conversation.ask("hi").extend_reply("hello")
+    assert session.body(session.conversation.ask("more")) == {
         "model": "m", "stream": True, "temperature": 0.0, "max_tokens": 8,
         "messages": [{"role": "system", "content": "ctx"}, user("hi"), assistant("hello"), user("more")],
     }
-    assert cli.chat_body("m", [], None, None) == {"model": "m", "messages": [], "stream": True}
+    assert cli.Session("m").body(cli.Session("m").conversation.ask("x")) == {
+        "model": "m", "messages": [user("x")], "stream": True}
     assert cli.api_root("http://h:1/v1/") == "http://h:1"

@@ -126,12 +126,12 @@ def test_cancelled_and_failed_rows_give_their_blocks_back(make_engine, reference
     endless = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
     row = engine.new_row(GenerationRequest(ids(engine, LONG_TEXT), endless, request_id="victim"))
     engine.core.add(row)
-    for _ in range(5):
-        engine.core.step()
-    assert engine.stats().kv_blocks_used > 0
+    made = sum(len(d.token_ids) for _ in range(5) for _, d in engine.core.step())
+    assert engine.stats().kv_blocks_used > 0 and made == engine.stats().generated_tokens > 0
     row.cancelled = True
     events = engine.core.step()
-    assert [(rid, d.finish_reason) for rid, d in events] == [("victim", "cancelled")]
+    assert [(rid, d.finish_reason, d.token_ids) for rid, d in events] == [("victim", "cancelled", [])]
+    assert events[0][1].stats.completion_tokens == made == engine.stats().generated_tokens  # nothing after the cancel
     assert engine.stats().kv_blocks_used == 0
 
     real_model = engine.core.runner.model

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 
@@ -11,6 +10,8 @@ import httpx
 import pytest
 from ray import serve
 
+from client import bodies
+from client.stream import DONE, ErrorEvent, aevent_data, decode_chunk, event_data
 from deployments.app import build_app
 from tests.serve_fixtures import SERVED_MODEL, llm_handle
 
@@ -21,12 +22,8 @@ def app_args(tiny_model_dir, **extra) -> dict:
 
 
 def chat_body(content: str, max_tokens: int, stream: bool = True) -> dict:
-    return {"model": SERVED_MODEL, "messages": [{"role": "user", "content": content}], "stream": stream,
-            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
-
-
-def sse_events(text: str) -> list[str]:
-    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    return bodies.chat_body(SERVED_MODEL, bodies.user_message(content), stream=stream, max_tokens=max_tokens,
+                            ignore_eos=True, temperature=0)
 
 
 async def test_full_replica_queues_answer_503_at_once(served, tiny_model_dir):
@@ -45,7 +42,7 @@ async def test_full_replica_queues_answer_503_at_once(served, tiny_model_dir):
         assert shed and served_ok and len(shed) + len(served_ok) == 8
         assert all(r[2].headers["retry-after"] == "1" for r in shed)
         assert max(r[1] for r in shed) < min(r[1] for r in served_ok)  # refused at once, not after waiting
-        assert all(sse_events(r[2].text)[-1] == "[DONE]" for r in served_ok)
+        assert all(list(event_data(r[2]))[-1] == DONE for r in served_ok)
     finally:
         serve.delete("shed")
 
@@ -65,11 +62,13 @@ def test_killed_replica_ends_its_streams_with_an_error_and_is_replaced(served, t
     serve.run(build_app(app_args(tiny_model_dir)), name="fault", route_prefix="/fault")
     try:
         with httpx.stream("POST", f"{served}/fault/v1/chat/completions", json=chat_body("go", 1900), timeout=60) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
+            events = event_data(r)
+            assert decode_chunk(next(events))["choices"]
             ray.kill(find_replica_actor("fault", "LLMServer"), no_restart=True)
-            events = [line[6:] for line in lines if line.startswith("data: ")]
-        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+            rest = list(events)
+        assert rest[-1] == DONE
+        with pytest.raises(ErrorEvent, match="The server had an error while processing request"):
+            decode_chunk(rest[-2])
         deadline = time.monotonic() + 90
         while True:  # Serve notices the dead replica and starts another
             response = httpx.post(f"{served}/fault/v1/chat/completions", json=chat_body("again", 5, False), timeout=30)
@@ -99,11 +98,11 @@ async def test_soak_with_random_disconnects_leaks_nothing(served):
                 body = chat_body(f"soak {i}", rng.randint(5, 60))
                 async with client.stream("POST", f"{served}/v1/chat/completions", json=body) as response:
                     seen = 0
-                    async for line in response.aiter_lines():
-                        seen += line.startswith("data: ")
+                    async for data in aevent_data(response):
+                        seen += 1
                         if drop_after and seen >= drop_after:
                             return "dropped"
-                        if line == "data: [DONE]":
+                        if data == DONE:
                             return "done"
                 return "incomplete"
 
@@ -124,13 +123,16 @@ async def test_soak_with_random_disconnects_leaks_nothing(served):
 
 def test_chat_page_asks_for_a_key_when_keys_are_set(served):
     from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
 
     from deployments.ui import build_ui_app
 
     serve.run(build_ui_app({"llm_app": "llm", "api_keys": ["sk-page"]}), name="ui-keys", route_prefix="/ui-keys")
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
             Client(f"{served}/ui-keys/", verbose=False)
+        with pytest.raises(ValueError, match="Could not login to"):  # Gradio answers a wrong key with 400
+            Client(f"{served}/ui-keys/", auth=("anyone", "sk-wrong"), verbose=False)
         client = Client(f"{served}/ui-keys/", auth=("anyone", "sk-page"), verbose=False)
         bubbles, _, _ = client.predict("Hello", "", SERVED_MODEL, 0.0, 0.95, 0, 16, 1.0, api_name="/chat")
         assert bubbles[-1]["role"] == "assistant"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
 import openai
 import pytest
 
+from client.stream import DONE, decode_chunk, event_data
 from engine.prompt import ChatMessage, PromptBuilder, alpaca_instruction_prompt
-from tests.serve_fixtures import llm_handle, local_ray, serve_app
+from tests.serve_fixtures import llm_handle, log_lines_after
 from tests.tiny_models import build_tokenizer
 
 from tests.serve_fixtures import SERVED_MODEL as MODEL
@@ -141,20 +141,20 @@ def test_too_long_prompt_in_a_stream_gets_413(server):
     assert response.status_code == 413
 
 
-def test_client_disconnect_cancels_generation(server):
+def test_client_disconnect_cancels_generation(server, request_log):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "stream": True,
             "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
     handle = llm_handle()
-    before = handle.stats.remote().result().generated_tokens
+    before = handle.stats.remote().result()
+    logged = len(request_log.read_text().splitlines())
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")
+        assert decode_chunk(next(event_data(response)))["choices"]
     deadline = time.monotonic() + 10
-    while handle.stats.remote().result().running and time.monotonic() < deadline:
+    while handle.stats.remote().result().tracked_requests and time.monotonic() < deadline:
         time.sleep(0.05)
     stats = handle.stats.remote().result()
-    assert stats.running == 0
-    assert stats.generated_tokens - before < 2000
+    assert stats.running == stats.tracked_requests == 0 and stats.finished_requests == before.finished_requests + 1
+    assert log_lines_after(request_log, logged)[-1].endswith(f"model={MODEL} endpoint=chat status=499")
 
 
 async def test_eight_concurrent_streams_complete_correctly(server, expected_chat):
@@ -174,15 +174,15 @@ async def test_eight_concurrent_streams_complete_correctly(server, expected_chat
 def test_raw_sse_frames_end_with_done(server):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3}
     response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
-    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]" and all(json.loads(e)["object"] for e in events[:-1])
+    events = list(event_data(response))
+    assert events[-1] == DONE and all(decode_chunk(e)["object"] == "chat.completion.chunk" for e in events[:-1])
 
 
 def test_reconfigure_changes_defaults_without_a_restart(server, client):
     """Serve calls `reconfigure(user_config)` when only the `batch` settings change; call it the same way."""
     handle = llm_handle()
+    chat(client, "Hello", max_tokens=2)  # the engine has served a request before the change
     served_before = handle.stats.remote().result().finished_requests
-    assert served_before > 0
     handle.reconfigure.remote({"batch_size": 2, "defaults": {"temperature": 0.0, "max_tokens": 3}}).result()
     try:
         reply = client.chat.completions.create(

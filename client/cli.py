@@ -1,13 +1,14 @@
 """A terminal chat client for the server's OpenAI-compatible API (FastChat's CLI counterpart).
 
-    python -m deployments.cli [--url http://127.0.0.1:8000] [--model NAME] [--system TEXT]
+    python -m client.cli [--url http://127.0.0.1:8000] [--model NAME] [--system TEXT]
                               [--temperature T] [--max-tokens N]
 
 Type a message and the reply streams as it is generated; the whole history goes with every
 turn. Commands: /summarize, /continue, /reset, /model NAME, /models, /help, /quit (or
 Ctrl-D). Ctrl-C stops a reply and keeps what arrived, as the chat page's Stop does: closing
 the stream makes the server cancel the generation. The API key comes from LLM_API_KEY, else
-OPENAI_API_KEY. Only httpx is needed: no torch, no Ray.
+OPENAI_API_KEY. Only httpx and httpx-sse are needed: no torch, no Ray. The conversation is
+client/conversation.py's, the chat page's too; the stream is read by client/stream.py.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from client.bodies import chat_body
+from client.conversation import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
+from client.stream import StreamError, chunks, delta_text, error_text, event_data, one_line
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 KEY_VARIABLES = ("LLM_API_KEY", "OPENAI_API_KEY")
-# The chat page's prompts (deployments/chat_state.py, which needs transformers to import;
-# tests/test_cli.py keeps the two equal).
-SUMMARIZE_PROMPT = "summarize our conversations so far in three sentences."
-CONTINUE_PROMPT = "continue."
 USER_PROMPT = "USER: "
 ASSISTANT_PREFIX = "ASSISTANT: "
 TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=30.0, pool=10.0)
@@ -72,76 +73,18 @@ def api_root(url: str) -> str:
     return url.removesuffix("/v1")
 
 
-def chat_body(model: str, messages: list[dict[str, str]], temperature: float | None,
-              max_tokens: int | None) -> dict:
-    """A streaming chat completion request; unset sampling fields take the server's defaults."""
-    body: dict = {"model": model, "messages": messages, "stream": True}
-    if temperature is not None:
-        body["temperature"] = temperature
-    if max_tokens is not None:
-        body["max_tokens"] = max_tokens
-    return body
-
-
-def sse_data(lines: Iterable[str]) -> Iterator[str]:
-    """The data of each server-sent event (data lines joined by newlines); comments and
-    other fields are skipped, and an event cut off by the end of the stream still counts."""
-    data: list[str] = []
-    for line in lines:
-        if not line:
-            if data:
-                yield "\n".join(data)
-            data = []
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            data.append(value.removeprefix(" "))
-    if data:
-        yield "\n".join(data)
-
-
-def delta_text(event: dict) -> str:
-    """The text of one chat.completion.chunk ("" for the role chunk, a finish or usage chunk)."""
-    choices = event.get("choices") or []
-    if not choices or not isinstance(choices[0], dict):
-        return ""
-    delta = choices[0].get("delta")
-    content = delta.get("content") if isinstance(delta, dict) else None
-    return content if isinstance(content, str) else ""
-
-
-def reply_pieces(lines: Iterable[str]) -> Iterator[str]:
-    """The text pieces of a streamed chat completion, up to `data: [DONE]`.
+def reply_pieces(data: Iterable[str]) -> Iterator[str]:
+    """The text pieces of a streamed chat completion's events, up to `data: [DONE]`.
 
     Raises ChatError for an error event (how the server fails once streaming began), for a
     malformed event, and for a stream that ends without [DONE].
     """
-    for data in sse_data(lines):
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except json.JSONDecodeError:
-            raise ChatError(f"error: the server sent a malformed event: {one_line(data, 80)}") from None
-        if not isinstance(event, dict):
-            raise ChatError(f"error: the server sent a malformed event: {one_line(data, 80)}")
-        if "error" in event:
-            raise ChatError(f"error: {error_text(event) or 'the server failed during the reply'}")
-        if text := delta_text(event):
-            yield text
-    raise ChatError("error: the reply stream ended before it was complete")
-
-
-def error_text(payload: object) -> str:
-    """The message of OpenAI's error JSON ({"error": {"message": ...}}) or FastAPI's {"detail": ...}."""
-    if not isinstance(payload, dict):
-        return ""
-    error = payload.get("error", payload.get("detail"))
-    if isinstance(error, dict):
-        error = error.get("message") or json.dumps(error)
-    elif error is not None and not isinstance(error, str):
-        error = json.dumps(error)
-    return one_line(error or "")
+    try:
+        for chunk in chunks(data):
+            if text := delta_text(chunk):
+                yield text
+    except StreamError as err:
+        raise ChatError(f"error: {err}") from None
 
 
 def error_message(status: int, body: str, retry_after: str | None = None) -> str:
@@ -166,12 +109,6 @@ def transport_error(exc: httpx.HTTPError, root: str) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return f"error: {root} did not answer in time ({type(exc).__name__})"
     return f"error: {type(exc).__name__}: {exc}"
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    """Whitespace folded to single spaces, cut at `limit` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def printable(text: str) -> str:
@@ -222,7 +159,7 @@ class Api:
             if response.status_code != 200:
                 response.read()
                 raise ChatError(error_message(response.status_code, response.text, response.headers.get("retry-after")))
-            yield reply_pieces(response.iter_lines())
+            yield reply_pieces(event_data(response))
 
 
 # --- The conversation ------------------------------------------------------------------
@@ -230,24 +167,19 @@ class Api:
 
 @dataclass
 class Session:
-    """What the model sees: the model to ask, the system prompt and the turns so far."""
+    """What the model sees: the model to ask, the system prompt and the conversation so far."""
 
     model: str
     system: str = ""
     temperature: float | None = None
     max_tokens: int | None = None
-    history: list[dict[str, str]] = field(default_factory=list)
+    conversation: Conversation = field(default_factory=Conversation)
 
-    def messages(self, prompt: str) -> list[dict[str, str]]:
-        """The system prompt (when set), the history, then `prompt` as the user's turn."""
-        system = [{"role": "system", "content": self.system}] if self.system.strip() else []
-        return [*system, *self.history, {"role": "user", "content": prompt}]
-
-    def add(self, prompt: str, reply: str) -> None:
-        self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-
-    def body(self, prompt: str) -> dict:
-        return chat_body(self.model, self.messages(prompt), self.temperature, self.max_tokens)
+    def body(self, asked: Conversation) -> dict:
+        """A streaming request for the reply to `asked`'s last turn; unset sampling fields take
+        the server's defaults."""
+        return chat_body(self.model, asked.chat_messages(self.system), temperature=self.temperature,
+                         max_tokens=self.max_tokens)
 
 
 @dataclass
@@ -258,14 +190,14 @@ class Reply:
     stopped: bool = False
 
 
-def stream_reply(api: Api, session: Session, prompt: str) -> Reply | None:
-    """Ask with the history plus `prompt` and print the reply as it streams.
+def stream_reply(api: Api, session: Session, asked: Conversation) -> Reply | None:
+    """Ask for the reply to `asked`'s last turn and print it as it streams.
 
     None when the request failed (the error is printed). Ctrl-C returns what arrived.
     """
     pieces: list[str] = []
     try:
-        with api.chat_stream(session.body(prompt)) as stream:
+        with api.chat_stream(session.body(asked)) as stream:
             print(ASSISTANT_PREFIX, end="", flush=True)
             for piece in stream:
                 pieces.append(piece)
@@ -280,37 +212,38 @@ def stream_reply(api: Api, session: Session, prompt: str) -> Reply | None:
     return Reply("".join(pieces))
 
 
-def say(api: Api, session: Session, text: str) -> None:
+def say(api: Api, session: Session, text: str, hidden: bool = False) -> None:
     """One turn; a stopped reply keeps its partial text in the history (nothing if none arrived)."""
-    reply = stream_reply(api, session, text)
+    asked = session.conversation.ask(text, hidden)
+    reply = stream_reply(api, session, asked)
     if reply and (reply.text or not reply.stopped):
-        session.add(text, reply.text)
+        session.conversation = asked.extend_reply(reply.text)
 
 
 def continue_reply(api: Api, session: Session, _: str) -> None:
     """Extend the last answer: "continue." goes as a user turn the screen does not show."""
-    if not session.history:
+    if not session.conversation.exchanges:
         print("(nothing to continue yet)")
         return
-    say(api, session, CONTINUE_PROMPT)
+    say(api, session, CONTINUE_PROMPT, hidden=True)
 
 
 def summarize(api: Api, session: Session, _: str) -> None:
     """Ask for a summary; it becomes the system prompt and the history starts afresh."""
-    if not session.history:
+    if not session.conversation.exchanges:
         print("(nothing to summarize yet)")
         return
-    reply = stream_reply(api, session, SUMMARIZE_PROMPT)
+    reply = stream_reply(api, session, session.conversation.ask(SUMMARIZE_PROMPT))
     if reply is None or reply.stopped or not reply.text.strip():
         print("(the history is unchanged)")
         return
-    session.system, session.history = reply.text.strip(), []
+    session.system, session.conversation = reply.text.strip(), Conversation()
     print("(the summary is now the system prompt; the history starts afresh)")
 
 
 def reset(_: Api, session: Session, __: str) -> None:
     """Forget the turns so far; the system prompt stays."""
-    session.history = []
+    session.conversation = Conversation()
     print("(history cleared)")
 
 
@@ -389,7 +322,7 @@ def repl(api: Api, session: Session) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m deployments.cli", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m client.cli", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=DEFAULT_URL, metavar="URL", help=f"the server (default {DEFAULT_URL})")
     parser.add_argument("--model", metavar="NAME", help="model or adapter name (default: the server's base model)")
     parser.add_argument("--system", default="", metavar="TEXT", help="system prompt (the chat page's Context)")

@@ -1,0 +1,198 @@
+"""Load generation for bench.serve: closed-loop clients and what one concurrency level measured.
+
+A level: N clients each send requests one after another (the questions of bench.engine in
+turn) until the level's count is sent; each request's stream is timed by bench.client.measure,
+the CPU of this process tree and of everything else is sampled around the level, and our
+engine's step counters are read before and after when a probe is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import psutil
+
+from bench.client import Chunk, RequestResult, measure
+from bench.engine import QUESTIONS, percentile
+from engine.engine import EngineStats
+
+log = logging.getLogger("bench.serve")
+
+MIN_REQUESTS = 8
+# Requests per level = WAVES x concurrency: enough turnovers of every client that a level is
+# not dominated by its start (all clients arriving at once into an empty batch); run-to-run
+# spread of serve / engine at concurrency 32 was about +-0.05 with 2 waves on 2 cores.
+WAVES = 4
+WARMUP_REQUESTS = 2
+WARMUP_TOKENS = 8
+MAX_LOGGED_ERRORS = 3
+
+
+Transport = Callable[[str, int], AsyncIterator[Chunk]]
+"""(question, max_tokens) -> the request's stream of Chunks; raises RequestFailed on errors."""
+
+StatsProbe = Callable[[], Awaitable[EngineStats]]
+"""Reads our engine's counters (in this process, or the LLM replica's through a handle)."""
+
+
+@dataclass(frozen=True)
+class EngineSteps:
+    """Our engine's steps during one level: how busy it was and how big its steps were."""
+
+    steps: int
+    seconds: float
+    rows: int
+    tokens: int
+
+    @classmethod
+    def between(cls, before: EngineStats, after: EngineStats) -> EngineSteps:
+        return cls(after.steps - before.steps, after.step_seconds - before.step_seconds,
+                   after.step_rows - before.step_rows, after.step_tokens - before.step_tokens)
+
+    def cells(self, wall: float) -> str:
+        """Table cells: steps, rows per step, ms per step, share of the wall time in steps."""
+        if not self.steps:
+            return "| 0 | - | - | - "
+        return (f"| {self.steps} | {self.rows / self.steps:.1f} | {1000 * self.seconds / self.steps:.1f} "
+                f"| {self.seconds / wall:.2f} ")
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """One concurrency level of one system."""
+
+    system: str
+    concurrency: int
+    wall: float
+    results: tuple[RequestResult, ...]
+    own_cores: float = math.nan  # CPU cores this process tree kept busy on average
+    other_cores: float = math.nan  # CPU cores every other process kept busy on average
+    engine: EngineSteps | None = None  # our engine's steps (serve and engine systems only)
+
+    @property
+    def ok(self) -> list[RequestResult]:
+        return [r for r in self.results if r.error is None]
+
+    @property
+    def errors(self) -> int:
+        return len(self.results) - len(self.ok)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(r.tokens for r in self.ok) / self.wall if self.wall else math.nan
+
+    def ttft(self, q: float) -> float:
+        return safe_percentile([r.ttft for r in self.ok if r.ttft is not None], q)
+
+    def latency(self, q: float) -> float:
+        return safe_percentile([r.latency for r in self.ok], q)
+
+    def itl(self, q: float) -> float:
+        return safe_percentile([g for r in self.ok for g in r.gaps], q)
+
+    def tpot(self, q: float) -> float:
+        """Time per output token after the first, per request."""
+        return safe_percentile([r.tpot for r in self.ok if r.tpot is not None], q)
+
+    @property
+    def chunks_per_token(self) -> float:
+        tokens = sum(r.tokens for r in self.ok)
+        return sum(r.chunks for r in self.ok) / tokens if tokens else math.nan
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Busy CPU seconds of the whole machine and of this process tree (Ray's processes included)."""
+
+    machine: float
+    own: dict[int, float]
+
+    @classmethod
+    def take(cls) -> CpuSnapshot:
+        """Now; processes that end between two snapshots lose their last moments (rare here)."""
+        t = psutil.cpu_times()
+        own: dict[int, float] = {}
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:  # ended meanwhile
+                continue
+            own[proc.pid] = times.user + times.system
+        return cls(t.user + t.nice + t.system + t.irq + t.softirq, own)
+
+    def cores_since(self, earlier: CpuSnapshot, wall: float) -> tuple[float, float]:
+        """(cores used by this process tree, cores used by everything else) on average since `earlier`."""
+        own = sum(seconds - earlier.own.get(pid, 0.0) for pid, seconds in self.own.items())
+        other = self.machine - earlier.machine - own
+        return own / wall, max(other, 0.0) / wall
+
+
+def safe_percentile(values: Sequence[float], q: float) -> float:
+    """percentile(), or NaN for no values."""
+    return percentile(values, q) if values else math.nan
+
+
+def requests_per_level(args: argparse.Namespace, concurrency: int) -> int:
+    """--requests if given, else max(WAVES x concurrency, MIN_REQUESTS)."""
+    return args.requests or max(WAVES * concurrency, MIN_REQUESTS)
+
+
+async def run_level(transport: Transport, system: str, concurrency: int, count: int,
+                    max_tokens: int, probe: StatsProbe | None = None) -> LevelResult:
+    """`concurrency` clients each send requests one after another until `count` were sent;
+    `probe` reads our engine's step counters before and after."""
+    indexes = iter(range(count))  # shared by the clients: each next() hands out one request
+    results: list[RequestResult] = []
+
+    async def client() -> None:
+        for i in indexes:
+            results.append(await measure(transport(QUESTIONS[i % len(QUESTIONS)], max_tokens)))
+
+    before = await probe() if probe else None
+    cpu = CpuSnapshot.take()
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    own, other = CpuSnapshot.take().cores_since(cpu, wall)
+    steps = EngineSteps.between(before, await probe()) if probe else None
+    level = LevelResult(system, concurrency, wall, tuple(results), own, other, steps)
+    log_level(level, max_tokens)
+    return level
+
+
+def log_level(level: LevelResult, max_tokens: int) -> None:
+    """One progress line per level, and the first few errors."""
+    log.info("%s c=%d: %d requests in %.1f s, %.1f tok/s, TTFT p50 %.3f s, %d errors, "
+             "CPU cores: %.2f ours, %.2f others",
+             level.system, level.concurrency, len(level.results), level.wall, level.tokens_per_s,
+             level.ttft(50), level.errors, level.own_cores, level.other_cores)
+    if level.engine and level.engine.steps:
+        steps = level.engine
+        log.info("%s c=%d: engine %d steps, %.1f rows/step, %.1f ms/step, busy %.2f", level.system,
+                 level.concurrency, steps.steps, steps.rows / steps.steps, 1000 * steps.seconds / steps.steps,
+                 steps.seconds / level.wall)
+    for result in [r for r in level.results if r.error][:MAX_LOGGED_ERRORS]:
+        log.warning("%s c=%d: request failed: %s", level.system, level.concurrency, result.error)
+    short = [r.tokens for r in level.ok if r.tokens != max_tokens]
+    if short:
+        log.warning("%s c=%d: token counts other than %d: %s", level.system, level.concurrency, max_tokens, short)
+
+
+async def run_levels(transport: Transport, system: str, args: argparse.Namespace,
+                     probe: StatsProbe | None = None) -> list[LevelResult]:
+    """An untimed warm-up, then every concurrency level in turn."""
+    log.info("%s: warming up (%d x %d tokens)", system, WARMUP_REQUESTS, WARMUP_TOKENS)
+    await run_level(transport, f"{system} warm-up", WARMUP_REQUESTS, WARMUP_REQUESTS, WARMUP_TOKENS)
+    levels = []
+    for concurrency in args.concurrency:
+        count = requests_per_level(args, concurrency)
+        log.info("%s: concurrency %d, %d requests x %d tokens", system, concurrency, count, args.max_tokens)
+        levels.append(await run_level(transport, system, concurrency, count, args.max_tokens, probe))
+    return levels

@@ -1,0 +1,58 @@
+"""The application in a private local Ray instance on this machine, for tests and benchmarks
+(`serve run serve_config.yaml` is the way to serve it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from client.servers import free_port, wait_until_healthy
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_NAME = "llm"
+
+
+@contextmanager
+def local_ray(num_cpus: int = 2, log_to_driver: bool = False) -> Iterator[None]:
+    """A private local Ray instance whose workers can import this repository; shut down on exit."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}},
+        log_to_driver=log_to_driver,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def local_app(args: dict[str, Any], port: int | None = None, healthy_timeout_s: float = 60) -> Iterator[str]:
+    """Serve on 127.0.0.1 running the application built from `args` (inside `local_ray`) as
+    APP_NAME at /; yields its base URL once /health answers. Serve is shut down on exit."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = port or free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, timeout_s=healthy_timeout_s)
+        yield url
+    finally:
+        serve.shutdown()
+
+
+def llm_handle(app_name: str = APP_NAME) -> Any:
+    """A DeploymentHandle to the application's LLM deployment (inside `local_app`)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("LLMServer", app_name=app_name)
