@@ -95,6 +95,7 @@ def served(tiny_model_dir, adapter_dirs, request_log):
         "adapters": {"alpha": str(adapter_dirs["alpha"]), "beta": str(adapter_dirs["beta"])},
         "max_tokens_cap": 2000,
         "max_input_tokens": 1024,
+        "repetition_guard": {"min_repeats": 0},  # greedy tiny models loop: Stop tests need replies that run on
         "request_log_file": str(request_log),
         "batch": {"batch_size": 4, "stream_interval_s": 0.0, "defaults": {"temperature": 0.0}},
     }
