@@ -120,8 +120,8 @@ class Engine:
     def submit(self, request: GenerationRequest, pace: Pace | None = None) -> AsyncIterator[Delta]:
         """Queue a request now; iterate the result to read its deltas (closing it cancels).
 
-        `pace()`: least seconds between two deltas of the stream, asked after each one (default
-        none). The first delta and the last (with `finish_reason`) are never held back; what
+        `pace()`: the stream's deltas go out at most once per `pace()` seconds, on a clock
+        shared by all streams (asked after each delta; default: no pause). The first delta and the last (with `finish_reason`) are never held back; what
         arrives meanwhile is merged. Fewer, larger deltas cost a transport with a per-message
         price (Ray's handles) less CPU."""
         self._check(request)
@@ -235,7 +235,7 @@ class Engine:
                 yield delta
                 if delta.finish_reason:
                     return
-                hold_until = loop.time() + pace()
+                hold_until = _next_tick(loop.time(), pace())
         finally:
             self.cancel(request_id)
 
@@ -277,6 +277,13 @@ class Engine:
 
 def _no_pause() -> float:
     return 0.0
+
+
+def _next_tick(now: float, pause: float) -> float:
+    """The end of the current `pause`-long period of the event loop's clock: streams paced
+    alike send together, in one burst per period, instead of spreading their messages (and
+    the CPU each costs) over the whole period."""
+    return (now // pause + 1) * pause if pause > 0 else now
 
 
 def _drain(queue: asyncio.Queue[Delta], delta: Delta) -> Delta:
