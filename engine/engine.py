@@ -121,9 +121,9 @@ class Engine:
         """Queue a request now; iterate the result to read its deltas (closing it cancels).
 
         `pace()`: the stream's deltas go out at most once per `pace()` seconds, on a clock
-        shared by all streams (asked after each delta; default: no pause). The first delta and the last (with `finish_reason`) are never held back; what
-        arrives meanwhile is merged. Fewer, larger deltas cost a transport with a per-message
-        price (Ray's handles) less CPU."""
+        shared by all streams (asked after each delta; default: no pause). The first delta and
+        the last (with `finish_reason`) are never held back; what arrives meanwhile is merged.
+        Fewer, larger deltas cost a transport with a per-message price (Ray's handles) less CPU."""
         self._check(request)
         self._ensure_started()
         row = self.new_row(request)
@@ -226,12 +226,13 @@ class Engine:
         try:
             while True:
                 delta = _drain(queue, await queue.get())
-                while not delta.finish_reason and loop.time() < hold_until:
-                    try:
+                if not delta.finish_reason and loop.time() < hold_until:
+                    try:  # one timer per message, not one per delta merged into it
                         async with asyncio.timeout_at(hold_until):
-                            delta = _drain(queue, delta.merge(await queue.get()))
+                            while not delta.finish_reason:
+                                delta = _drain(queue, delta.merge(await queue.get()))
                     except TimeoutError:
-                        break
+                        pass
                 yield delta
                 if delta.finish_reason:
                     return
