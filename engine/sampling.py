@@ -79,8 +79,12 @@ def sample_next_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list
     affects the tokens chosen for the other rows.
     """
     logits = logits.float()
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
-    logits[~torch.tensor(finite, dtype=torch.bool, device=logits.device)] = 0.0
+    # A row's max is NaN if it holds a NaN and +inf if it holds +inf; its min is -inf if it
+    # holds -inf: two reductions instead of an elementwise test over [rows, vocab].
+    finite_rows = torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
+    finite = finite_rows.tolist()
+    if not all(finite):
+        logits[~finite_rows] = 0.0
     for i, row in enumerate(rows):
         if row.params.uses_penalties:
             apply_penalties(logits[i], row)
