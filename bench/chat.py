@@ -47,12 +47,15 @@ from bench.chat_text import SYSTEM_PROMPT
 from bench.chat_text import user_message as corpus_message
 from bench.cli import (
     add_report_options,
+    add_rounds_option,
     add_system_options,
     figure,
     fmt,
     label_axis,
+    median_cell,
     parse_with_quick,
     publish,
+    round_orders,
     setup_logging,
 )
 from bench.client import Endpoint, RequestResult, measure, stream_chat
@@ -183,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message-tokens", type=int, help="about this many tokens in each new user message")
     p.add_argument("--max-tokens", type=int, help="reply tokens at most (replies end at EOS or there)")
     add_system_options(p, SYSTEMS, SERVE_CONFIG, timeout_s=600.0)
-    add_report_options(p, "PNG plot of TTFT p50 and prompt tokens per turn")
+    add_rounds_option(p)
+    add_report_options(p, "PNG plot of TTFT p50 and prompt tokens per turn (the first round)")
     p.set_defaults(**FULL_DEFAULTS)
     return p
 
@@ -192,8 +196,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse options; --quick swaps in QUICK_DEFAULTS under any explicitly given option."""
     parser = build_parser()
     args = parse_with_quick(parser, argv, QUICK_DEFAULTS)
-    if min(args.users, args.turns, args.message_tokens, args.max_tokens) < 1:
-        parser.error("--users, --turns, --message-tokens and --max-tokens must be positive")
+    if min(args.users, args.turns, args.message_tokens, args.max_tokens, args.rounds) < 1:
+        parser.error("--users, --turns, --message-tokens, --max-tokens and --rounds must be positive")
     return args
 
 
@@ -310,10 +314,10 @@ def header(values: dict[str, Any], args: argparse.Namespace, workload: Workload,
     ]
 
 
-def system_table(run: SystemRun, turns: int) -> list[str]:
+def system_table(run: SystemRun, turns: int, suffix: str = "") -> list[str]:
     """One system's turns as markdown lines, and its prefix-cache use when known."""
     lines = [
-        f"## {run.system}",
+        f"## {run.system}{suffix}",
         "",
         f"{len(run.turns)} requests in {run.wall:.1f} s; CPU cores busy on average: {run.own_cores:.2f} in this "
         f"benchmark's process tree (client and server), {run.other_cores:.2f} in other processes (other work on "
@@ -333,31 +337,38 @@ def system_table(run: SystemRun, turns: int) -> list[str]:
     return lines
 
 
-def ratio_table(runs: dict[str, SystemRun], turns: int) -> list[str]:
+def ratio_table(rounds: Sequence[dict[str, SystemRun]], turns: int) -> list[str]:
     """The issue's targets: serve against transformers-serve at the last turn, serve's last turn
-    against its first; transformers-serve's own growth for reference."""
+    against its first; transformers-serve's own growth for reference. With several rounds, the
+    median of the rounds' ratios, then each round's."""
     last = turns - 1
-    serve, ts = runs.get("serve"), runs.get("transformers-serve")
-    nan = math.nan
     rows = [
         (f"serve / transformers-serve, TTFT p50 at turn {turns}",
-         ratio(serve.ttft(last, 50), ts.ttft(last, 50)) if serve and ts else nan, f"<= {VS_TRANSFORMERS_TARGET}"),
+         lambda runs: ratio(runs["serve"].ttft(last, 50), runs["transformers-serve"].ttft(last, 50)),
+         ("serve", "transformers-serve"), f"<= {VS_TRANSFORMERS_TARGET}"),
         (f"serve, TTFT p50 turn {turns} / turn 1",
-         ratio(serve.ttft(last, 50), serve.ttft(0, 50)) if serve else nan, f"<= {LAST_VS_FIRST_TARGET:g}"),
+         lambda runs: ratio(runs["serve"].ttft(last, 50), runs["serve"].ttft(0, 50)),
+         ("serve",), f"<= {LAST_VS_FIRST_TARGET:g}"),
         (f"transformers-serve, TTFT p50 turn {turns} / turn 1",
-         ratio(ts.ttft(last, 50), ts.ttft(0, 50)) if ts else nan, "-"),
+         lambda runs: ratio(runs["transformers-serve"].ttft(last, 50), runs["transformers-serve"].ttft(0, 50)),
+         ("transformers-serve",), "-"),
     ]
-    return ["## Ratios", "", "| ratio | value | target |", "|---|---:|---:|"] + [
-        f"| {name} | {fmt(value)} | {target} |" for name, value, target in rows
-    ]
+    title = "## Ratios" + (f" over {len(rounds)} rounds (median, then each round)" if len(rounds) > 1 else "")
+    lines = [title, "", "| ratio | value | target |", "|---|---:|---:|"]
+    for name, value, needs, target in rows:
+        per_round = [value(runs) if all(n in runs for n in needs) else math.nan for runs in rounds]
+        lines.append(f"| {name} | {median_cell(per_round)} | {target} |")
+    return lines
 
 
-def report(header_lines: list[str], runs: dict[str, SystemRun], turns: int) -> str:
-    """The whole markdown report."""
+def report(header_lines: list[str], rounds: Sequence[dict[str, SystemRun]], turns: int) -> str:
+    """The whole markdown report: every round's tables, then the ratios."""
     lines = header_lines + [""]
-    for run in runs.values():
-        lines += system_table(run, turns) + [""]
-    lines += ratio_table(runs, turns)
+    for number, runs in enumerate(rounds, start=1):
+        for run in runs.values():
+            suffix = f" (round {number})" if len(rounds) > 1 else ""
+            lines += system_table(run, turns, suffix) + [""]
+    lines += ratio_table(rounds, turns)
     return "\n".join(lines) + "\n"
 
 
@@ -382,15 +393,18 @@ def run(args: argparse.Namespace) -> str:
     values = config_app_args(args.config)
     spec = TransformersServe.of(values)
     workload = Workload.build(load_tokenizer(values), args.users, args.turns, args.message_tokens)
-    runs: dict[str, SystemRun] = {}
-    for system in args.systems:
-        if system == "serve":
-            runs[system] = run_serve(values, workload, args)
-        else:
-            runs[system] = run_transformers_serve(spec, workload, args)
+    rounds: list[dict[str, SystemRun]] = []
+    for order in round_orders(args.systems, args.rounds):
+        runs = {}
+        for system in order:
+            if system == "serve":
+                runs[system] = run_serve(values, workload, args)
+            else:
+                runs[system] = run_transformers_serve(spec, workload, args)
+        rounds.append({system: runs[system] for system in args.systems})
     if args.plot:
-        plot(runs, args.turns, args.plot)
-    return report(header(values, args, workload, spec), runs, args.turns)
+        plot(rounds[0], args.turns, args.plot)
+    return report(header(values, args, workload, spec), rounds, args.turns)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

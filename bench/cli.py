@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import statistics
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,30 @@ def add_system_options(parser: argparse.ArgumentParser, systems: Sequence[str], 
                         help="serve config whose first application's args the serve system uses")
     parser.add_argument("--timeout", type=float, default=timeout_s, help="seconds a request may take")
     parser.add_argument("--ray-logs", action="store_true", help="show the Ray workers' logs")
+
+
+def add_rounds_option(parser: argparse.ArgumentParser) -> None:
+    """--rounds: measure every system this many times, alternating the order (see round_orders)."""
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each system this many times, in alternating order; ratios are the "
+                             "median of the per-round ratios (this machine's speed drifts within minutes)")
+
+
+def round_orders(systems: Sequence[str], rounds: int) -> list[list[str]]:
+    """The systems' order per round: as given, then reversed, and so on, so that a slow drift
+    of the machine's speed favours no system; every system's rounds pair with its neighbours'."""
+    return [list(systems) if r % 2 == 0 else list(reversed(systems)) for r in range(rounds)]
+
+
+def median_cell(values: Sequence[float], digits: int = 2) -> str:
+    """A table cell: the median of the finite values, and each value in round order."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "-"
+    median = statistics.median(finite)
+    if len(values) == 1:
+        return fmt(median, digits)
+    return f"**{fmt(median, digits)}** ({' / '.join(fmt(v, digits) for v in values)})"
 
 
 def add_report_options(parser: argparse.ArgumentParser, plot_help: str) -> None:

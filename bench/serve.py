@@ -37,7 +37,16 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from bench.cli import add_report_options, add_system_options, fmt, parse_with_quick, publish, setup_logging
+from bench.cli import (
+    add_report_options,
+    add_rounds_option,
+    add_system_options,
+    fmt,
+    parse_with_quick,
+    publish,
+    round_orders,
+    setup_logging,
+)
 from bench.load import MIN_REQUESTS, WAVES, LevelResult
 from bench.serve_report import plot, report
 from bench.serve_systems import (
@@ -69,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="serve: @serve.batch admission group size")
     p.add_argument("--stream-interval-s", type=float, help="serve: least time between two messages of a stream")
     p.add_argument("--num-cpus", type=float, help="serve: CPUs reserved for the LLM replica")
-    add_report_options(p, "PNG plot of tokens/s and TTFT p50 against concurrency")
+    add_rounds_option(p)
+    add_report_options(p, "PNG plot of tokens/s and TTFT p50 against concurrency (the first round)")
     p.set_defaults(**FULL_DEFAULTS)
     return p
 
@@ -78,8 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse options; --quick swaps in QUICK_DEFAULTS under any explicitly given option."""
     parser = build_parser()
     args = parse_with_quick(parser, argv, QUICK_DEFAULTS)
-    if min(args.concurrency) < 1 or args.max_tokens < 1 or (args.requests is not None and args.requests < 1):
-        parser.error("concurrency levels, --requests and --max-tokens must be positive")
+    if min(args.concurrency, default=0) < 1 or min(args.max_tokens, args.rounds) < 1 or (
+            args.requests is not None and args.requests < 1):
+        parser.error("concurrency levels, --requests, --max-tokens and --rounds must be positive")
     args.concurrency = sorted(set(args.concurrency))
     return args
 
@@ -100,28 +111,36 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> str:
-    """Measure the chosen systems one after the other; return the markdown report."""
+    """Measure the chosen systems one after the other, `--rounds` times; return the markdown report."""
     values = app_args(args)
     config = AppArgs.model_validate(values).engine_config()
     dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
-    results: dict[str, list[LevelResult]] = {}
+    rounds: list[dict[str, list[LevelResult]]] = []
     notes: list[str] = []
-    for system in args.systems:
-        if system == "serve":
-            results[system] = measure_serve(values, args, notes)
-            per_level = ", ".join(f"c={lv.concurrency}: {fmt(lv.chunks_per_token)}" for lv in results[system])
-            notes.append(f"serve: Ray messages per generated token (SSE content chunks / tokens): {per_level}")
-        elif system == "engine":
-            results[system] = asyncio.run(measure_engine(values, args))
-        elif system == "engine-beside-idle-serve":
-            results[system] = measure_engine_beside_idle_serve(values, args)
-        elif system == "transformers-serve":
-            results[system] = measure_transformers_serve(values, args, notes)
-        else:
-            results[system] = measure_hf(values, args)
+    for number, order in enumerate(round_orders(args.systems, args.rounds), start=1):
+        measured = {system: measure(system, values, args, notes) for system in order}
+        if args.rounds > 1:
+            notes.append(f"round {number}: {', '.join(order)}")
+        rounds.append({system: measured[system] for system in args.systems})
     if args.plot:
-        plot(results, args.plot)
-    return report(values, args, dtype, results, notes)
+        plot(rounds[0], args.plot)
+    return report(values, args, dtype, rounds, notes)
+
+
+def measure(system: str, values: dict[str, Any], args: argparse.Namespace, notes: list[str]) -> list[LevelResult]:
+    """One system's levels (its setup and teardown included)."""
+    if system == "serve":
+        levels = measure_serve(values, args, notes)
+        per_level = ", ".join(f"c={lv.concurrency}: {fmt(lv.chunks_per_token)}" for lv in levels)
+        notes.append(f"serve: Ray messages per generated token (SSE content chunks / tokens): {per_level}")
+        return levels
+    if system == "engine":
+        return asyncio.run(measure_engine(values, args))
+    if system == "engine-beside-idle-serve":
+        return measure_engine_beside_idle_serve(values, args)
+    if system == "transformers-serve":
+        return measure_transformers_serve(values, args, notes)
+    return measure_hf(values, args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bench.cli import figure, fmt, label_axis
+from bench.cli import figure, fmt, label_axis, median_cell
 from bench.engine import QUESTIONS
 from bench.load import LevelResult, requests_per_level
 
@@ -61,10 +61,10 @@ def header(values: dict[str, Any], args: argparse.Namespace, dtype: str) -> list
     ]
 
 
-def system_table(levels: Sequence[LevelResult]) -> list[str]:
+def system_table(levels: Sequence[LevelResult], suffix: str = "") -> list[str]:
     """One system's levels as markdown table lines."""
     lines = [
-        f"## {levels[0].system}",
+        f"## {levels[0].system}{suffix}",
         "",
         "| concurrency | requests | errors | tok/s | TTFT p50 s | TTFT p95 s | ITL p50 ms | TPOT p50 ms | e2e p50 s "
         "| e2e p95 s | chunks/token | CPU ours | CPU others | engine steps | rows/step | ms/step | engine busy |",
@@ -92,12 +92,14 @@ def tokens_per_s(level: LevelResult | None) -> str:
     return fmt(level.tokens_per_s if level else math.nan, 1)
 
 
+SERVE_RATIOS = (("engine", "serve / engine"), ("hf-per-request", "serve / hf-per-request"),
+                ("transformers-serve", "serve / transformers-serve"))
+
+
 def ratio_table(results: dict[str, list[LevelResult]], levels: Sequence[int]) -> list[str]:
     """tokens/s of serve against each baseline, per concurrency level, and TPOT at concurrency 1."""
     by_level = {name: {lv.concurrency: lv for lv in runs} for name, runs in results.items()}
     lines = [
-        "## Ratios (tokens/s)",
-        "",
         f"| concurrency | serve tok/s | engine tok/s | serve / engine (target >= {ENGINE_TARGET} at {max(levels)}) "
         f"| hf-per-request tok/s | serve / hf (target >= {HF_TARGET:g} at {max(levels)}) "
         "| transformers-serve tok/s | serve / transformers-serve | target "
@@ -117,6 +119,31 @@ def ratio_table(results: dict[str, list[LevelResult]], levels: Sequence[int]) ->
     return lines + ["", tpot_line(by_level)]
 
 
+def median_ratio_table(rounds: Sequence[dict[str, list[LevelResult]]], levels: Sequence[int]) -> list[str]:
+    """serve's tokens/s over each baseline's, per level: the median of the rounds' ratios (each
+    round measured the systems back to back), then each round's ratio."""
+    names = [(name, title) for name, title in SERVE_RATIOS if name in rounds[0]]
+    lines = [
+        f"## Ratios over {len(rounds)} rounds (median, then each round)",
+        "",
+        "| concurrency | " + " | ".join(title for _, title in names) + " | target (transformers-serve) |",
+        "|---:|" + "---:|" * (len(names) + 1),
+    ]
+    for c in levels:
+        cells = []
+        for name, _ in names:
+            per_round = [ratio(level_of(r, "serve", c), level_of(r, name, c)) for r in rounds]
+            cells.append(median_cell(per_round))
+        target = TRANSFORMERS_TARGETS.get(c)
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {f'>= {target}' if target else '-'} |")
+    return lines
+
+
+def level_of(results: dict[str, list[LevelResult]], system: str, concurrency: int) -> LevelResult | None:
+    """The system's level at that concurrency in one round, if measured."""
+    return next((lv for lv in results.get(system, []) if lv.concurrency == concurrency), None)
+
+
 def tpot_line(by_level: dict[str, dict[int, LevelResult]]) -> str:
     """Time per output token p50 of every system at concurrency 1 (the issue compares serve and
     transformers-serve there)."""
@@ -125,13 +152,18 @@ def tpot_line(by_level: dict[str, dict[int, LevelResult]]) -> str:
 
 
 def report(values: dict[str, Any], args: argparse.Namespace, dtype: str,
-           results: dict[str, list[LevelResult]], notes: Sequence[str]) -> str:
-    """The whole markdown report."""
-    lines = header(values, args, dtype) + [f"- {n}" for n in notes] + [""]
-    for levels in results.values():
-        lines += system_table(levels) + [""]
-    lines += ratio_table(results, args.concurrency)
-    return "\n".join(lines) + "\n"
+           rounds: Sequence[dict[str, list[LevelResult]]], notes: Sequence[str]) -> str:
+    """The whole markdown report: every round's tables and ratios, and with several rounds the
+    median ratios."""
+    lines = header(values, args, dtype) + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
+    for number, results in enumerate(rounds, start=1):
+        suffix = f" (round {number})" if len(rounds) > 1 else ""
+        for levels in results.values():
+            lines += system_table(levels, suffix) + [""]
+        lines += [f"## Ratios (tokens/s){suffix}", ""] + ratio_table(results, args.concurrency) + [""]
+    if len(rounds) > 1:
+        lines += median_ratio_table(rounds, args.concurrency) + [""]
+    return "\n".join(lines)
 
 
 def plot(results: dict[str, list[LevelResult]], path: Path) -> None:
