@@ -23,8 +23,10 @@ chromium:
 
 install: $(STAMP)
 
+# RAY_worker_niceness=0: Ray runs worker processes (so the model) at niceness 15 otherwise,
+# below its own daemons; see README, Scaling.
 serve: $(STAMP)
-	$(BIN)/serve run serve_config.yaml
+	RAY_worker_niceness=0 $(BIN)/serve run serve_config.yaml
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest

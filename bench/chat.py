@@ -268,7 +268,7 @@ async def replica_stats() -> Any | None:
 def run_serve(values: dict[str, Any], workload: Workload, args: argparse.Namespace) -> SystemRun:
     """Our application in a private local Ray, as bench.serve runs it."""
     log.info("serve: starting Ray and the application")
-    with serve_app(values, args.ray_logs) as url:
+    with serve_app(values, args.ray_logs, args.ray_worker_niceness) as url:
         return asyncio.run(run_chats(our_endpoint(url, values), "serve", workload, args, replica_stats))
 
 

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from deployments.local import WORKER_NICENESS
+
 log = logging.getLogger("bench")
 
 
@@ -33,6 +35,9 @@ def add_system_options(parser: argparse.ArgumentParser, systems: Sequence[str], 
                         help="serve config whose first application's args the serve system uses")
     parser.add_argument("--timeout", type=float, default=timeout_s, help="seconds a request may take")
     parser.add_argument("--ray-logs", action="store_true", help="show the Ray workers' logs")
+    parser.add_argument("--ray-worker-niceness", type=int, default=WORKER_NICENESS,
+                        help=f"niceness of the serve system's Ray workers (default {WORKER_NICENESS}; "
+                             "Ray's own default is 15)")
 
 
 def add_rounds_option(parser: argparse.ArgumentParser) -> None:

@@ -90,14 +90,14 @@ def measure_engine_beside_idle_serve(values: dict[str, Any], args: argparse.Name
     """The engine system while the serve app idles in a private local Ray on this machine:
     what Ray's and Serve's own background work (no request) costs the model's two threads."""
     log.info("engine-beside-idle-serve: starting an idle copy of the serve app")
-    with serve_app(values, args.ray_logs):
+    with serve_app(values, args.ray_logs, args.ray_worker_niceness):
         return asyncio.run(measure_engine(values, args, "engine-beside-idle-serve"))
 
 
 def measure_serve(values: dict[str, Any], args: argparse.Namespace, notes: list[str]) -> list[LevelResult]:
     """Start the application, run every level over HTTP, shut Serve and Ray down."""
     log.info("serve: starting Ray and the application (%s)", AppArgs.model_validate(values).model_name)
-    with serve_app(values, args.ray_logs) as url:
+    with serve_app(values, args.ray_logs, args.ray_worker_niceness) as url:
         threads = replica_threads()
         log.info("serve: up at %s; torch threads in the LLM replica: %s", url, threads)
         notes.append(f"serve: torch threads in the LLM replica: {threads}")

@@ -55,7 +55,7 @@ from bench.load import CpuSnapshot
 from bench.systems import SERVE_CONFIG, config_app_args, diagnostics, serve_app
 from client import bodies
 from client.stream import ErrorEvent, StreamError, aevent_data, decode_chunk
-from deployments.local import llm_handle
+from deployments.local import WORKER_NICENESS, llm_handle
 from deployments.settings import AppArgs
 from engine.loader import resolve_device, resolve_dtype
 
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=SERVE_CONFIG, help="serve config whose first application's args to use")
     p.add_argument("--seed", type=int, default=0, help="seed of the clients' random choices")
     p.add_argument("--ray-logs", action="store_true", help="show the Ray workers' logs")
+    p.add_argument("--ray-worker-niceness", type=int, default=WORKER_NICENESS,
+                   help="niceness of the Ray workers (Ray's own default is 15)")
     p.add_argument("--output", type=Path, help="also write the report as markdown to this file")
     p.add_argument("--plot", type=Path, help="PNG plot of RSS and tasks over time")
     return p
@@ -634,7 +636,7 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
     values = app_args(args.config, args.model)
     models = Models.of(values, args.adapter_fraction)
     log.info("starting Ray and the application (%s, adapters %s)", models.base, list(models.adapters))
-    with serve_app(values, args.ray_logs) as url:
+    with serve_app(values, args.ray_logs, args.ray_worker_niceness) as url:
         log.info("up at %s", url)
         result = asyncio.run(soak(url, models, args))
     checks = leak_checks(result, args.max_rss_growth_mib)

@@ -31,7 +31,7 @@ import yaml
 
 from bench.client import Endpoint
 from client.servers import free_port, wait_until_healthy
-from deployments.local import ROOT, local_app, local_ray
+from deployments.local import ROOT, WORKER_NICENESS, local_app, local_ray
 from deployments.settings import AppArgs
 from engine.loader import resolve_checkpoint, resolve_device, resolve_dtype
 
@@ -65,7 +65,7 @@ def our_endpoint(url: str, values: dict[str, Any]) -> Endpoint:
 
 
 @contextmanager
-def serve_app(values: dict[str, Any], ray_logs: bool) -> Iterator[str]:
+def serve_app(values: dict[str, Any], ray_logs: bool, worker_niceness: int = WORKER_NICENESS) -> Iterator[str]:
     """A private local Ray instance running the application; yields its base URL.
 
     Serve and Ray are shut down on exit, and Ray's processes have ended (or a warning says
@@ -73,7 +73,7 @@ def serve_app(values: dict[str, Any], ray_logs: bool) -> Iterator[str]:
     """
     ray_processes: list[psutil.Process] = []
     try:
-        with local_ray(log_to_driver=ray_logs):
+        with local_ray(log_to_driver=ray_logs, worker_niceness=worker_niceness):
             try:
                 with local_app(values, healthy_timeout_s=120) as url:
                     yield url
@@ -91,23 +91,25 @@ def wait_for_exit(processes: Sequence[psutil.Process], timeout_s: float = SETTLE
                     len(alive), timeout_s, [p.pid for p in alive])
 
 
-def _torch_threads(_actor: object) -> tuple[int, str | None]:
-    """Runs inside a Ray actor (via __ray_call__): torch's intra-op threads and OMP_NUM_THREADS there."""
-    return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+def _torch_threads(_actor: object) -> tuple[int, str | None, int]:
+    """Runs inside a Ray actor (via __ray_call__): torch's intra-op threads, OMP_NUM_THREADS and
+    the process's niceness there."""
+    return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), os.nice(0)
 
 
 def replica_threads() -> str:
-    """torch threads inside the LLM replica (Ray sets OMP_NUM_THREADS from the actor's num_cpus)."""
+    """torch threads inside the LLM replica (Ray sets OMP_NUM_THREADS from the actor's num_cpus)
+    and the replica's niceness (Ray's default for workers is 15)."""
     import ray
 
     try:
         actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if "LLMServer" in a["name"]]
         actor = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
-        threads, omp = ray.get(actor.__ray_call__.remote(_torch_threads), timeout=60)
+        threads, omp, niceness = ray.get(actor.__ray_call__.remote(_torch_threads), timeout=60)
     except Exception as err:  # a diagnostic only
         log.warning("could not ask the LLM replica for its torch threads: %s", err)
         return "unknown"
-    return f"{threads} (OMP_NUM_THREADS={omp})"
+    return f"{threads} (OMP_NUM_THREADS={omp}), niceness {niceness}"
 
 
 async def diagnostics(handle: Any, timeout_s: float = DIAGNOSTICS_TIMEOUT_S) -> dict[str, Any]:

@@ -12,11 +12,19 @@ from client.servers import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "llm"
+# Ray starts every worker process (Serve's controller, proxy and replicas, so also the model's
+# threads) at niceness 15, below its own daemons (GCS, raylet, agents) and below any client on
+# the machine at 0. Where the model computes on the CPU, every wake-up of those then preempts a
+# model thread, and its partner waits at the next OpenMP barrier. 0 runs workers like
+# everything else (see README, "Serving on CPU").
+WORKER_NICENESS = 0
 
 
 @contextmanager
-def local_ray(num_cpus: int = 2, log_to_driver: bool = False) -> Iterator[None]:
-    """A private local Ray instance whose workers can import this repository; shut down on exit."""
+def local_ray(num_cpus: int = 2, log_to_driver: bool = False,
+              worker_niceness: int = WORKER_NICENESS) -> Iterator[None]:
+    """A private local Ray instance whose workers can import this repository and run at
+    `worker_niceness` (Ray's own default is 15); shut down on exit."""
     import ray
 
     ray.init(
@@ -25,6 +33,7 @@ def local_ray(num_cpus: int = 2, log_to_driver: bool = False) -> Iterator[None]:
         include_dashboard=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}},
         log_to_driver=log_to_driver,
+        _system_config={"worker_niceness": worker_niceness},
     )
     try:
         yield

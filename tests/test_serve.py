@@ -249,3 +249,22 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(served, tiny_mo
         assert {replica_for("alpha") for _ in range(8)} == {holder}
     finally:
         serve.delete("multiplex")
+
+
+def _niceness(_actor: object) -> int:
+    import os
+
+    return os.nice(0)
+
+
+def test_llm_replica_runs_at_the_callers_priority(server):
+    """Ray starts workers at niceness 15 (below its own daemons); local_ray asks for 0, so the
+    model's threads run at the priority of the process that started Ray."""
+    import os
+
+    import ray
+
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if "LLMServer" in a["name"]]
+    assert actors, "no LLM replica found"
+    actor = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
+    assert ray.get(actor.__ray_call__.remote(_niceness), timeout=60) == os.nice(0)
