@@ -16,8 +16,9 @@ Contract:
   pile up while the consumer is busy are merged into one; `pace` spaces them further.
   A request with `params.n > 1` runs one row per choice (the forks share its prompt's
   blocks, engine/row.py); its stream interleaves the choices' deltas (`Delta.index`), each
-  choice ends with its own last delta, and the stream ends after the n-th. Closing the
-  stream (or `cancel`) cancels every choice.
+  choice ends with its own last delta, and the stream ends after the n-th (what piles up is
+  merged per choice; `pace` is not applied to it). Closing the stream (or `cancel`) cancels
+  every choice.
 - Threads: the core runs on one worker thread, one step at a time; the event loop awaits each
   step, so the two never touch the core at once. Between steps the loop only hands rows to
   the core (`EngineCore.add`, a thread-safe deque) and sets `row.cancelled`; it owns the
