@@ -17,8 +17,8 @@ from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
 
 from engine.prompt import Instruction
-from engine.request import RequestStats
 
+from deployments.choices import Choices
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.http_errors import install_error_handling, internal_error, public
 from deployments.messages import ApiError, GenerateCall
@@ -86,8 +86,8 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         meta = ResponseMeta("completion", model)
         call = GenerateCall(body.generation_config.to_overrides(), service.adapter_for(model), prompt=prompt,
                             request_id=meta.id)
-        text, _, _ = await service.complete(call, meta, "generate")
-        return GenerateResponse(output=text.strip())
+        choices = await service.complete(call, meta, "generate")
+        return GenerateResponse(output=choices.states[0].text.strip())
 
     @app.get("/v1/models", dependencies=guarded, response_model=ModelList, responses=ERRORS)
     async def models() -> ModelList:
@@ -135,26 +135,28 @@ class ApiService:
     async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, include_usage: bool):
         if stream:
             return await self.stream_sse(call, meta, include_usage)
-        text, finish, stats = await self.complete(call, meta, meta.kind)
-        return meta.response(text, finish, stats)
+        choices = await self.complete(call, meta, meta.kind)
+        return meta.response(choices.outputs(), choices.endings.usage())
 
-    async def complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> tuple[str, str, RequestStats]:
-        """Run a call to the end; raise ApiError if it fails."""
-        text, final = "", None
+    async def complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> Choices:
+        """Run a call to the end (every choice); raise ApiError if it fails."""
+        choices, final, ended = _choices_of(call, meta), None, False
         async with aclosing(self.requests.stream(call, meta.model, endpoint)) as items:
             try:
                 async for item in items:
                     if isinstance(item, ApiError):
                         raise public(item, call.request_id)
-                    text += item.text
-                    final = item
+                    choices.collect(item)
+                    if item.finish_reason:
+                        final = item
+                        ended = item.finish_reason not in FAILED_FINISHES and choices.end(item)
             except ApiError as err:
                 raise public(err, call.request_id) from None
             except Exception as err:  # the replica died or the handle failed
                 raise internal_error(call.request_id, repr(err)) from err
-        if final is None or final.finish_reason in FAILED_FINISHES:
+        if not ended:
             raise internal_error(call.request_id, final.error if final and final.error else "generation was interrupted")
-        return text, final.finish_reason, final.stats
+        return choices
 
     async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, include_usage: bool):
         """Answer with SSE once the first item is in (so a refusal still gets its status)."""
@@ -169,21 +171,21 @@ class ApiService:
         if isinstance(first, ApiError):
             await items.aclose()
             raise public(first, call.request_id)
-        frames = self._frames(call.request_id, first, items, meta, include_usage)
+        frames = self._frames(call.request_id, first, items, meta, include_usage, _choices_of(call, meta))
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _frames(self, request_id: str, first: Item, items: AsyncIterator[Item], meta: ResponseMeta,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, choices: Choices) -> AsyncIterator[str]:
         """SSE frames of the items, then `[DONE]`; a failure becomes an error event before it."""
         done = False
         async with aclosing(items):
             try:
                 if meta.kind == "chat":
-                    yield sse(meta.chunk(role=True))
-                frame, done = self._frame(request_id, first, meta, include_usage)
+                    yield "".join(sse(meta.chunk(role=True, index=i)) for i in range(len(choices.states)))
+                frame, done = self._frame(request_id, first, meta, include_usage, choices)
                 yield frame
                 async for item in items:
-                    frame, done = self._frame(request_id, item, meta, include_usage)
+                    frame, done = self._frame(request_id, item, meta, include_usage, choices)
                     yield frame
                 if not done:
                     yield sse(internal_error(request_id, "the stream ended early").body)
@@ -191,20 +193,27 @@ class ApiService:
                 yield sse(internal_error(request_id, f"mid-stream: {err!r}").body)
         yield DONE_FRAME
 
-    def _frame(self, request_id: str, item: Item, meta: ResponseMeta, include_usage: bool) -> tuple[str, bool]:
-        """SSE text for one item, and whether the stream is over."""
+    def _frame(self, request_id: str, item: Item, meta: ResponseMeta, include_usage: bool,
+               choices: Choices) -> tuple[str, bool]:
+        """SSE text for one item, and whether the stream is over (every choice ended, or failed)."""
         if isinstance(item, ApiError):
             return sse(public(item, request_id).body), True
-        frame = sse(meta.chunk(item.text)) if item.text else ""
+        piece = choices.piece(item)
+        frame = sse(meta.chunk(piece.text, index=item.index, logprobs=piece.logprobs)) if piece.text or piece.logprobs else ""
         if item.finish_reason in FAILED_FINISHES:
             error = internal_error(request_id, item.error or "generation was cancelled")
             return frame + sse(error.body), True
         if not item.finish_reason:
             return frame, False
-        frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats))
-        if include_usage:
-            frame += sse(meta.usage_chunk(item.stats))
-        return frame, True
+        frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats, index=item.index))
+        done = choices.end(item)
+        if done and include_usage:
+            frame += sse(meta.usage_chunk(choices.endings.usage()))
+        return frame, done
+
+
+def _choices_of(call: GenerateCall, meta: ResponseMeta) -> Choices:
+    return Choices(meta.kind, call.overrides.n, call.overrides.logprobs is not None)
 
 
 def _usage_wanted(body: ChatCompletionRequest | CompletionRequest) -> bool:

@@ -4,6 +4,9 @@ The routes declare these models as their response schemas, so the OpenAPI docume
 schema fuzzing in the tests) describes successful replies too. `ResponseMeta` builds every
 object of one response with the same id (the request's id), creation time and model.
 `stop_reason` is vLLM's extension: why a guard stopped the reply (e.g. "repetition"), else null.
+Logprobs take OpenAI's two shapes: chat's `{"content": [{token, logprob, bytes, top_logprobs}]}`
+and the legacy completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`,
+`text_offset`); deployments/logprob_format.py fills them from the engine's TokenLogprobs.
 """
 
 from __future__ import annotations
@@ -35,6 +38,30 @@ class Usage(BaseModel):
                    total_tokens=stats.prompt_tokens + stats.completion_tokens)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Parallel lists, one entry per token; the first prompt token's entries are null (echo)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -43,7 +70,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
     stop_reason: str | None = None
 
@@ -65,7 +92,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | None = None
 
@@ -82,7 +109,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | None = None
 
@@ -144,27 +171,44 @@ class ResponseMeta:
         self.id = self.id or f"{prefix}-{uuid.uuid4().hex}"
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
-              stats: RequestStats | None = None) -> ChatCompletionChunk | Completion:
-        """One streaming chunk with a text delta and/or a finish reason (and the last one's stats)."""
+              stats: RequestStats | None = None, index: int = 0,
+              logprobs: ChatLogprobs | CompletionLogprobs | None = None) -> ChatCompletionChunk | Completion:
+        """One streaming chunk of choice `index`: a text delta (with its logprobs) and/or a finish
+        reason (and the last one's stats)."""
         stop_reason = stats.stop_reason if stats else None
         if self.kind == "chat":
             delta = ChatDelta(role="assistant", content=text or "") if role else ChatDelta(content=text or None)
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason, stop_reason=stop_reason)
+            choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
+                                     stop_reason=stop_reason)
             return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
-        choice = CompletionChoice(text=text or "", finish_reason=finish_reason, stop_reason=stop_reason)
+        choice = CompletionChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish_reason,
+                                  stop_reason=stop_reason)
         return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
 
-    def usage_chunk(self, stats: RequestStats | None) -> ChatCompletionChunk | Completion:
+    def usage_chunk(self, usage: Usage | None) -> ChatCompletionChunk | Completion:
         kind = ChatCompletionChunk if self.kind == "chat" else Completion
-        return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=Usage.of(stats))
+        return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
-    def response(self, text: str, finish_reason: str, stats: RequestStats | None) -> ChatCompletion | Completion:
+    def response(self, choices: list[ChoiceOutput], usage: Usage | None) -> ChatCompletion | Completion:
         """The whole (non-streaming) response."""
-        stop_reason = stats.stop_reason if stats else None
-        envelope = {"id": self.id, "created": self.created, "model": self.model, "usage": Usage.of(stats)}
+        envelope = {"id": self.id, "created": self.created, "model": self.model, "usage": usage}
         if self.kind == "chat":
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason,
-                                stop_reason=stop_reason)
-            return ChatCompletion(choices=[choice], **envelope)
-        return Completion(choices=[CompletionChoice(text=text, finish_reason=finish_reason, stop_reason=stop_reason)],
-                          **envelope)
+            return ChatCompletion(choices=[
+                ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=c.logprobs,
+                           finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in choices
+            ], **envelope)
+        return Completion(choices=[
+            CompletionChoice(index=c.index, text=c.text, logprobs=c.logprobs, finish_reason=c.finish_reason,
+                             stop_reason=c.stop_reason) for c in choices
+        ], **envelope)
+
+
+@dataclass
+class ChoiceOutput:
+    """One finished choice of a whole response."""
+
+    index: int
+    text: str
+    finish_reason: str
+    stop_reason: str | None = None
+    logprobs: ChatLogprobs | CompletionLogprobs | None = None

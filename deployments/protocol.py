@@ -3,7 +3,8 @@
 Each request turns its sampling fields into `SamplingOverrides` (`to_overrides`), the part of
 the ingress-to-replica contract that says what the client set; the LLM replica fills the rest
 from the server's generation defaults. Field types and bounds come from engine/config.py, one
-declaration per field. Fields of the
+declaration per field. `logprobs`, `top_logprobs` (chat) and `logprobs`,
+`echo` (completions) become the engine's output options (`_output_options`). Fields of the
 OpenAI API that we do not implement are accepted only at their neutral value; anything
 else is a 400, never silently ignored. Unknown fields are a 400 too. Every string is `Text`:
 one that UTF-8 cannot encode (a lone surrogate, or bytes that were not UTF-8) is a 400 naming
@@ -15,16 +16,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.config import (
-    MAX_STOP_CHARS, MAX_STOP_STRINGS, MaxTokens, MinP, Penalty, RepetitionPenalty, SamplingOverrides, Seed,
-    StopString, StopTokenIds, Temperature, TopK, TopP,
+    MAX_STOP_CHARS, MAX_STOP_STRINGS, Choices, Logprobs, MaxTokens, MinP, Penalty, RepetitionPenalty,
+    SamplingOverrides, Seed, StopString, StopTokenIds, Temperature, TopK, TopP,
 )
 from engine.prompt import ChatMessage, valid_text
 
 Text = Annotated[str, AfterValidator(valid_text)]
 TextStop = Annotated[StopString, AfterValidator(valid_text)]
+StrictLogprobs = Annotated[Logprobs, Field(strict=True)]  # a count: `true` is not 1
+
+
+OUTPUT_OPTIONS = {"logprobs", "prompt_logprobs", "echo"}  # named differently per endpoint
 
 
 class StrictBody(BaseModel):
@@ -48,21 +53,25 @@ class SamplingFields(StrictBody):
     )
     stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
-    n: Literal[1] = 1
+    n: Choices = 1
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
     user: Text | None = None
 
     def to_overrides(self) -> SamplingOverrides:
         """What this request sets (the replica fills the rest from the server defaults)."""
-        fields = self.model_dump(include=set(SamplingOverrides.model_fields), exclude_none=True)
+        fields = self.model_dump(include=set(SamplingOverrides.model_fields) - OUTPUT_OPTIONS, exclude_none=True)
         fields["max_tokens"] = self._max_tokens()
         fields["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if self.top_k is not None:
             fields["top_k"] = max(self.top_k, 0)
-        return SamplingOverrides(**fields)
+        return SamplingOverrides(**fields, **self._output_options())
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def _output_options(self) -> dict:
+        """The engine's logprobs / prompt_logprobs / echo, from this endpoint's own fields."""
+        return {}
 
 
 class StreamOptions(StrictBody):
@@ -95,11 +104,21 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] = False
+    logprobs: bool = False
+    top_logprobs: StrictLogprobs | None = Field(None, description="Needs logprobs true; at most 20.")
     response_format: TextFormat | None = Field(None, description="Only {'type': 'text'} is supported.")
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def _output_options(self) -> dict:
+        return {"logprobs": self.top_logprobs or 0} if self.logprobs else {}
 
     def chat_messages(self) -> list[ChatMessage]:
         return [m.to_message() for m in self.messages]
@@ -110,10 +129,14 @@ class CompletionRequest(SamplingFields):
     prompt: Text | list[int] | list[Text] | list[list[int]]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: Literal[False] = False
+    echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: theirs too).")
     best_of: Literal[1] | None = None
-    logprobs: None = None
+    logprobs: StrictLogprobs | None = Field(None, description="Logprobs of each token and the N most likely (N <= 20).")
     suffix: None = None
+
+    def _output_options(self) -> dict:
+        prompt = self.logprobs if self.echo else None
+        return {"logprobs": self.logprobs, "prompt_logprobs": prompt, "echo": self.echo}
 
     @field_validator("prompt")
     @classmethod

@@ -3,7 +3,8 @@
 No HTTP and no Ray here. `RequestService.stream(call, ...)` checks the request's limits, reads
 the backend's items for it and, whatever happens (finished, refused, failed, or the consumer
 stopped reading), reports how it ended exactly once, through `on_finish` (the request log and
-the metrics): 200 finished, the refusal's status, 500 failed, 499 the client left.
+the metrics): 200 finished, the refusal's status, 500 failed, 499 the client left. A request
+with n choices has finished when all n have (deployments/choices.py); one failed choice fails it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 
 from engine.request import Delta, RequestStats
 
+from deployments.choices import Endings
 from deployments.messages import ApiError, GenerateCall
 
 Item = Delta | ApiError  # a refusal comes as an item, in place of the deltas
@@ -52,13 +54,16 @@ class RequestService:
         end) to record the request; closing early cancels the generation."""
         self.check(call)
         status, stats = 499, None
+        endings = Endings(call.overrides.n)
         stream = self.backend.stream(call)
         try:
             async for item in stream:
                 if isinstance(item, ApiError):
                     status = item.status
-                elif item.finish_reason:
-                    status, stats = (500 if item.finish_reason in FAILED_FINISHES else 200), item.stats
+                elif item.finish_reason in FAILED_FINISHES:
+                    status, stats = 500, item.stats
+                elif item.finish_reason and endings.add(item):
+                    status, stats = 200, endings.stats
                 yield item
                 if status != 499:
                     return

@@ -20,6 +20,8 @@ PromptTemplate = Literal["auto", "chat", "alpaca"]
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 128
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # most likely tokens listed per position (OpenAI's top_logprobs limit)
+MAX_CHOICES = 128  # choices per request (OpenAI's limit); the engine also caps n at max_batch_size
 
 
 class RepetitionGuardConfig(BaseModel):
@@ -111,6 +113,8 @@ Seed = Annotated[int, Field(ge=0, lt=2**63)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 StopTokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)]
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES, description="Choices sampled for the prompt.")]
+Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS, description="Most likely tokens listed beside each token.")]
 
 
 class GenerationDefaults(BaseModel):
@@ -143,6 +147,11 @@ class SamplingParams(BaseModel):
     stop: StopStrings = Field(default_factory=list)
     stop_token_ids: StopTokenIds = Field(default_factory=list)
     ignore_eos: bool = False
+    # output options (engine/logprobs.py): None means no logprobs; k lists the k most likely beside each
+    n: Choices = 1
+    logprobs: Logprobs | None = None
+    prompt_logprobs: Logprobs | None = None
+    echo: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -179,6 +188,10 @@ class SamplingOverrides(BaseModel):
     stop: StopStrings = Field(default_factory=list)
     stop_token_ids: StopTokenIds = Field(default_factory=list)
     ignore_eos: bool = False
+    n: Choices = 1
+    logprobs: Logprobs | None = None
+    prompt_logprobs: Logprobs | None = None
+    echo: bool = False
 
     def resolve(self, defaults: GenerationDefaults) -> SamplingParams:
         """Complete settings: the request's values where given, else the defaults."""

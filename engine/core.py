@@ -3,8 +3,11 @@
 One `step()` is three moves, as in nano-vllm:
 
     chunks = scheduler.schedule()          # which tokens to compute (engine/scheduler.py)
-    rows, logits = runner.run(chunks)      # one packed forward over the KV cache (engine/runner.py)
-    events = self._postprocess(...)        # register full blocks, sample, advance, retire
+    out = runner.run(chunks)               # one packed forward over the KV cache (engine/runner.py)
+    events = self._postprocess(...)        # register full blocks, score prompts, sample, advance, retire
+
+Logprobs (engine/logprobs.py) come from the same logits: a prompt's from the positions the
+runner kept for it, a sampled token's from its row's logits before the sampler changes them.
 
 Who owns what: the core, its scheduler, block manager, KV cache and runner belong to the
 thread that calls `step()` (the async shell's worker thread, or a test). Other threads may
@@ -29,10 +32,11 @@ from engine.blocks import ROOT_KEY, BlockManager, block_key
 from engine.config import EngineConfig
 from engine.kv_cache import PagedKVCache
 from engine.loader import LoadedModel
+from engine.logprobs import LogprobMaker, TokenLogprob
 from engine.lora import AdapterRegistry
 from engine.request import Delta
 from engine.row import Row
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, StepLogits
 from engine.sampling import sample_next_tokens
 from engine.scheduler import ScheduledChunk, Scheduler
 
@@ -89,6 +93,7 @@ class EngineCore:
         self.cache = PagedKVCache.for_model(loaded.model.config, num_blocks, self.block_size, loaded.dtype, loaded.device)
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_step_tokens)
         self.runner = ModelRunner(loaded.model, self.cache, adapters)
+        self.logprobs = LogprobMaker(loaded.tokenizer)
         self._incoming: deque[Row] = deque()
         self._last_rows = 0
         self.counters = StepCounters()
@@ -134,13 +139,15 @@ class EngineCore:
     def _compute(self, chunks: list[ScheduledChunk]) -> list[Event]:
         """The forward pass over the chunks, then sampling; a failed pass fails its rows."""
         try:
-            rows, logits = self.runner.run(chunks)
+            out = self.runner.run(chunks)
         except Exception as err:
             log.exception("forward pass failed for %d rows", len(chunks))
             return [self._finish(c.row, "error", error=f"forward pass failed: {err}") for c in chunks]
         for chunk in chunks:
             self._computed(chunk)
-        return self._sample(rows, logits)
+        if out.prompt_spans:
+            self._score_prompts(out)
+        return self._sample(out.rows, out.logits)
 
     def abort_all(self, message: str) -> list[Event]:
         """Fail every request (the engine is shutting down or broke)."""
@@ -191,17 +198,36 @@ class EngineCore:
             self.blocks.register(row.table.blocks[index], key)
             row.block_keys.append(key)
 
+    def _score_prompts(self, out: StepLogits) -> None:
+        """Append the logprobs of the prompt tokens this step scored to their rows."""
+        first = 0
+        for span in out.prompt_spans:
+            row = span.row
+            prompt = row.request.prompt_ids
+            chosen = prompt[span.first + 1 : span.first + 1 + span.count]
+            logits = out.prompt_logits[first : first + span.count]
+            top = [row.request.params.prompt_logprobs] * span.count
+            row.prompt_logprobs += self.logprobs.entries(logits, chosen, top)
+            first += span.count
+
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[Event]:
         """Each sampling row's next token, turned into its delta; a row's error is its own."""
         if not rows:
             return []
+        scoring = [i for i, row in enumerate(rows) if row.request.params.logprobs is not None]
+        scored = logits[scoring].float() if scoring else None  # a copy: the sampler changes `logits`
         tokens = sample_next_tokens(logits, [r.sampler for r in rows])
+        logprobs = self._token_logprobs(rows, scoring, scored, tokens) if scoring else {}
         events = []
-        for row, token in zip(rows, tokens):
+        for i, (row, token) in enumerate(zip(rows, tokens)):
             try:
                 if token is None:
                     raise ValueError("the model produced non-finite logits (NaN or inf) for this request")
                 delta = row.advance(token)
+                if i in logprobs and delta.token_ids:
+                    delta.logprobs = [logprobs[i]]
+                if len(row.sampler.output_ids) == 1:
+                    self._attach_prompt(row, delta)
             except Exception as err:
                 log.warning("request %s failed: %s", row.request_id, err)
                 events.append(self._finish(row, "error", error=str(err)))
@@ -211,6 +237,26 @@ class EngineCore:
                 self._retire(row)
             events.append((row.request_id, delta))
         return events
+
+    def _token_logprobs(self, rows: list[Row], scoring: list[int], logits: torch.Tensor,
+                        tokens: list[int | None]) -> dict[int, TokenLogprob]:
+        """Logprobs of the sampled tokens of rows `scoring` (indexes into `rows`), by index."""
+        kept = [(j, i) for j, i in enumerate(scoring) if tokens[i] is not None]
+        if not kept:
+            return {}
+        entries = self.logprobs.entries(
+            logits[[j for j, _ in kept]], [tokens[i] for _, i in kept], [rows[i].request.params.logprobs for _, i in kept]
+        )
+        return {i: entry for (_, i), entry in zip(kept, entries)}
+
+    def _attach_prompt(self, row: Row, delta: Delta) -> None:
+        """A choice's first delta carries its prompt's text and logprobs, when asked."""
+        params = row.request.params
+        if params.echo:
+            delta.prompt_text = self.logprobs.text(row.request.prompt_ids)
+        if row.prompt_logprobs is not None:  # the first token has no logprob (nothing before it)
+            first = row.request.prompt_ids[0]
+            delta.prompt_logprobs = [TokenLogprob(first, self.logprobs.token(first), None)] + row.prompt_logprobs[1:]
 
     def _finish(self, row: Row, reason: str, error: str | None = None) -> Event:
         delta = row.finish(reason, error=error)

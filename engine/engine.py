@@ -14,6 +14,11 @@ Contract:
   EngineOverloadedError when too many wait) and returns an async iterator of Deltas; the
   last delta has `finish_reason` (stop, length, cancelled, error) and `stats`. Deltas that
   pile up while the consumer is busy are merged into one; `pace` spaces them further.
+  A request with `params.n > 1` runs one row per choice (the forks share its prompt's
+  blocks, engine/row.py); its stream interleaves the choices' deltas (`Delta.index`), each
+  choice ends with its own last delta, and the stream ends after the n-th (what piles up is
+  merged per choice; `pace` is not applied to it). Closing the stream (or `cancel`) cancels
+  every choice.
 - Threads: the core runs on one worker thread, one step at a time; the event loop awaits each
   step, so the two never touch the core at once. Between steps the loop only hands rows to
   the core (`EngineCore.add`, a thread-safe deque) and sets `row.cancelled`; it owns the
@@ -33,6 +38,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import torch
 
 from engine.config import EngineConfig, SamplingParams
+from engine.choices import check_choices, choice_stream
 from engine.core import EngineCore, EngineStats, Event
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError
 from engine.attention import check_supported
@@ -67,7 +73,7 @@ class Engine:
         )
         self.core = self._worker.submit(EngineCore, loaded, config, self.adapters).result()
         self._queues: dict[str, asyncio.Queue[Delta]] = {}
-        self._rows: dict[str, Row] = {}
+        self._rows: dict[str, list[Row]] = {}  # a request's rows, one per choice
         self._draining: set[str] = set()
         self._model_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
@@ -126,21 +132,29 @@ class Engine:
         Fewer, larger deltas cost a transport with a per-message price (Ray's handles) less CPU."""
         self._check(request)
         self._ensure_started()
-        row = self.new_row(request)
-        self._rows[request.request_id] = row
+        rows = self.new_rows(request)
+        self._rows[request.request_id] = rows
         self._queues[request.request_id] = queue = asyncio.Queue()
-        self.core.add(row)
+        for row in rows:
+            self.core.add(row)
         self._wakeup.set()
+        if len(rows) > 1:
+            return choice_stream(queue, len(rows), lambda: self.cancel(request.request_id))
         return self._stream(request.request_id, queue, pace or _no_pause)
 
-    def new_row(self, request: GenerationRequest) -> Row:
+    def new_row(self, request: GenerationRequest, choice: int = 0, parent: Row | None = None) -> Row:
         """The engine-side state of a (validated) request, for `submit` or for `core.add`."""
         return Row.create(
             request, self.loaded.tokenizer, self.loaded.eos_token_ids,
             self.config.max_consecutive_newlines, self.loaded.device, self.config.request_timeout_s,
             adapter_identity=self.adapters.identity(request.adapter),
-            repetition=self.config.repetition_guard,
+            repetition=self.config.repetition_guard, choice=choice, parent=parent,
         )
+
+    def new_rows(self, request: GenerationRequest) -> list[Row]:
+        """One row per choice: choice 0's, then its forks (they share its prompt blocks)."""
+        first = self.new_row(request)
+        return [first] + [self.new_row(request, i, first) for i in range(1, request.params.n)]
 
     def submit_group(
         self, requests: Sequence[GenerationRequest], pace: Pace | None = None
@@ -159,10 +173,10 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its blocks are freed at the next step. Unknown ids are ignored."""
-        row = self._rows.get(request_id)
-        if row is not None and not row.cancelled:
-            row.cancelled = True
-            self._wakeup.set()
+        for row in self._rows.get(request_id, ()):
+            if not row.cancelled and not row.finished:
+                row.cancelled = True
+                self._wakeup.set()
 
     async def load_adapter(self, name: str, source: str) -> None:
         """Load a LoRA adapter while serving (generation pauses for the load)."""
@@ -175,7 +189,7 @@ class Engine:
         self.adapters.check(name)
         self._draining.add(name)
         try:
-            while any(r.request.adapter == name for r in self._rows.values()):
+            while any(row.request.adapter == name for rows in self._rows.values() for row in rows):
                 await asyncio.sleep(0.01)
             async with self._model_lock:
                 await self._run_on_worker(self.adapters.unload, name)
@@ -212,6 +226,7 @@ class Engine:
             )
         if request.request_id in self._rows:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        check_choices(request, self.config.max_batch_size, self.core.capacity_tokens)
         if self.core.num_waiting >= self.config.max_waiting:
             raise EngineOverloadedError(f"{self.core.num_waiting} requests are already waiting")
 
@@ -272,8 +287,11 @@ class Engine:
             if queue is not None:
                 queue.put_nowait(delta)
             if delta.finish_reason:
-                self._queues.pop(request_id, None)
-                self._rows.pop(request_id, None)
+                rows = [row for row in self._rows.get(request_id, ()) if row.choice != delta.index]
+                self._rows[request_id] = rows
+                if not rows:  # the request's last choice has finished
+                    self._queues.pop(request_id, None)
+                    self._rows.pop(request_id, None)
 
 
 def _no_pause() -> float:

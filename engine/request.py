@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.config import SamplingParams
+from engine.logprobs import TokenLogprob
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -47,20 +48,33 @@ class RequestStats:
 
 @dataclass
 class Delta:
-    """A piece of one request's output. The last delta has finish_reason and stats set."""
+    """A piece of one choice's output (`index`; a request has `params.n` choices). A choice's
+    last delta has finish_reason and stats set. `logprobs` (when asked) score `token_ids`, one
+    each; a choice's first delta carries its prompt's text (`echo`) and logprobs when asked."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
     stats: RequestStats | None = None
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_text: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def merge(self, later: Delta) -> Delta:
-        """This delta followed by `later`, as one."""
+        """This delta followed by `later` (of the same choice), as one."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else (
+            (self.logprobs or []) + (later.logprobs or [])
+        )
         return Delta(
             text=self.text + later.text,
             token_ids=self.token_ids + later.token_ids,
             finish_reason=later.finish_reason,
             error=later.error,
             stats=later.stats,
+            index=self.index,
+            logprobs=logprobs,
+            prompt_text=self.prompt_text if self.prompt_text is not None else later.prompt_text,
+            prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
         )

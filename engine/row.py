@@ -7,6 +7,12 @@ A preempted row gives its blocks back and starts again from `num_computed = 0` (
 tokens stay, so it resumes where it stopped). `block_keys` are the prefix keys of its full,
 computed blocks, each chained to the one before (engine/blocks.py).
 
+A request with `n` choices has one row per choice (`choice`); the rows of choices 1..n-1 are
+forks of choice 0's row (`parent`): they wait until it has computed the prompt, then hold its
+prompt blocks (reference counts) instead of computing them again (engine/scheduler.py). A fork
+samples with `seed + choice`, so a seeded request gives n different but reproducible choices.
+`prompt_logprobs` collects the prompt's logprobs (engine/logprobs.py), shared by the forks.
+
 Thread: owned by the engine core (its worker thread); only `cancelled` is set from outside.
 """
 
@@ -22,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from engine.config import RepetitionGuardConfig
 from engine.detok import IncrementalDetokenizer, StopMatcher
 from engine.kv_cache import BlockTable
+from engine.logprobs import TokenLogprob
 from engine.repetition import RepetitionGuard
 from engine.request import Delta, FinishReason, GenerationRequest, RequestStats
 from engine.sampling import RowSampler
@@ -49,6 +56,9 @@ class Row:
     stop_reason: str | None = None
     cancelled: bool = False
     timeout_s: float | None = None
+    choice: int = 0
+    parent: Row | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @classmethod
     def create(
@@ -61,8 +71,13 @@ class Row:
         timeout_s: float | None = None,
         adapter_identity: bytes = b"",
         repetition: RepetitionGuardConfig | None = None,
+        choice: int = 0,
+        parent: Row | None = None,
     ) -> Row:
+        """Choice `choice` of the request; `parent` is choice 0's row for the others."""
         params = request.params
+        if choice and params.seed is not None:
+            params = params.model_copy(update={"seed": params.seed + choice})
         stop_ids = set(params.stop_token_ids)
         guard = repetition or RepetitionGuardConfig()
         if not params.ignore_eos:
@@ -78,7 +93,16 @@ class Row:
             repetition=RepetitionGuard(guard),
             adapter_identity=adapter_identity,
             timeout_s=timeout_s,
+            choice=choice,
+            parent=parent,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """True while the row still needs logprobs of prompt tokens (it then skips the prefix cache)."""
+        scored = self.prompt_logprobs
+        return scored is not None and len(scored) < len(self.request.prompt_ids)
 
     @property
     def request_id(self) -> str:
@@ -126,7 +150,7 @@ class Row:
             return self.finish("stop", text + self._flush(), [token])
         if len(self.sampler.output_ids) >= self.request.params.max_tokens or self._late(now):
             return self.finish("length", text + self._flush(), [token])
-        return Delta(text=text, token_ids=[token])
+        return Delta(text=text, token_ids=[token], index=self.choice)
 
     def _late(self, now: float) -> bool:
         """Past the request time limit: the row stops as if it had reached max_tokens."""
@@ -144,7 +168,8 @@ class Row:
         """Mark the row finished; the returned delta is its last."""
         self.finish_reason = reason
         return Delta(
-            text=text, token_ids=token_ids or [], finish_reason=reason, error=error, stats=self.stats()
+            text=text, token_ids=token_ids or [], finish_reason=reason, error=error, stats=self.stats(),
+            index=self.choice,
         )
 
     def stats(self) -> RequestStats:

@@ -4,14 +4,15 @@ Every chunk of the step (decode tokens and prompt chunks alike) goes into one pa
 `[1, T]`, ordered by adapter so that each adapter's tokens form one segment (engine/lora.py).
 The row's positions are the tokens' positions in their own sequences, and `StepLayout` tells
 the attention layers which slots to write and which runs to read (engine/kv_cache.py). Only
-the last position of each chunk that samples reaches the LM head (`logits_to_keep`).
+the last position of each chunk that samples reaches the LM head (`logits_to_keep`), plus,
+for a row that asks for prompt logprobs, the positions that score its prompt (engine/logprobs.py).
 
 Thread: the engine core's worker thread.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 
 import torch
@@ -19,6 +20,7 @@ from transformers import PreTrainedModel
 
 from engine.attention import SHORT_CONTEXT, use_paged_attention
 from engine.kv_cache import PagedKVCache, SequenceLayout, ShortDecodes, StepLayout
+from engine.logprobs import PromptSpan, prompt_positions
 from engine.lora import AdapterRegistry
 from engine.row import Row
 from engine.scheduler import ScheduledChunk
@@ -34,6 +36,17 @@ class PackedStep:
     layout: StepLayout
     segments: list[tuple[str, int, int]]  # (adapter, start, stop) in the row
     sampled_rows: list[Row]
+    prompt_spans: list[PromptSpan] = field(default_factory=list)  # kept after the sampled positions
+
+
+@dataclass
+class StepLogits:
+    """The kept logits of one forward pass: one row per sampling row, then the prompt spans'."""
+
+    rows: list[Row]
+    logits: torch.Tensor  # [rows, vocab]
+    prompt_spans: list[PromptSpan]
+    prompt_logits: torch.Tensor  # [sum of the spans' counts, vocab]
 
 
 class ModelRunner:
@@ -46,8 +59,8 @@ class ModelRunner:
         self.adapters = adapters
         self.device = next(model.parameters()).device
 
-    def run(self, chunks: list[ScheduledChunk]) -> tuple[list[Row], torch.Tensor]:
-        """Compute the chunks' KV; return the rows that sample and their logits [rows, vocab].
+    def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        """Compute the chunks' KV; return the logits of the rows that sample (and prompt spans).
 
         Call under `torch.inference_mode()`."""
         step = self.pack(chunks)
@@ -61,7 +74,8 @@ class ModelRunner:
         finally:
             self.cache.layout = None
             self.adapters.context.segments = []
-        return step.sampled_rows, out.logits[0]
+        logits, sampled = out.logits[0], len(step.sampled_rows)
+        return StepLogits(step.sampled_rows, logits[:sampled], step.prompt_spans, logits[sampled:])
 
     def pack(self, chunks: list[ScheduledChunk]) -> PackedStep:
         """Lay the chunks out in one row, grouped by adapter (base-model chunks first)."""
@@ -70,7 +84,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        sequences, keep, sampled = [], [], []
+        sequences, keep, sampled, spans, scoring = [], [], [], [], []
         for chunk in chunks:
             row, stop = chunk.row, chunk.start + chunk.length
             sequences.append(SequenceLayout(len(ids), chunk.length, row.table.slot_runs(stop, size)))
@@ -80,6 +94,11 @@ class ModelRunner:
             if chunk.sample:
                 keep.append(len(ids) - 1)
                 sampled.append(row)
+            if row.prompt_logprobs is not None:
+                scored = prompt_positions(row.prompt_logprobs, len(row.request.prompt_ids), chunk.start, stop)
+                if scored:
+                    spans.append(PromptSpan(row, scored.start, len(scored)))
+                    scoring += range(len(ids) - stop + scored.start, len(ids) - stop + scored.stop)
         device = self.device
         short, others = [], []
         for seq in sequences:
@@ -91,10 +110,11 @@ class ModelRunner:
         return PackedStep(
             input_ids=torch.tensor([ids], device=device),
             position_ids=torch.tensor([positions], device=device),
-            keep=torch.tensor(keep, dtype=torch.long, device=device),
+            keep=torch.tensor(keep + scoring, dtype=torch.long, device=device),
             layout=layout,
             segments=adapter_segments(chunks, sequences),
             sampled_rows=sampled,
+            prompt_spans=spans,
         )
 
 

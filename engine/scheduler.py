@@ -12,6 +12,10 @@ State: `waiting` (a deque, first come first served; preempted rows go back to it
    blocks of its longest cached prefix (same tokens, same adapter), takes blocks for the rest
    of its tokens at once (so its prefill never stalls for memory halfway), and gets its
    first chunk. A long prompt is thus prefilled over several steps while streams go on.
+   The other choices of a request with n > 1 (forks, engine/row.py) wait behind its first
+   row until that has computed the prompt, then hold its prompt's blocks and compute only
+   the last partial block themselves: one prefill for n choices. A row that needs prompt
+   logprobs skips the prefix cache (engine/logprobs.py).
 
 A chunk that reaches the end of a row's known tokens asks for a sample.
 
@@ -126,8 +130,16 @@ class Scheduler:
         change) when the blocks are not there, keeping one spare block per running row."""
         size = self.blocks.block_size
         tokens = row.tokens
-        keys = prefix_keys(tokens[: len(tokens) - 1], row.adapter_identity, size)  # >= 1 token to compute
-        cached = self.blocks.match(keys)
+        parent = self._running_parent(row)
+        if parent is not None:  # a fork: shares the prompt blocks its parent computed
+            if parent.num_computed < len(parent.request.prompt_ids):
+                return False
+            keys = parent.block_keys[: (len(tokens) - 1) // size]
+            cached = parent.table.blocks[: len(keys)]
+            row.prompt_logprobs = parent.prompt_logprobs
+        else:
+            keys = prefix_keys(tokens[: len(tokens) - 1], row.adapter_identity, size)  # >= 1 token to compute
+            cached = [] if row.scoring_prompt else self.blocks.match(keys)  # cached tokens have no logits
         self.blocks.hold(cached)
         needed = -(-len(tokens) // size) - len(cached)
         fresh = None
@@ -143,3 +155,10 @@ class Scheduler:
         self.stats.hit_tokens += row.num_computed
         self.running.append(row)
         return True
+
+    def _running_parent(self, row: Row) -> Row | None:
+        """The running row whose prompt blocks a fork (choice > 0 of a request) can share."""
+        parent = row.parent
+        if parent is None or row.sampler.output_ids or parent not in self.running:
+            return None
+        return parent

@@ -74,6 +74,20 @@ async def engine(engine_config):
     await engine.close()
 
 
+@pytest.fixture
+def make_engine(engine_config):
+    """Engines with 4-token KV blocks (and other settings), for tests that drive `core.step()`."""
+    engines = []
+
+    def make(**settings) -> Engine:
+        engines.append(Engine.from_config(engine_config.model_copy(update={"kv_block_size": 4, **settings})))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.core.abort_all("test over")
+
+
 @pytest.fixture(scope="session")
 def request_log(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("logs") / "requests.log"

@@ -103,7 +103,7 @@ def test_generate_returns_stripped_output():
     assert backend.calls[0].overrides.max_tokens == 7
 
 
-@pytest.mark.parametrize("extra", [{"logprobs": True}, {"echo": True}, {"best_of": 2}, {"suffix": "x"}])
+@pytest.mark.parametrize("extra", [{"logprobs": True}, {"logprobs": 21}, {"best_of": 2}, {"suffix": "x"}, {"n": 0}])
 def test_unsupported_completion_options_are_400(extra):
     client, _, _ = make_client([])
     response = client.post("/v1/completions", json={"model": "base", "prompt": "x", **extra})
@@ -232,3 +232,23 @@ def test_routes_declare_their_reply_schemas():
     assert [ref.rsplit("/", 1)[-1] for ref in declared.values()] == [
         "ChatCompletion", "Completion", "GenerateResponse", "ModelList"]
     assert "text/event-stream" in paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+
+
+def test_n_choices_end_after_the_last_one_with_summed_usage():
+    script = [Delta("a", index=0), Delta("b", index=1), Delta(finish_reason="stop", stats=STATS, index=1),
+              Delta("c", finish_reason="length", stats=STATS, index=0)]
+    client, _, finished = make_client(script)
+    reply = client.post("/v1/chat/completions", json={**CHAT, "n": 2}).json()
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in reply["choices"]] == [
+        (0, "ac", "length"), (1, "b", "stop")]
+    assert reply["usage"]["completion_tokens"] == 2 * STATS.completion_tokens
+    assert finished[0].status == 200 and finished[0].stats.completion_tokens == 2 * STATS.completion_tokens
+    events = list(event_data(client.post("/v1/chat/completions", json={**CHAT, "n": 2, "stream": True})))
+    finishes = [(c["index"], c["finish_reason"]) for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]]
+    assert finishes == [(1, "stop"), (0, "length")] and events[-1] == "[DONE]"
+
+
+def test_one_failed_choice_fails_the_request():
+    client, _, finished = make_client([Delta("a", index=0), Delta(finish_reason="error", error="NaN", stats=STATS, index=1)])
+    assert client.post("/v1/chat/completions", json={**CHAT, "n": 2}).status_code == 500
+    assert finished[0].status == 500

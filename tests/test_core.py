@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from engine.config import SamplingParams
@@ -17,19 +16,6 @@ LONG_TEXT = (
     "What is the capital of France? The capital of France is Paris. Continuous batching keeps "
     "every stream flowing token by token."
 )
-
-
-@pytest.fixture
-def make_engine(engine_config):
-    engines = []
-
-    def make(**settings) -> Engine:
-        engines.append(Engine.from_config(engine_config.model_copy(update={"kv_block_size": 4, **settings})))
-        return engines[-1]
-
-    yield make
-    for engine in engines:
-        engine.core.abort_all("test over")
 
 
 def run(engine: Engine, requests: list[GenerationRequest], on_step=None) -> dict[str, list[int]]:
