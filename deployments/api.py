@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
 
 from engine.prompt import Instruction
-from engine.request import RequestStats
+from engine.request import Delta, RequestStats
 
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.http_errors import install_error_handling, internal_error, public
@@ -27,6 +27,7 @@ from deployments.openai_format import (
 )
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, GenerateRequest
 from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
+from deployments.tool_calls import with_tool_calls
 
 __all__ = ["ApiSettings", "Backend", "Finished", "Item", "build_api"]
 
@@ -66,7 +67,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=guarded, response_model=ChatCompletion,
               responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
-        meta = ResponseMeta("chat", body.model)
+        meta = ResponseMeta("chat", body.model, tool_calls=body.uses_tools)
         call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), messages=body.chat_messages(),
                             request_id=meta.id)
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
@@ -135,13 +136,22 @@ class ApiService:
     async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, include_usage: bool):
         if stream:
             return await self.stream_sse(call, meta, include_usage)
-        text, finish, stats = await self.complete(call, meta, meta.kind)
-        return meta.response(text, finish, stats)
+        text, final = await self._complete(call, meta, meta.kind)
+        return meta.response(text, final.finish_reason, final.stats, getattr(final, "tool_calls", None))
+
+    def _items(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> AsyncIterator[Item]:
+        items = self.requests.stream(call, meta.model, endpoint)
+        return with_tool_calls(items) if meta.tool_calls else items
 
     async def complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> tuple[str, str, RequestStats]:
         """Run a call to the end; raise ApiError if it fails."""
+        text, final = await self._complete(call, meta, endpoint)
+        return text, final.finish_reason, final.stats
+
+    async def _complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> tuple[str, Delta]:
+        """The whole text and the last delta; ApiError if the call fails."""
         text, final = "", None
-        async with aclosing(self.requests.stream(call, meta.model, endpoint)) as items:
+        async with aclosing(self._items(call, meta, endpoint)) as items:
             try:
                 async for item in items:
                     if isinstance(item, ApiError):
@@ -154,11 +164,11 @@ class ApiService:
                 raise internal_error(call.request_id, repr(err)) from err
         if final is None or final.finish_reason in FAILED_FINISHES:
             raise internal_error(call.request_id, final.error if final and final.error else "generation was interrupted")
-        return text, final.finish_reason, final.stats
+        return text, final
 
     async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, include_usage: bool):
         """Answer with SSE once the first item is in (so a refusal still gets its status)."""
-        items = self.requests.stream(call, meta.model, meta.kind)
+        items = self._items(call, meta, meta.kind)
         try:
             first = await anext(items)
         except ApiError as err:
@@ -201,6 +211,8 @@ class ApiService:
             return frame + sse(error.body), True
         if not item.finish_reason:
             return frame, False
+        if getattr(item, "tool_calls", None):
+            frame += sse(meta.tool_call_chunk(item.tool_calls))
         frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats))
         if include_usage:
             frame += sse(meta.usage_chunk(item.stats))

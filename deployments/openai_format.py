@@ -4,6 +4,8 @@ The routes declare these models as their response schemas, so the OpenAPI docume
 schema fuzzing in the tests) describes successful replies too. `ResponseMeta` builds every
 object of one response with the same id (the request's id), creation time and model.
 `stop_reason` is vLLM's extension: why a guard stopped the reply (e.g. "repetition"), else null.
+Tool calls (deployments/tool_calls.py) go into `message.tool_calls`, or into one
+`delta.tool_calls` chunk per call (name and whole arguments at once) at the end of a stream.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
 from engine.request import RequestStats
+
+if TYPE_CHECKING:
+    from deployments.tool_calls import ParsedToolCall
 
 Kind = Literal["chat", "completion"]
 DONE_FRAME = "data: [DONE]\n\n"
@@ -35,9 +40,29 @@ class Usage(BaseModel):
                    total_tokens=stats.prompt_tokens + stats.completion_tokens)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @classmethod
+    def of(cls, call: ParsedToolCall) -> ToolCall:
+        return cls(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+class ToolCallChunk(ToolCall):
+    index: int
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -60,6 +85,7 @@ class ChatCompletion(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -137,6 +163,7 @@ class ResponseMeta:
     kind: Kind
     model: str
     id: str = ""
+    tool_calls: bool = False  # the reply may hold tool calls (deployments/tool_calls.py)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -154,16 +181,25 @@ class ResponseMeta:
         choice = CompletionChoice(text=text or "", finish_reason=finish_reason, stop_reason=stop_reason)
         return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
 
+    def tool_call_chunk(self, calls: list[ParsedToolCall]) -> ChatCompletionChunk:
+        """One chunk per reply with its tool calls, each whole (OpenAI sends arguments in pieces)."""
+        chunks = [ToolCallChunk(index=i, **ToolCall.of(call).model_dump()) for i, call in enumerate(calls)]
+        choice = ChatChunkChoice(delta=ChatDelta(tool_calls=chunks))
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
     def usage_chunk(self, stats: RequestStats | None) -> ChatCompletionChunk | Completion:
         kind = ChatCompletionChunk if self.kind == "chat" else Completion
         return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=Usage.of(stats))
 
-    def response(self, text: str, finish_reason: str, stats: RequestStats | None) -> ChatCompletion | Completion:
+    def response(self, text: str, finish_reason: str, stats: RequestStats | None,
+                 tool_calls: list[ParsedToolCall] | None = None) -> ChatCompletion | Completion:
         """The whole (non-streaming) response."""
         stop_reason = stats.stop_reason if stats else None
         envelope = {"id": self.id, "created": self.created, "model": self.model, "usage": Usage.of(stats)}
         if self.kind == "chat":
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason,
+            calls = [ToolCall.of(call) for call in tool_calls] if tool_calls else None
+            message = AssistantMessage(content=text if text or not calls else None, tool_calls=calls)
+            choice = ChatChoice(message=message, finish_reason=finish_reason,
                                 stop_reason=stop_reason)
             return ChatCompletion(choices=[choice], **envelope)
         return Completion(choices=[CompletionChoice(text=text, finish_reason=finish_reason, stop_reason=stop_reason)],

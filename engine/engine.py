@@ -33,6 +33,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import torch
 
 from engine.config import EngineConfig, SamplingParams
+from engine.constraints import GrammarCache
 from engine.core import EngineCore, EngineStats, Event
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError
 from engine.attention import check_supported
@@ -66,6 +67,7 @@ class Engine:
             loaded.tokenizer, config.prompt_template, loaded.context_window, config.max_input_tokens
         )
         self.core = self._worker.submit(EngineCore, loaded, config, self.adapters).result()
+        self.grammars = GrammarCache(loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
         self._queues: dict[str, asyncio.Queue[Delta]] = {}
         self._rows: dict[str, Row] = {}
         self._draining: set[str] = set()
@@ -140,6 +142,7 @@ class Engine:
             self.config.max_consecutive_newlines, self.loaded.device, self.config.request_timeout_s,
             adapter_identity=self.adapters.identity(request.adapter),
             repetition=self.config.repetition_guard,
+            constraint=self.grammars.constraint(request.params.grammar) if request.params.grammar else None,
         )
 
     def submit_group(

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from engine.config import RepetitionGuardConfig
+from engine.constraints import TokenConstraint
 from engine.detok import IncrementalDetokenizer, StopMatcher
 from engine.kv_cache import BlockTable
 from engine.repetition import RepetitionGuard
@@ -61,6 +62,7 @@ class Row:
         timeout_s: float | None = None,
         adapter_identity: bytes = b"",
         repetition: RepetitionGuardConfig | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> Row:
         params = request.params
         stop_ids = set(params.stop_token_ids)
@@ -71,7 +73,7 @@ class Row:
             guard = guard.model_copy(update={"min_repeats": 0})
         return cls(
             request=request,
-            sampler=RowSampler.create(params, request.prompt_ids, device),
+            sampler=RowSampler.create(params, request.prompt_ids, device, constraint),
             detok=IncrementalDetokenizer(tokenizer),
             stops=StopMatcher(request.stop_strings, max_newlines),
             eos_ids=frozenset(stop_ids),
