@@ -111,8 +111,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] = False
     response_format: ResponseFormat | None = None
-    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tools: list[ToolDef] | None = Field(None, min_length=1, max_length=128)
     tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; a forced call is always one call.")
 
     @model_validator(mode="after")
     def _one_constraint(self) -> ChatCompletionRequest:
