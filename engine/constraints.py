@@ -88,6 +88,10 @@ class TokenConstraint:
             return
         llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, index)
 
+    @property
+    def done(self) -> bool:
+        return self.matcher.is_stopped()
+
     def accept(self, token: int) -> None:
         """Advance past the chosen token (an end-of-sequence token completes the grammar)."""
         if not self.matcher.is_stopped():

@@ -121,6 +121,8 @@ class Row:
         text, stop = self.stops.feed(self.detok.add(token))
         if stop:
             return self.finish("stop", text, [token])
+        if self.sampler.constraint_done:  # the grammar is complete (or took an ignored EOS)
+            return self.finish("stop", text + self._flush(), [token])
         if self.repetition.feed(token):
             period, repeats = self.repetition.loop
             log.info("request %s stopped: %d tokens repeated %d times", self.request_id, period, repeats)

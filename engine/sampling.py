@@ -28,6 +28,11 @@ class RowSampler:
     output_ids: list[int] = field(default_factory=list)
     constraint: TokenConstraint | None = None
 
+    @property
+    def constraint_done(self) -> bool:
+        """The row's grammar took its end-of-sequence token (even under `ignore_eos`)."""
+        return self.constraint is not None and self.constraint.done
+
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device,
                constraint: TokenConstraint | None = None) -> RowSampler:

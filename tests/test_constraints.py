@@ -75,3 +75,9 @@ async def test_compiled_grammars_are_cached_and_bounded(engine):
 async def test_a_schema_that_does_not_compile_is_refused(engine, schema):
     with pytest.raises(InvalidRequestError, match="cannot be used"):
         await reply(engine, SamplingParams(grammar=Grammar.json_schema(schema)))
+
+
+async def test_a_complete_grammar_ends_the_reply_even_with_ignore_eos(engine):
+    grammar = Grammar.json_schema({"enum": ["yes", "no"]})
+    text, finish = await reply(engine, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, grammar=grammar))
+    assert json.loads(text) in ("yes", "no") and finish == "stop"
