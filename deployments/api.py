@@ -27,6 +27,7 @@ from deployments.openai_format import (
 )
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, GenerateRequest
 from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
+from deployments.tool_calls import with_tool_calls
 
 __all__ = ["ApiSettings", "Backend", "Finished", "Item", "build_api"]
 
@@ -66,7 +67,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=guarded, response_model=ChatCompletion,
               responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
-        meta = ResponseMeta("chat", body.model)
+        meta = ResponseMeta("chat", body.model, tool_calls=body.uses_tools)
         call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), messages=body.chat_messages(),
                             request_id=meta.id)
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
@@ -138,10 +139,15 @@ class ApiService:
         choices = await self.complete(call, meta, meta.kind)
         return meta.response(choices.outputs(), choices.endings.usage())
 
+    def _items(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> AsyncIterator[Item]:
+        """The call's items; with tools, its tool calls taken out of the text (deployments/tool_calls.py)."""
+        items = self.requests.stream(call, meta.model, endpoint)
+        return with_tool_calls(items) if meta.tool_calls else items
+
     async def complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> Choices:
         """Run a call to the end (every choice); raise ApiError if it fails."""
         choices, final, ended = _choices_of(call, meta), None, False
-        async with aclosing(self.requests.stream(call, meta.model, endpoint)) as items:
+        async with aclosing(self._items(call, meta, endpoint)) as items:
             try:
                 async for item in items:
                     if isinstance(item, ApiError):
@@ -160,7 +166,7 @@ class ApiService:
 
     async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, include_usage: bool):
         """Answer with SSE once the first item is in (so a refusal still gets its status)."""
-        items = self.requests.stream(call, meta.model, meta.kind)
+        items = self._items(call, meta, meta.kind)
         try:
             first = await anext(items)
         except ApiError as err:
@@ -205,6 +211,8 @@ class ApiService:
             return frame + sse(error.body), True
         if not item.finish_reason:
             return frame, False
+        if getattr(item, "tool_calls", None):
+            frame += sse(meta.tool_call_chunk(item.tool_calls, index=item.index))
         frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats, index=item.index))
         done = choices.end(item)
         if done and include_usage:

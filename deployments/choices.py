@@ -99,6 +99,7 @@ class Choices:
             outputs.append(ChoiceOutput(
                 index=index, text=state.text, finish_reason=last.finish_reason if last else "length",
                 stop_reason=last.stats.stop_reason if last and last.stats else None, logprobs=logprobs,
+                tool_calls=getattr(last, "tool_calls", None) or None,
             ))
         return outputs
 

@@ -7,6 +7,9 @@ object of one response with the same id (the request's id), creation time and mo
 Logprobs take OpenAI's two shapes: chat's `{"content": [{token, logprob, bytes, top_logprobs}]}`
 and the legacy completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`,
 `text_offset`); deployments/logprob_format.py fills them from the engine's TokenLogprobs.
+
+Tool calls (deployments/tool_calls.py) go into `message.tool_calls`, or into one
+`delta.tool_calls` chunk per call (name and whole arguments at once) at the end of a stream.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
 from engine.request import RequestStats
+
+if TYPE_CHECKING:
+    from deployments.tool_calls import ParsedToolCall
 
 Kind = Literal["chat", "completion"]
 DONE_FRAME = "data: [DONE]\n\n"
@@ -62,9 +68,29 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @classmethod
+    def of(cls, call: ParsedToolCall) -> ToolCall:
+        return cls(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+class ToolCallChunk(ToolCall):
+    index: int
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -87,6 +113,7 @@ class ChatCompletion(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -164,6 +191,7 @@ class ResponseMeta:
     kind: Kind
     model: str
     id: str = ""
+    tool_calls: bool = False  # the reply may hold tool calls (deployments/tool_calls.py)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -185,6 +213,12 @@ class ResponseMeta:
                                   stop_reason=stop_reason)
         return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
 
+    def tool_call_chunk(self, calls: list[ParsedToolCall], index: int = 0) -> ChatCompletionChunk:
+        """One chunk per choice with its tool calls, each whole (OpenAI sends arguments in pieces)."""
+        chunks = [ToolCallChunk(index=i, **ToolCall.of(call).model_dump()) for i, call in enumerate(calls)]
+        choice = ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=chunks))
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
     def usage_chunk(self, usage: Usage | None) -> ChatCompletionChunk | Completion:
         kind = ChatCompletionChunk if self.kind == "chat" else Completion
         return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
@@ -194,8 +228,8 @@ class ResponseMeta:
         envelope = {"id": self.id, "created": self.created, "model": self.model, "usage": usage}
         if self.kind == "chat":
             return ChatCompletion(choices=[
-                ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=c.logprobs,
-                           finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in choices
+                ChatChoice(index=c.index, message=c.message(), logprobs=c.logprobs, finish_reason=c.finish_reason,
+                           stop_reason=c.stop_reason) for c in choices
             ], **envelope)
         return Completion(choices=[
             CompletionChoice(index=c.index, text=c.text, logprobs=c.logprobs, finish_reason=c.finish_reason,
@@ -212,3 +246,10 @@ class ChoiceOutput:
     finish_reason: str
     stop_reason: str | None = None
     logprobs: ChatLogprobs | CompletionLogprobs | None = None
+    tool_calls: list[ParsedToolCall] | None = None
+
+    def message(self) -> AssistantMessage:
+        """The chat message: its text, and its tool calls when it made some (content then null
+        unless there was text besides them)."""
+        calls = [ToolCall.of(call) for call in self.tool_calls] if self.tool_calls else None
+        return AssistantMessage(content=self.text if self.text or not calls else None, tool_calls=calls)

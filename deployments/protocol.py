@@ -9,7 +9,8 @@ OpenAI API that we do not implement are accepted only at their neutral value; an
 else is a 400, never silently ignored. Unknown fields are a 400 too. Every string is `Text`:
 one that UTF-8 cannot encode (a lone surrogate, or bytes that were not UTF-8) is a 400 naming
 its field. Fields whose per-token cost grows with their size (stop strings, stop token ids)
-are bounded (engine/config.py).
+are bounded (engine/config.py). `response_format`, `tools` and `tool_choice`, and tool calls
+in the history, are deployments/structured.py's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from engine.config import (
     SamplingOverrides, Seed, StopString, StopTokenIds, Temperature, TopK, TopP,
 )
 from engine.prompt import ChatMessage, valid_text
+
+from deployments.structured import (
+    ResponseFormat, ToolCallIn, ToolChoice, ToolDef, render_tool_call, response_grammar,
+    tool_call_grammar, with_tools_prompt,
+)
 
 Text = Annotated[str, AfterValidator(valid_text)]
 TextStop = Annotated[StopString, AfterValidator(valid_text)]
@@ -84,18 +90,26 @@ class TextPart(StrictBody):
 
 
 class ChatMessageIn(StrictBody):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=64)
+    tool_call_id: Text | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessageIn:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        return self
 
     def to_message(self) -> ChatMessage:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role, text)
-
-
-class TextFormat(StrictBody):
-    type: Literal["text"]
+        """The message as the prompt shows it: tool calls and results in the Hermes format."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        if self.role == "tool":
+            return ChatMessage("user", f"<tool_response>\n{text}\n</tool_response>")
+        if self.tool_calls:
+            text = "\n".join([text] * bool(text) + [render_tool_call(call) for call in self.tool_calls])
+        return ChatMessage("system" if self.role == "developer" else self.role, text)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -106,7 +120,18 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: StrictLogprobs | None = Field(None, description="Needs logprobs true; at most 20.")
-    response_format: TextFormat | None = Field(None, description="Only {'type': 'text'} is supported.")
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; a forced call is always one call.")
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> ChatCompletionRequest:
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if self.tool_grammar() and response_grammar(self.response_format):
+            raise ValueError("response_format cannot be combined with a required or named tool_choice")
+        return self
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -120,8 +145,21 @@ class ChatCompletionRequest(SamplingFields):
     def _output_options(self) -> dict:
         return {"logprobs": self.top_logprobs or 0} if self.logprobs else {}
 
+    def to_overrides(self) -> SamplingOverrides:
+        grammar = self.tool_grammar() or response_grammar(self.response_format)
+        return super().to_overrides().model_copy(update={"grammar": grammar})
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools offered and not switched off: the reply may hold tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_grammar(self):
+        return tool_call_grammar(self.tools, self.tool_choice or "auto") if self.tools else None
+
     def chat_messages(self) -> list[ChatMessage]:
-        return [m.to_message() for m in self.messages]
+        messages = [m.to_message() for m in self.messages]
+        return with_tools_prompt(messages, self.tools) if self.uses_tools else messages
 
 
 class CompletionRequest(SamplingFields):

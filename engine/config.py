@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.constraints import Grammar
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -152,6 +154,7 @@ class SamplingParams(BaseModel):
     logprobs: Logprobs | None = None
     prompt_logprobs: Logprobs | None = None
     echo: bool = False
+    grammar: Grammar | None = Field(None, description="What the reply must match (engine/constraints.py).")
 
     @property
     def greedy(self) -> bool:
@@ -192,7 +195,9 @@ class SamplingOverrides(BaseModel):
     logprobs: Logprobs | None = None
     prompt_logprobs: Logprobs | None = None
     echo: bool = False
+    grammar: Grammar | None = None
 
     def resolve(self, defaults: GenerationDefaults) -> SamplingParams:
         """Complete settings: the request's values where given, else the defaults."""
-        return SamplingParams(**{**defaults.model_dump(), **self.model_dump(exclude_none=True)})
+        fields = {**defaults.model_dump(), **self.model_dump(exclude_none=True, exclude={"grammar"})}
+        return SamplingParams(**fields, grammar=self.grammar)

@@ -39,6 +39,7 @@ import torch
 
 from engine.config import EngineConfig, SamplingParams
 from engine.choices import check_choices, choice_stream
+from engine.constraints import GrammarCache
 from engine.core import EngineCore, EngineStats, Event
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError
 from engine.attention import check_supported
@@ -72,6 +73,7 @@ class Engine:
             loaded.tokenizer, config.prompt_template, loaded.context_window, config.max_input_tokens
         )
         self.core = self._worker.submit(EngineCore, loaded, config, self.adapters).result()
+        self.grammars = GrammarCache(loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
         self._queues: dict[str, asyncio.Queue[Delta]] = {}
         self._rows: dict[str, list[Row]] = {}  # a request's rows, one per choice
         self._draining: set[str] = set()
@@ -149,6 +151,7 @@ class Engine:
             self.config.max_consecutive_newlines, self.loaded.device, self.config.request_timeout_s,
             adapter_identity=self.adapters.identity(request.adapter),
             repetition=self.config.repetition_guard, choice=choice, parent=parent,
+            constraint=self.grammars.constraint(request.params.grammar) if request.params.grammar else None,
         )
 
     def new_rows(self, request: GenerationRequest) -> list[Row]:

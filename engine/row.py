@@ -26,6 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from engine.config import RepetitionGuardConfig
+from engine.constraints import TokenConstraint
 from engine.detok import IncrementalDetokenizer, StopMatcher
 from engine.kv_cache import BlockTable
 from engine.logprobs import TokenLogprob
@@ -73,6 +74,7 @@ class Row:
         repetition: RepetitionGuardConfig | None = None,
         choice: int = 0,
         parent: Row | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> Row:
         """Choice `choice` of the request; `parent` is choice 0's row for the others."""
         params = request.params
@@ -86,7 +88,7 @@ class Row:
             guard = guard.model_copy(update={"min_repeats": 0})
         return cls(
             request=request,
-            sampler=RowSampler.create(params, request.prompt_ids, device),
+            sampler=RowSampler.create(params, request.prompt_ids, device, constraint),
             detok=IncrementalDetokenizer(tokenizer),
             stops=StopMatcher(request.stop_strings, max_newlines),
             eos_ids=frozenset(stop_ids),
@@ -143,6 +145,8 @@ class Row:
         text, stop = self.stops.feed(self.detok.add(token))
         if stop:
             return self.finish("stop", text, [token])
+        if self.sampler.constraint_done:  # the grammar is complete (or took an ignored EOS)
+            return self.finish("stop", text + self._flush(), [token])
         if self.repetition.feed(token):
             period, repeats = self.repetition.loop
             log.info("request %s stopped: %d tokens repeated %d times", self.request_id, period, repeats)

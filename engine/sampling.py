@@ -2,7 +2,9 @@
 
 Penalties run per row (only rows that ask for them); temperature, top-k, top-p and min-p run
 vectorized over the rows that sample; each sampling row draws from its own torch.Generator,
-so a seeded request gives the same tokens alone or inside any batch.
+so a seeded request gives the same tokens alone or inside any batch. A row with a grammar
+(engine/constraints.py) has the tokens it forbids masked before the choice and is told the
+token chosen after it; rows without one share the step untouched.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import SamplingParams
+from engine.constraints import TokenConstraint, mask_logits
 
 
 @dataclass
@@ -23,15 +26,22 @@ class RowSampler:
     generator: torch.Generator
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
+    constraint: TokenConstraint | None = None
+
+    @property
+    def constraint_done(self) -> bool:
+        """The row's grammar took its end-of-sequence token (even under `ignore_eos`)."""
+        return self.constraint is not None and self.constraint.done
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device) -> RowSampler:
+    def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device,
+               constraint: TokenConstraint | None = None) -> RowSampler:
         generator = torch.Generator(device=device)
         if params.seed is None:
             generator.seed()
         else:
             generator.manual_seed(params.seed)
-        return cls(params=params, generator=generator, prompt_ids=prompt_ids)
+        return cls(params=params, generator=generator, prompt_ids=prompt_ids, constraint=constraint)
 
 
 def apply_penalties(logits: torch.Tensor, row: RowSampler) -> torch.Tensor:
@@ -88,6 +98,7 @@ def sample_next_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list
     for i, row in enumerate(rows):
         if row.params.uses_penalties:
             apply_penalties(logits[i], row)
+    mask_logits(logits, [row.constraint for row in rows])
     tokens: list[int | None] = logits.argmax(dim=-1).tolist()
     sampling = [i for i, row in enumerate(rows) if not row.params.greedy and finite[i]]
     if sampling:
@@ -95,5 +106,8 @@ def sample_next_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list
         probs = filtered.softmax(dim=-1)
         for probs_row, i in zip(probs, sampling):
             tokens[i] = int(torch.multinomial(probs_row, 1, generator=rows[i].generator))
+    for row, token, ok in zip(rows, tokens, finite):
+        if row.constraint is not None and ok:
+            row.constraint.accept(token)
     return [token if ok else None for token, ok in zip(tokens, finite)]
 

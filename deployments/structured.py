@@ -1,0 +1,159 @@
+"""Chat request fields for structured output and tools: bodies, grammars, and the tools prompt.
+
+- `response_format`: `json_object` constrains the reply to a JSON object, `json_schema` to the
+  given schema (`strict` or not: the grammar is always enforced). A schema llguidance cannot
+  use is a 400 naming `response_format.json_schema.schema`.
+- `tools` and `tool_choice`: the tools are described to the model in a system prompt (the
+  Hermes format: `<tools>` JSON, calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`),
+  since the built-in model's template has no tool support of its own. `auto` lets the model
+  choose; `none` leaves the tools out of the prompt; `required` and a named function constrain
+  the reply to one such call with a grammar (llguidance's Lark with the arguments' JSON schema
+  embedded). Past turns with assistant `tool_calls` and `role: "tool"` results are rendered in
+  the same format (`<tool_call>` in the assistant turn, `<tool_response>` in a user turn), as
+  message content: data, never control tokens (engine/template.py).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from engine.constraints import COMPACT_JSON, Grammar, grammar_error
+from engine.prompt import ChatMessage
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOLS_PROMPT = (
+    "You may call one or more functions to help with the user's request. The functions are "
+    "described in JSON Schema inside <tools></tools>:\n<tools>\n{tools}\n</tools>\n"
+    "To call a function, answer with a JSON object holding its name and arguments inside "
+    "<tool_call></tool_call> tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n"
+    "</tool_call>"
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _usable_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema, if llguidance can compile it; ValueError saying why not otherwise."""
+    error = grammar_error(Grammar.json_schema(schema))
+    if error:
+        raise ValueError(f"unsupported or invalid JSON schema: {error}")
+    return schema
+
+
+JsonSchema = Annotated[dict[str, Any], AfterValidator(_usable_schema)]
+
+
+class JsonSchemaSpec(Strict):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: JsonSchema = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class FunctionDef(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: JsonSchema = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolDef(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCallIn(Strict):
+    name: str
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            json.loads(arguments)
+        except ValueError:
+            raise ValueError("arguments must be JSON text") from None
+        return arguments
+
+
+class ToolCallIn(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+def response_grammar(response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None) -> Grammar | None:
+    """The grammar a `response_format` asks for, or None for free text."""
+    if isinstance(response_format, JsonObjectFormat):
+        return Grammar.json_schema({"type": "object"})
+    if isinstance(response_format, JsonSchemaFormat):
+        return Grammar.json_schema(response_format.json_schema.schema_ or {"type": "object"})
+    return None
+
+
+def tool_call_grammar(tools: list[ToolDef], choice: ToolChoice) -> Grammar | None:
+    """For `required` or a named function: exactly one call of an offered function."""
+    if choice in ("none", "auto"):
+        return None
+    names = {t.function.name for t in tools}
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+        tools = [t for t in tools if t.function.name == choice.function.name]
+    calls = [{
+        "type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+        "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
+    } for t in tools]
+    schema = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "x-guidance": COMPACT_JSON}
+    lark = f'start: "{TOOL_CALL_OPEN}\\n" call "\\n{TOOL_CALL_CLOSE}"\ncall: %json {json.dumps(schema)}\n'
+    return Grammar(kind="lark", source=lark)
+
+
+def tools_system_prompt(tools: list[ToolDef]) -> str:
+    return TOOLS_PROMPT.format(tools="\n".join(t.model_dump_json(exclude_none=True) for t in tools))
+
+
+def render_tool_call(call: ToolCallIn) -> str:
+    body = {"name": call.function.name, "arguments": json.loads(call.function.arguments)}
+    return f"{TOOL_CALL_OPEN}\n{json.dumps(body, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
+
+
+def with_tools_prompt(messages: list[ChatMessage], tools: list[ToolDef]) -> list[ChatMessage]:
+    """The conversation with the tools described at the end of its system prompt."""
+    prompt = tools_system_prompt(tools)
+    if messages and messages[0].role == "system":
+        return [ChatMessage("system", f"{messages[0].content}\n\n{prompt}")] + messages[1:]
+    return [ChatMessage("system", prompt)] + messages
