@@ -180,16 +180,21 @@ class Workload:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options; workload sizes default to FULL_DEFAULTS."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes (explicit options still win)")
-    p.add_argument("--users", type=int, help="users chatting at once")
-    p.add_argument("--turns", type=int, help="turns per user")
-    p.add_argument("--message-tokens", type=int, help="about this many tokens in each new user message")
-    p.add_argument("--max-tokens", type=int, help="reply tokens at most (replies end at EOS or there)")
+    add_workload_options(p)
     add_system_options(p, SYSTEMS, SERVE_CONFIG, timeout_s=600.0)
     add_rounds_option(p)
     add_report_options(p, "PNG plot of TTFT p50 and prompt tokens per turn (the first round)")
     p.set_defaults(**FULL_DEFAULTS)
     return p
+
+
+def add_workload_options(p: argparse.ArgumentParser) -> None:
+    """--quick, --users, --turns, --message-tokens, --max-tokens (bench.routing uses them too)."""
+    p.add_argument("--quick", action="store_true", help="tiny sizes (explicit options still win)")
+    p.add_argument("--users", type=int, help="users chatting at once")
+    p.add_argument("--turns", type=int, help="turns per user")
+    p.add_argument("--message-tokens", type=int, help="about this many tokens in each new user message")
+    p.add_argument("--max-tokens", type=int, help="reply tokens at most (replies end at EOS or there)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

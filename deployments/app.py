@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.ingress import Ingress
 from deployments.llm import LLMServer
+from deployments.routing import ConversationRouter
 from deployments.settings import AppArgs, BatchSettings
 
 
@@ -28,6 +30,7 @@ def build_app_with(args: AppArgs | dict, llm_options: dict | None = None) -> App
         max_ongoing_requests=args.max_batch_size + args.batch.batch_size,
         max_queued_requests=args.max_queued_requests,
         user_config=args.batch.model_dump(),
+        request_router_config=conversation_routing(args),
         health_check_period_s=10,
         graceful_shutdown_timeout_s=30,
     ).options(**(llm_options or {}))
@@ -40,3 +43,12 @@ def build_app_with(args: AppArgs | dict, llm_options: dict | None = None) -> App
     # `batch` alone is a live `reconfigure`, not a restart with a model reload.
     replica_args = args.model_copy(update={"batch": BatchSettings()})
     return ingress.bind(llm.bind(replica_args), args)
+
+
+def conversation_routing(args: AppArgs) -> RequestRouterConfig:
+    """The LLM deployment's router (deployments/routing.py): a conversation's turns go to the
+    replica holding its prefix unless it has half a batch more requests than the least loaded."""
+    return RequestRouterConfig(
+        request_router_class=ConversationRouter,
+        request_router_kwargs={"max_imbalance": max(1, args.max_batch_size // 2)},
+    )

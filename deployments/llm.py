@@ -23,6 +23,7 @@ from engine.engine import Engine, EngineStats
 from engine.errors import EngineError, UnknownAdapterError
 from engine.request import Delta, GenerationRequest
 
+from deployments.load_report import RecentTTFT, load_report
 from deployments.messages import ApiError, GenerateCall
 from deployments.metrics import LLMMetrics
 from deployments.settings import AppArgs, BatchSettings
@@ -78,6 +79,7 @@ class LLMServer:
         self.replica = replica_name()
         self.engine = await asyncio.to_thread(Engine.from_config, args.engine_config())
         self.metrics = LLMMetrics(args.model_name)
+        self.recent_ttft = RecentTTFT()
         self._apply(args.batch)
         self._gauges: asyncio.Task | None = None
 
@@ -114,9 +116,15 @@ class LLMServer:
     async def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve's autoscaler averages for deployments/autoscaling_policy.py: rows, KV, TTFT."""
+        return load_report(self.engine.stats(), self.args.max_batch_size, self.recent_ttft.median())
+
     async def diagnostics(self) -> dict:
-        """For leak checks: engine stats, live asyncio tasks, adapters, resident memory."""
+        """For leak checks and per-replica figures: which replica, engine stats, live asyncio
+        tasks, adapters, resident memory."""
         return {
+            "replica": self.replica,
             "stats": self.engine.stats(),
             "tasks": len(asyncio.all_tasks()),
             "adapters": self.engine.adapters.names,
@@ -137,6 +145,8 @@ class LLMServer:
             async for delta in deltas:
                 if delta.stats is not None:
                     delta.stats.replica = self.replica
+                    if delta.stats.time_to_first_token is not None:
+                        self.recent_ttft.add(delta.stats.time_to_first_token)
                 yield delta
         finally:
             await deltas.aclose()  # cancels the row if it is still running

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,17 +43,19 @@ def local_ray(num_cpus: int = 2, log_to_driver: bool = False,
 
 
 @contextmanager
-def local_app(args: dict[str, Any], port: int | None = None, healthy_timeout_s: float = 60) -> Iterator[str]:
+def local_app(args: dict[str, Any], port: int | None = None, healthy_timeout_s: float = 60,
+              llm_options: dict[str, Any] | None = None) -> Iterator[str]:
     """Serve on 127.0.0.1 running the application built from `args` (inside `local_ray`) as
-    APP_NAME at /; yields its base URL once /health answers. Serve is shut down on exit."""
+    APP_NAME at /, with Serve option overrides for the LLM deployment; yields its base URL once
+    /health answers. Serve is shut down on exit."""
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_app_with
 
     port = port or free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        serve.run(build_app_with(args, llm_options), name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, timeout_s=healthy_timeout_s)
         yield url
@@ -65,3 +68,18 @@ def llm_handle(app_name: str = APP_NAME) -> Any:
     from ray import serve
 
     return serve.get_deployment_handle("LLMServer", app_name=app_name)
+
+
+async def every_replica_diagnostics(replicas: int, attempts: int = 60, app_name: str = APP_NAME) -> dict[str, dict]:
+    """diagnostics() of each LLM replica, by replica name, asking through a handle until
+    `replicas` different replicas have answered (calls without a prompt go to a random least
+    loaded replica); fewer if `attempts` run out first."""
+    handle = llm_handle(app_name)
+    seen: dict[str, dict] = {}
+    for _ in range(attempts):
+        answer = await handle.diagnostics.remote()
+        seen[answer["replica"]] = answer
+        if len(seen) >= replicas:
+            break
+        await asyncio.sleep(0.01)
+    return seen

@@ -43,8 +43,8 @@ def scenario_config(model_dir: str, port: int, request_log: str) -> dict:
     app = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
     app["args"].update(
         model=model_dir, served_model_name="tiny", dtype="float32", num_gpus=1, num_cpus=0,
-        max_batch_size=8, request_log_file=request_log, adapters={},  # the config's adapters fit SmolLM2 only
-    )
+        max_batch_size=4, request_log_file=request_log, adapters={},  # the config's adapters fit SmolLM2 only
+    )  # max_batch_size 4 < LOAD_CLIENTS: requests wait for rows, which the LLM policy scales on
     app["args"]["batch"].update(batch_size=2, stream_interval_s=0.0)
     app["runtime_env"] = {"env_vars": {"PYTHONPATH": str(ROOT)}}
     llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
@@ -131,10 +131,10 @@ def main(model_dir: str, report: str) -> None:
     try:
         port = free_port()
         client = serve_start(http_options={"host": "127.0.0.1", "port": port})
-        client.deploy_apps(ServeDeploySchema.model_validate(scenario_config(model_dir, port, request_log)),
-                           _blocking=True)
+        config = scenario_config(model_dir, port, request_log)
+        client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
         url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url)
+        wait_until_healthy(url, timeout_s=180)  # Serve's own blocking deploy gives up after 60 s
         result = asyncio.run(drive(url))
         result["request_log"] = Path(request_log).read_text().splitlines()
         Path(report).write_text(json.dumps(result))
