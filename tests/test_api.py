@@ -18,26 +18,9 @@ from engine.errors import (
     EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError,
 )
 from engine.prompt import Instruction
-from engine.request import Delta, RequestStats
+from engine.request import Delta
 from tests.error_bodies import error_payloads, leaks
-
-STATS = RequestStats(prompt_tokens=5, completion_tokens=2, dropped_messages=0, latency=0.1,
-                     time_to_first_token=0.05, tokens_per_second=20.0)
-CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
-
-
-class ScriptedBackend:
-    """Plays back a list of items for every call: refusals (ApiError) as items, other exceptions raised."""
-
-    def __init__(self, script: list):
-        self.script, self.calls = script, []
-
-    async def stream(self, call: GenerateCall):
-        self.calls.append(call)
-        for item in self.script:
-            if isinstance(item, Exception) and not isinstance(item, ApiError):  # refusals are items
-                raise item
-            yield item
+from tests.fakes import CHAT, STATS, ScriptedBackend
 
 
 def make_client(script: list) -> tuple[TestClient, ScriptedBackend, list]:
