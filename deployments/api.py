@@ -93,6 +93,11 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     async def models() -> ModelList:
         return ModelList(data=service.model_cards())
 
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded, response_model=ModelCard, responses=ERRORS)
+    async def model(model_id: str) -> ModelCard:
+        """One model's card (an alias answers with its base model's card); 404 for an unknown id."""
+        return service.model_card(model_id)
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -125,6 +130,10 @@ class ApiService:
         if model in self.settings.adapters:
             return model
         raise ApiError(404, f"The model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+
+    def model_card(self, model: str) -> ModelCard:
+        adapter = self.adapter_for(model)
+        return next(card for card in self.model_cards() if card.id == (adapter or self.settings.model_name))
 
     def model_cards(self) -> list[ModelCard]:
         base = self.settings.model_name

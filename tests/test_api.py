@@ -215,3 +215,14 @@ def test_routes_declare_their_reply_schemas():
     assert [ref.rsplit("/", 1)[-1] for ref in declared.values()] == [
         "ChatCompletion", "Completion", "GenerateResponse", "ModelList"]
     assert "text/event-stream" in paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+
+
+def test_one_model_card_or_openais_404():
+    client, _, _ = make_client([])
+    assert client.get("/v1/models/lora").json() == {"id": "lora", "object": "model", "created": 0,
+                                                   "owned_by": "lora-serve", "root": "base", "parent": "base"}
+    assert client.get("/v1/models/base-alias").json()["id"] == "base"
+    missing = client.get("/v1/models/org/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == {"message": "The model `org/nope` does not exist", "type": "invalid_request_error",
+                                       "param": "model", "code": "model_not_found"}

@@ -104,6 +104,9 @@ def test_models_lists_base_and_adapters(client):
     models = {m.id: m for m in client.models.list()}
     assert set(models) == {MODEL, "alpha", "beta"}
     assert models["alpha"].model_extra["parent"] == MODEL
+    assert client.models.retrieve("alpha").model_extra["root"] == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gamma")
 
 
 def test_model_field_selects_the_adapter(client, expected_chat, adapter_dirs):
