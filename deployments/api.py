@@ -21,6 +21,7 @@ from engine.request import RequestStats
 
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.http_errors import install_error_handling, internal_error, public
+from deployments.ignored_fields import log_ignored
 from deployments.messages import ApiError, GenerateCall
 from deployments.openai_format import (
     DONE_FRAME, ChatCompletion, Completion, GenerateResponse, ModelCard, ModelList, ResponseMeta, sse,
@@ -67,6 +68,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
               responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
         meta = ResponseMeta("chat", body.model)
+        log_ignored(body, meta.id)
         call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), messages=body.chat_messages(),
                             request_id=meta.id)
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
@@ -74,6 +76,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest):
         meta = ResponseMeta("completion", body.model)
+        log_ignored(body, meta.id)
         call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), prompt=body.prompt,
                             request_id=meta.id)
         return await service.respond(call, meta, body.stream, _usage_wanted(body))

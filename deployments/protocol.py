@@ -5,7 +5,8 @@ the ingress-to-replica contract that says what the client set; the LLM replica f
 from the server's generation defaults. Field types and bounds come from engine/config.py, one
 declaration per field. Fields of the
 OpenAI API that we do not implement are accepted only at their neutral value; anything
-else is a 400, never silently ignored. Unknown fields are a 400 too. Every string is `Text`:
+else is a 400, never silently ignored (fields that cannot change the reply are the exception:
+ignored_fields.py). Unknown fields are a 400 too. Every string is `Text`:
 one that UTF-8 cannot encode (a lone surrogate, or bytes that were not UTF-8) is a 400 naming
 its field. Fields whose per-token cost grows with their size (stop strings, stop token ids)
 are bounded (engine/config.py).
@@ -22,6 +23,8 @@ from engine.config import (
     StopString, StopTokenIds, Temperature, TopK, TopP,
 )
 from engine.prompt import ChatMessage, valid_text
+
+from deployments.ignored_fields import IgnoredChatFields
 
 Text = Annotated[str, AfterValidator(valid_text)]
 TextStop = Annotated[StopString, AfterValidator(valid_text)]
@@ -67,6 +70,7 @@ class SamplingFields(StrictBody):
 
 class StreamOptions(StrictBody):
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(None, description="Ignored: no obfuscation padding is sent.")
 
 
 class TextPart(StrictBody):
@@ -89,7 +93,7 @@ class TextFormat(StrictBody):
     type: Literal["text"]
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, IgnoredChatFields):
     model: Text
     messages: list[ChatMessageIn] = Field(min_length=1)
     stream: bool = False

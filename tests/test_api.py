@@ -226,3 +226,34 @@ def test_one_model_card_or_openais_404():
     assert missing.status_code == 404
     assert missing.json()["error"] == {"message": "The model `org/nope` does not exist", "type": "invalid_request_error",
                                        "param": "model", "code": "model_not_found"}
+
+
+HARMLESS = {"store": True, "metadata": {"team": "a"}, "user": "u1", "service_tier": "auto",
+            "parallel_tool_calls": False, "prediction": None, "prompt_cache_key": "k", "safety_identifier": "s",
+            "modalities": ["text"], "stream_options": {"include_usage": True, "include_obfuscation": False}}
+
+
+def test_fields_that_cannot_change_the_reply_are_ignored_with_one_debug_line(caplog):
+    client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    with caplog.at_level("DEBUG", logger="deployments.ignored_fields"):
+        reply = client.post("/v1/chat/completions", json={**CHAT, **HARMLESS})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "ok"
+    lines = [r.getMessage() for r in caplog.records if r.name == "deployments.ignored_fields"]
+    assert len(lines) == 1 and reply.json()["id"] in lines[0] and "store" in lines[0] and "prediction" not in lines[0]
+    assert backend.calls[0].overrides == ChatCompletionRequest.model_validate(CHAT).to_overrides()
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"), ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
+     "messages.0.content"),
+])
+def test_fields_that_would_change_the_reply_are_still_400_naming_the_field(extra, param):
+    client, backend, _ = make_client([])
+    response = client.post("/v1/chat/completions", json={**CHAT, **extra})
+    assert response.status_code == 400 and response.json()["error"]["param"].startswith(param)
+    assert backend.calls == []

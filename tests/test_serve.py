@@ -109,6 +109,14 @@ def test_models_lists_base_and_adapters(client):
         client.models.retrieve("gamma")
 
 
+def test_the_sdks_bookkeeping_fields_are_accepted(client):
+    reply = chat(client, "Hello there", max_tokens=3, store=True, metadata={"team": "a"}, user="u1",
+                 service_tier="auto", prompt_cache_key="k", safety_identifier="s", modalities=["text"])
+    assert reply.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError, match="modalities"):
+        chat(client, "Hello there", max_tokens=3, modalities=["text", "audio"])
+
+
 def test_model_field_selects_the_adapter(client, expected_chat, adapter_dirs):
     for name in ("alpha", "beta"):
         reply = chat(client, "Hello there", model=name, max_tokens=12)
