@@ -21,6 +21,7 @@ from engine.prompt import Instruction
 from deployments.choices import Choices
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.http_errors import install_error_handling, internal_error, public
+from deployments.ignored_fields import log_ignored
 from deployments.messages import ApiError, GenerateCall
 from deployments.openai_format import (
     DONE_FRAME, ChatCompletion, Completion, GenerateResponse, ModelCard, ModelList, ResponseMeta, sse,
@@ -68,6 +69,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
               responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
         meta = ResponseMeta("chat", body.model, tool_calls=body.uses_tools)
+        log_ignored(body, meta.id)
         call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), messages=body.chat_messages(),
                             request_id=meta.id)
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
@@ -75,6 +77,7 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest):
         meta = ResponseMeta("completion", body.model)
+        log_ignored(body, meta.id)
         call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), prompt=body.prompt,
                             request_id=meta.id)
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
@@ -93,6 +96,11 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     @app.get("/v1/models", dependencies=guarded, response_model=ModelList, responses=ERRORS)
     async def models() -> ModelList:
         return ModelList(data=service.model_cards())
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded, response_model=ModelCard, responses=ERRORS)
+    async def model(model_id: str) -> ModelCard:
+        """One model's card (an alias answers with its base model's card); 404 for an unknown id."""
+        return service.model_card(model_id)
 
     @app.get("/health")
     async def health():
@@ -126,6 +134,10 @@ class ApiService:
         if model in self.settings.adapters:
             return model
         raise ApiError(404, f"The model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+
+    def model_card(self, model: str) -> ModelCard:
+        adapter = self.adapter_for(model)
+        return next(card for card in self.model_cards() if card.id == (adapter or self.settings.model_name))
 
     def model_cards(self) -> list[ModelCard]:
         base = self.settings.model_name

@@ -6,7 +6,8 @@ from the server's generation defaults. Field types and bounds come from engine/c
 declaration per field. `logprobs`, `top_logprobs` (chat) and `logprobs`,
 `echo` (completions) become the engine's output options (`_output_options`). Fields of the
 OpenAI API that we do not implement are accepted only at their neutral value; anything
-else is a 400, never silently ignored. Unknown fields are a 400 too. Every string is `Text`:
+else is a 400, never silently ignored (fields that cannot change the reply are the exception:
+ignored_fields.py). Unknown fields are a 400 too. Every string is `Text`:
 one that UTF-8 cannot encode (a lone surrogate, or bytes that were not UTF-8) is a 400 naming
 its field. Fields whose per-token cost grows with their size (stop strings, stop token ids)
 are bounded (engine/config.py). `response_format`, `tools` and `tool_choice`, and tool calls
@@ -29,6 +30,7 @@ from deployments.structured import (
     ResponseFormat, ToolCallIn, ToolChoice, ToolDef, render_tool_call, response_grammar,
     tool_call_grammar, with_tools_prompt,
 )
+from deployments.ignored_fields import IgnoredChatFields
 
 Text = Annotated[str, AfterValidator(valid_text)]
 TextStop = Annotated[StopString, AfterValidator(valid_text)]
@@ -82,6 +84,7 @@ class SamplingFields(StrictBody):
 
 class StreamOptions(StrictBody):
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(None, description="Ignored: no obfuscation padding is sent.")
 
 
 class TextPart(StrictBody):
@@ -112,7 +115,7 @@ class ChatMessageIn(StrictBody):
         return ChatMessage("system" if self.role == "developer" else self.role, text)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, IgnoredChatFields):
     model: Text
     messages: list[ChatMessageIn] = Field(min_length=1)
     stream: bool = False

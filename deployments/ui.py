@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gradio as gr
 from fastapi import FastAPI
@@ -27,6 +27,7 @@ from deployments.guard import key_matches, resolve_keys
 from deployments.http_errors import internal_error, public
 from deployments.ingress import HandleBackend
 from deployments.messages import ApiError, GenerateCall
+from deployments.page_limit import PageLimit
 from deployments.request_log import RequestRecorder
 from deployments.service import RequestService
 
@@ -46,10 +47,14 @@ class ModelInfo:
 
 async def stream_reply(
     service: RequestService, conversation: Conversation, context: str, model: str, params: SamplingOverrides,
-    base_model: str,
+    base_model: str, refusal: ApiError | None = None,
 ) -> AsyncIterator[Conversation]:
     """Stream the reply to the conversation's last turn, yielding the growing conversation.
-    Stop pressed or page closed: the stream closes, which frees the engine row."""
+    Stop pressed or page closed: the stream closes, which frees the engine row. With a
+    `refusal` (the page's rate limit), its message ends the reply instead."""
+    if refusal is not None:
+        yield replace(conversation.finish_reply(None, f"⚠ {refusal.message}"), notice=f"⚠ {refusal.message}")
+        return
     adapter = None if model == base_model else model
     call = GenerateCall(params, adapter, messages=conversation.messages(context))
     try:
@@ -77,10 +82,12 @@ def _finish_note(request_id: str, last: Delta) -> str:
 
 
 def build_ui(service: RequestService, info: ModelInfo,
-             current_defaults: Callable[[], Awaitable[GenerationDefaults]] | None = None) -> gr.Blocks:
+             current_defaults: Callable[[], Awaitable[GenerationDefaults]] | None = None,
+             limit: PageLimit = PageLimit(None)) -> gr.Blocks:
     """The chat page: chat, Context, Summarize, Continue, Stop, model choice, settings.
     `current_defaults`: asked on every page load, so the settings start at the server's
-    generation defaults of the moment (`reconfigure` changes them without a restart)."""
+    generation defaults of the moment (`reconfigure` changes them without a restart).
+    `limit`: replies per minute per client (each reply counts, Continue and Summarize too)."""
     base_model = info.models[0]
     default_context = ALPACA_CHAT_CONTEXT if info.template == "alpaca" else ""
     with gr.Blocks(title="lora-serve chat") as ui:
@@ -119,37 +126,45 @@ def build_ui(service: RequestService, info: ModelInfo,
             return SamplingOverrides(temperature=temp, top_p=p, top_k=int(k), max_tokens=int(n),
                                      repetition_penalty=rep)
 
-        async def reply(conversation: Conversation, context_text: str, model_name: str, *values):
+        async def reply(request: gr.Request | None, conversation: Conversation, context_text: str,
+                        model_name: str, *values):
             async for updated in stream_reply(service, conversation, context_text, model_name, params(*values),
-                                              base_model):
+                                              base_model, limit.refusal(request)):
                 yield updated.display(), updated, updated.notice
 
-        async def chat(text: str, conversation: Conversation, context_text: str, model_name: str, *values):
+        async def chat(request: gr.Request, text: str, conversation: Conversation, context_text: str,
+                       model_name: str, *values):
             if not text.strip():
                 return
             asked = conversation.ask(text)
             yield asked.display(), asked, "", ""
-            async for shown_values in reply(asked, context_text, model_name, *values):
+            async for shown_values in reply(request, asked, context_text, model_name, *values):
                 yield *shown_values, ""
 
-        async def continue_reply(conversation: Conversation, context_text: str, model_name: str, *values):
+        async def continue_reply(request: gr.Request, conversation: Conversation, context_text: str,
+                                 model_name: str, *values):
             if not conversation.exchanges:
                 return
-            async for shown_values in reply(conversation.ask(CONTINUE_PROMPT, hidden=True), context_text,
+            async for shown_values in reply(request, conversation.ask(CONTINUE_PROMPT, hidden=True), context_text,
                                             model_name, *values):
                 yield shown_values
 
-        async def regenerate_reply(conversation: Conversation, context_text: str, model_name: str, *values):
+        async def regenerate_reply(request: gr.Request, conversation: Conversation, context_text: str,
+                                   model_name: str, *values):
             found = conversation.last_user_turn()
             if found is None:
                 return
             earlier, prompt = found
-            async for shown_values in reply(earlier.ask(prompt), context_text, model_name, *values):
+            async for shown_values in reply(request, earlier.ask(prompt), context_text, model_name, *values):
                 yield shown_values
 
-        async def summarize_history(conversation: Conversation, context_text: str, model_name: str, *values):
+        async def summarize_history(request: gr.Request, conversation: Conversation, context_text: str,
+                                    model_name: str, *values):
             """Ask for a summary, put it into Context and start a fresh history (the seed's Summarize)."""
             if not conversation.exchanges:
+                return
+            if refusal := limit.refusal(request):  # the history and Context stay as they are
+                yield context_text, conversation.display(), conversation, f"⚠ {refusal.message}"
                 return
             summary = ""
             async for updated in stream_reply(service, conversation.ask(SUMMARIZE_PROMPT), context_text,
@@ -185,15 +200,16 @@ def build_ui(service: RequestService, info: ModelInfo,
 class ChatUI:
     """The Serve deployment that mounts the page; it holds only a handle to the LLM."""
 
-    async def __init__(self, llm_app: str, api_keys: tuple[str, ...]):
+    async def __init__(self, llm_app: str, api_keys: tuple[str, ...], rate_limit_per_minute: int | None = None):
         self.llm = serve.get_deployment_handle("LLMServer", app_name=llm_app)
         self.info = ModelInfo(**await self.llm.info.remote())
         self.api_keys = resolve_keys(api_keys)
+        self.limit = PageLimit(rate_limit_per_minute)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         recorder = RequestRecorder(self.info.request_log_file)
         service = RequestService(HandleBackend(self.llm), recorder.record, self.info.max_messages)
-        ui = build_ui(service, self.info, self.current_defaults)
+        ui = build_ui(service, self.info, self.current_defaults, self.limit)
         if not self.api_keys:
             return gr.mount_gradio_app(FastAPI(), ui, path="/", css=CSS)
         return gr.mount_gradio_app(
@@ -215,6 +231,9 @@ class UIArgs(BaseModel):
 
     llm_app: str = Field("llm", description="The application whose LLMServer the page talks to.")
     api_keys: list[str] = Field(default_factory=list, repr=False, description="Also LLM_API_KEYS.")
+    rate_limit_per_minute: int | None = Field(
+        None, ge=1, description="Replies per minute per client address on the page (the API's limit, per key, "
+        "is the llm application's rate_limit_per_minute); None: no limit.")
 
 
 def build_ui_app(args: dict) -> Application:
@@ -223,4 +242,4 @@ def build_ui_app(args: dict) -> Application:
     deployment = serve.deployment(serve.ingress()(ChatUI)).options(
         name="ChatUI", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200
     )
-    return deployment.bind(args.llm_app, tuple(args.api_keys))
+    return deployment.bind(args.llm_app, tuple(args.api_keys), args.rate_limit_per_minute)

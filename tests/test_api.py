@@ -18,26 +18,9 @@ from engine.errors import (
     EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError,
 )
 from engine.prompt import Instruction
-from engine.request import Delta, RequestStats
+from engine.request import Delta
 from tests.error_bodies import error_payloads, leaks
-
-STATS = RequestStats(prompt_tokens=5, completion_tokens=2, dropped_messages=0, latency=0.1,
-                     time_to_first_token=0.05, tokens_per_second=20.0)
-CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
-
-
-class ScriptedBackend:
-    """Plays back a list of items for every call: refusals (ApiError) as items, other exceptions raised."""
-
-    def __init__(self, script: list):
-        self.script, self.calls = script, []
-
-    async def stream(self, call: GenerateCall):
-        self.calls.append(call)
-        for item in self.script:
-            if isinstance(item, Exception) and not isinstance(item, ApiError):  # refusals are items
-                raise item
-            yield item
+from tests.fakes import CHAT, STATS, ScriptedBackend
 
 
 def make_client(script: list) -> tuple[TestClient, ScriptedBackend, list]:
@@ -252,3 +235,45 @@ def test_one_failed_choice_fails_the_request():
     client, _, finished = make_client([Delta("a", index=0), Delta(finish_reason="error", error="NaN", stats=STATS, index=1)])
     assert client.post("/v1/chat/completions", json={**CHAT, "n": 2}).status_code == 500
     assert finished[0].status == 500
+
+
+def test_one_model_card_or_openais_404():
+    client, _, _ = make_client([])
+    assert client.get("/v1/models/lora").json() == {"id": "lora", "object": "model", "created": 0,
+                                                   "owned_by": "lora-serve", "root": "base", "parent": "base"}
+    assert client.get("/v1/models/base-alias").json()["id"] == "base"
+    missing = client.get("/v1/models/org/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == {"message": "The model `org/nope` does not exist", "type": "invalid_request_error",
+                                       "param": "model", "code": "model_not_found"}
+
+
+HARMLESS = {"store": True, "metadata": {"team": "a"}, "user": "u1", "service_tier": "auto",
+            "parallel_tool_calls": False, "prediction": None, "prompt_cache_key": "k", "safety_identifier": "s",
+            "modalities": ["text"], "stream_options": {"include_usage": True, "include_obfuscation": False}}
+
+
+def test_fields_that_cannot_change_the_reply_are_ignored_with_one_debug_line(caplog):
+    client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    with caplog.at_level("DEBUG", logger="deployments.ignored_fields"):
+        reply = client.post("/v1/chat/completions", json={**CHAT, **HARMLESS})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "ok"
+    lines = [r.getMessage() for r in caplog.records if r.name == "deployments.ignored_fields"]
+    assert len(lines) == 1 and reply.json()["id"] in lines[0] and "store" in lines[0] and "prediction" not in lines[0]
+    assert backend.calls[0].overrides == ChatCompletionRequest.model_validate(CHAT).to_overrides()
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"), ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
+     "messages.0.content"),
+])
+def test_fields_that_would_change_the_reply_are_still_400_naming_the_field(extra, param):
+    client, backend, _ = make_client([])
+    response = client.post("/v1/chat/completions", json={**CHAT, **extra})
+    assert response.status_code == 400 and response.json()["error"]["param"].startswith(param)
+    assert backend.calls == []

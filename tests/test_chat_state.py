@@ -10,7 +10,7 @@ from deployments.service import RequestService
 from engine.config import SamplingOverrides
 from engine.request import Delta, RequestStats
 from tests.error_bodies import leaks
-from tests.test_api import ScriptedBackend
+from tests.fakes import ScriptedBackend
 
 STATS = RequestStats(prompt_tokens=9, completion_tokens=12, dropped_messages=0, latency=1.0,
                      time_to_first_token=0.1, tokens_per_second=20.0)

@@ -6,7 +6,7 @@ import pytest
 
 from deployments.guard import RateLimiter, bearer_token, client_id, key_matches, resolve_keys
 from engine.request import Delta
-from tests.test_api import CHAT, STATS, ScriptedBackend
+from tests.fakes import CHAT, STATS, ScriptedBackend
 
 from fastapi.testclient import TestClient
 

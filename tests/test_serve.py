@@ -104,6 +104,17 @@ def test_models_lists_base_and_adapters(client):
     models = {m.id: m for m in client.models.list()}
     assert set(models) == {MODEL, "alpha", "beta"}
     assert models["alpha"].model_extra["parent"] == MODEL
+    assert client.models.retrieve("alpha").model_extra["root"] == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gamma")
+
+
+def test_the_sdks_bookkeeping_fields_are_accepted(client):
+    reply = chat(client, "Hello there", max_tokens=3, store=True, metadata={"team": "a"}, user="u1",
+                 service_tier="auto", prompt_cache_key="k", safety_identifier="s", modalities=["text"])
+    assert reply.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError, match="modalities"):
+        chat(client, "Hello there", max_tokens=3, modalities=["text", "audio"])
 
 
 def test_model_field_selects_the_adapter(client, expected_chat, adapter_dirs):

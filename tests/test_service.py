@@ -9,7 +9,7 @@ from deployments.service import Finished, RequestService
 from engine.config import SamplingOverrides
 from engine.prompt import ChatMessage
 from engine.request import Delta
-from tests.test_api import STATS
+from tests.fakes import STATS
 
 
 class CancellableStream:
