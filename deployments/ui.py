@@ -8,6 +8,7 @@ deployment as the service's backend. No model code here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -32,6 +33,10 @@ from deployments.request_log import RequestRecorder
 from deployments.service import RequestService
 
 CSS = "footer {display: none !important}"
+# The page redraws a reply's whole Markdown on every update: at most this often while it streams
+# (the first and the last update go at once). Faster than anyone reads, and it keeps a fast
+# model from saturating the browser (at 300 tokens/s it stopped answering clicks for seconds).
+PAGE_UPDATE_INTERVAL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -49,14 +54,17 @@ async def stream_reply(
     service: RequestService, conversation: Conversation, context: str, model: str, params: SamplingOverrides,
     base_model: str, refusal: ApiError | None = None,
 ) -> AsyncIterator[Conversation]:
-    """Stream the reply to the conversation's last turn, yielding the growing conversation.
-    Stop pressed or page closed: the stream closes, which frees the engine row. With a
-    `refusal` (the page's rate limit), its message ends the reply instead."""
+    """Stream the reply to the conversation's last turn, yielding the growing conversation
+    (at most once per PAGE_UPDATE_INTERVAL_S, and always the finished one; text that arrives
+    in between is shown with the next update). Stop pressed or page closed: the stream closes,
+    which frees the engine row. With a `refusal` (the page's rate limit), its message ends the
+    reply instead."""
     if refusal is not None:
         yield replace(conversation.finish_reply(None, f"⚠ {refusal.message}"), notice=f"⚠ {refusal.message}")
         return
     adapter = None if model == base_model else model
     call = GenerateCall(params, adapter, messages=conversation.messages(context))
+    shown_at, pending = -PAGE_UPDATE_INTERVAL_S, False
     try:
         async with aclosing(service.stream(call, model, "ui")) as items:
             async for item in items:
@@ -67,7 +75,12 @@ async def stream_reply(
                     conversation = conversation.extend_reply(item.text)
                 if item.finish_reason:
                     conversation = conversation.finish_reply(item.stats, _finish_note(call.request_id, item))
-                yield conversation
+                pending = True
+                if item.finish_reason or time.monotonic() - shown_at >= PAGE_UPDATE_INTERVAL_S:
+                    shown_at, pending = time.monotonic(), False
+                    yield conversation
+        if pending:
+            yield conversation
     except ApiError as refused:  # beyond the limits (e.g. too many messages)
         yield conversation.finish_reply(None, f"⚠ {public(refused, call.request_id).message}")
 
@@ -113,11 +126,15 @@ def build_ui(service: RequestService, info: ModelInfo,
             clear = gr.Button("Clear", elem_id="clear-button")
         with gr.Accordion("Generation settings", open=False):
             d = info.defaults
-            temperature = gr.Slider(0.0, 2.0, d.temperature, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1.0, d.top_p, step=0.05, label="Top p")
-            top_k = gr.Slider(0, 200, d.top_k, step=1, label="Top k (0: off)")
-            max_tokens = gr.Slider(16, 2048, d.max_tokens, step=16, label="Max new tokens")
-            repetition = gr.Slider(1.0, 2.0, d.repetition_penalty, step=0.05, label="Repetition penalty")
+            # With live defaults, the settings unlock when the page's load has filled them in:
+            # a change made earlier would be overwritten by the load's answer.
+            ready = current_defaults is None
+            temperature = gr.Slider(0.0, 2.0, d.temperature, step=0.05, label="Temperature", interactive=ready)
+            top_p = gr.Slider(0.05, 1.0, d.top_p, step=0.05, label="Top p", interactive=ready)
+            top_k = gr.Slider(0, 200, d.top_k, step=1, label="Top k (0: off)", interactive=ready)
+            max_tokens = gr.Slider(16, 2048, d.max_tokens, step=16, label="Max new tokens", interactive=ready)
+            repetition = gr.Slider(1.0, 2.0, d.repetition_penalty, step=0.05, label="Repetition penalty",
+                                   interactive=ready)
 
         settings = [temperature, top_p, top_k, max_tokens, repetition]
         shown = [chatbot, state, notice]
@@ -188,7 +205,9 @@ def build_ui(service: RequestService, info: ModelInfo,
                 d = await current_defaults()
                 return d.temperature, d.top_p, d.top_k, d.max_tokens, d.repetition_penalty
 
-            ui.load(load_defaults, None, settings, api_name="defaults")
+            unlock = [gr.update(interactive=True)] * len(settings)
+            ui.load(load_defaults, None, settings, api_name="defaults").then(
+                lambda: unlock, None, settings, api_name=False)
         undo.click(lambda c: (c.undo().display(), c.undo(), ""), [state], shown, api_name="undo")
         clear.click(lambda: ([], Conversation(), ""), None, shown, api_name="clear")
     # Gradio runs one call per event at a time unless told otherwise; the engine batches

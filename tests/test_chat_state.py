@@ -71,3 +71,24 @@ async def test_the_page_keeps_the_message_limit():
     long_chat = Conversation().ask("a").extend_reply("first reply").ask("b")  # three messages
     *_, last = [c async for c in stream_reply(service, long_chat, "", "base", SamplingOverrides(), "base")]
     assert "at most 2 messages" in last.exchanges[-1].footer
+
+
+async def test_a_fast_stream_updates_the_page_at_a_bounded_rate():
+    """1,000 deltas arriving at once: the first shows at once, the rest in a few updates, and the
+    last update holds the whole reply with its footer."""
+    from deployments.ui import stream_reply
+
+    script = [Delta(f"{i} ") for i in range(999)] + [Delta("end", finish_reason="stop", stats=STATS)]
+    service = RequestService(ScriptedBackend(script))
+    shown = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), "base")]
+    assert shown[0].exchanges[-1].reply == "0 " and len(shown) < 20
+    last = shown[-1].exchanges[-1]
+    assert last.reply == "".join(f"{i} " for i in range(999)) + "end" and "12 tokens" in last.footer
+
+
+async def test_text_held_back_by_the_page_rate_is_shown_when_the_stream_ends():
+    from deployments.ui import stream_reply
+
+    service = RequestService(ScriptedBackend([Delta("a"), Delta("b")]))  # no finish delta
+    shown = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), "base")]
+    assert [c.exchanges[-1].reply for c in shown] == ["a", "ab"]
