@@ -33,6 +33,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from engine.errors import InvalidRequestError, UnknownAdapterError
+from engine.fused_linear import FUSABLE_GROUPS, FusedProjection
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 PEFT_PREFIX = "base_model.model."
@@ -58,7 +59,8 @@ class LoraLinear(torch.nn.Linear):
 
     With `prepack`, the base matmul uses a copy of the weight in oneDNN's blocked layout:
     on this CPU (bf16) 1.6-1.9x faster than `F.linear` on weights that are not in cache, and
-    bitwise equal to it. It costs the weight's memory again."""
+    bitwise equal to it. It costs the weight's memory again. Sibling layers that read the same
+    input share one packed matmul (`fused`, engine/fused_linear.py)."""
 
     def __init__(self, base: torch.nn.Linear, context: LoraContext, prepack: bool = False):
         torch.nn.Module.__init__(self)
@@ -67,9 +69,13 @@ class LoraLinear(torch.nn.Linear):
         self.context = context
         self.adapters: dict[str, LoraWeights] = {}
         self.packed = torch.ops.mkldnn._reorder_linear_weight(base.weight.detach(), 16) if prepack else None
+        self.fused: tuple[FusedProjection, int] | None = None  # (group, member index): see fuse_siblings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.fused is not None:
+            group, member = self.fused
+            out = group.output(member, x)
+        elif self.packed is not None:
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         else:
             out = F.linear(x, self.weight, self.bias)
@@ -101,6 +107,8 @@ class AdapterRegistry:
         linears = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear]
         for name in linears:
             self._wrapper(name, prepack)
+        if prepack:
+            fuse_siblings(model)
 
     @property
     def names(self) -> list[str]:
@@ -167,6 +175,21 @@ class AdapterRegistry:
         """Put plain Linear layers (for PEFT to wrap) or our wrappers in the targeted places."""
         for module_name, layer in self._layers.items():
             self._model.set_submodule(module_name, layer.as_linear() if to_plain else layer)
+
+
+def fuse_siblings(model: torch.nn.Module) -> None:
+    """Give each group of packed sibling layers (q/k/v, gate/up: FUSABLE_GROUPS) one matmul
+    (engine/fused_linear.py); the members' own packed copies are dropped."""
+    for parent in model.modules():
+        for names in FUSABLE_GROUPS:
+            members = [getattr(parent, name, None) for name in names]
+            if not all(isinstance(m, LoraLinear) and m.packed is not None for m in members):
+                continue
+            if not FusedProjection.can_fuse(members):
+                continue
+            group = FusedProjection([m.weight for m in members], [m.bias for m in members])
+            for index, member in enumerate(members):
+                member.fused, member.packed = (group, index), None
 
 
 def extract_lora_weights(peft_model: PeftModel, name: str, dtype: torch.dtype) -> dict[str, LoraWeights]:

@@ -170,13 +170,17 @@ def test_attention_over_several_runs_equals_one_contiguous_context():
 
 
 async def test_prepacked_bf16_weights_give_the_same_tokens(engine_config, adapter_dirs):
-    """On the CPU in bf16 the Linear layers run on oneDNN-packed copies of their weights:
-    bitwise the same results as F.linear, with and without an adapter's segment."""
+    """On the CPU in bf16 the Linear layers run on oneDNN-packed copies of their weights, q/k/v
+    and gate/up each as one fused matmul: bitwise the same results as F.linear per layer, with
+    and without an adapter's segment (alpha adapts q and v, so LoRA adds into fused columns)."""
     outputs = []
     for prepack in (False, True):
         config = engine_config.model_copy(update={"dtype": "bfloat16", "prepack_weights": prepack, "kv_block_size": 4})
         engine = Engine.from_config(config)
-        assert all((layer.packed is not None) == prepack for layer in engine.adapters._layers.values())
+        layers = engine.adapters._layers
+        assert all((layer.packed is not None or layer.fused is not None) == prepack for layer in layers.values())
+        fused = {name.rsplit(".", 1)[-1] for name, layer in layers.items() if layer.fused is not None}
+        assert fused == ({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} if prepack else set())
         await engine.load_adapter("alpha", str(adapter_dirs["alpha"]))
         prompt = ids(engine, LONG_TEXT)
         requests = [GenerationRequest(prompt, GREEDY, adapter, request_id=str(adapter)) for adapter in (None, "alpha")]
