@@ -76,8 +76,8 @@ def test_every_turn_of_a_conversation_lands_on_one_replica_whose_prefix_cache_hi
     replica: the previous reply (the tiny random model's 24 tokens of noise decode to text
     that re-tokenizes into about 70) and the new question (about 30). Asserted: hits >= 90%
     of those full blocks, and a hit rate >= 0.6. Observed (2026-12-02, two runs): hit rates
-    0.655 and 0.649, then 0.651 and 0.655, 1.00-1.01x the full blocks of the previous prompts (a few reply blocks re-tokenize the
-    same). A turn sent to the other replica instead finds none of its history there (Serve's
+    0.655 and 0.649, then 0.651 and 0.655, 1.00-1.01x the full blocks of the previous prompts
+    (a few reply blocks re-tokenize the same). A turn sent to the other replica instead finds none of its history there (Serve's
     default router does that about half the time), which would leave a replica at roughly
     half of what it could cover."""
     conversations = report["conversations"]
