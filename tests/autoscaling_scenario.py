@@ -3,8 +3,19 @@
 It runs in its own process because a process can join only one Ray cluster, and the other
 tests share a local one. The cluster has a CPU head node and two fake GPU nodes; the app is
 deployed from a Serve config (the path `serve deploy` takes) whose LLMServer section is the
-one in serve_config.yaml with the tiny model and short autoscaling delays. It writes a JSON
-report: the replica count over time, and every request's outcome.
+one in serve_config.yaml with the tiny model and short autoscaling delays. Two phases on the
+same cluster (starting one costs a minute here):
+
+1. Autoscaling: heavy load until the policy runs 2 replicas, then one client while it goes
+   back to 1.
+2. Conversations: the config again with 2 fixed replicas; several multi-turn chats (each
+   turn re-sends the whole history and a new message), the prefix-cache counters of both
+   replicas read before and after the later turns; then the replica that served the first
+   conversation is killed and every conversation takes one more turn.
+
+It writes a JSON report: the replica count over time, every request's outcome, every
+conversation turn's response id (the request log names the replica that served it), the
+counters, and the killed replica.
 
     python -m tests.autoscaling_scenario MODEL_DIR REPORT_JSON
 """
@@ -14,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,6 +41,7 @@ from ray.serve.schema import ServeDeploySchema
 from client.bodies import chat_body, user_message
 from client.servers import free_port, wait_until_healthy
 from client.stream import StreamError, achunks, aevent_data, completion_tokens, delta_text, error_text
+from deployments.local import every_replica_diagnostics
 from tests.serve_fixtures import ROOT
 
 log = logging.getLogger("autoscaling_scenario")
@@ -36,6 +49,9 @@ PROMPTS = ["Tell me about rivers.", "Count to ten.", "Describe a cat.", "What is
 MAX_TOKENS = 200
 LOAD_CLIENTS = 6
 TIME_LIMIT_S = 150
+CONVERSATIONS = 6
+TURNS = 5  # then one more after a replica is killed
+REPLY_TOKENS = 24
 
 
 def scenario_config(model_dir: str, port: int, request_log: str) -> dict:
@@ -57,9 +73,20 @@ def scenario_config(model_dir: str, port: int, request_log: str) -> dict:
     return {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
 
 
+def fixed_replicas_config(config: dict, replicas: int) -> dict:
+    """`config` with the LLM deployment at `replicas` replicas, without autoscaling (a
+    lightweight update: the running replica stays, with its prefix cache)."""
+    config = json.loads(json.dumps(config))
+    llm = next(d for d in config["applications"][0]["deployments"] if d["name"] == "LLMServer")
+    del llm["autoscaling_config"]
+    llm["num_replicas"] = replicas
+    return config
+
+
 def running_replicas() -> int:
-    status = serve.status().applications["llm"].deployments["LLMServer"]
-    return status.replica_states.get("RUNNING", 0)
+    app = serve.status().applications.get("llm")
+    status = app and app.deployments.get("LLMServer")  # absent while a new config is applied
+    return status.replica_states.get("RUNNING", 0) if status else 0
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, outcomes: list) -> None:
@@ -81,6 +108,99 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, outcomes
         status, error = 0, repr(err)
     outcomes.append({"prompt": prompt, "status": status, "text": text, "tokens": tokens, "error": error,
                      "finished_at": time.monotonic()})
+
+
+async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict]) -> dict:
+    """One streamed chat request: status, the response id (the request log's `id=`), reply, error."""
+    body = chat_body("tiny", messages, max_tokens=REPLY_TOKENS, ignore_eos=True, temperature=0)
+    status, response_id, text, error = 0, None, "", None
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            status = response.status_code
+            if status != 200:
+                error = error_text(json.loads(await response.aread()))
+            else:
+                async for chunk in achunks(aevent_data(response)):
+                    response_id = response_id or chunk.get("id")
+                    text += delta_text(chunk)
+    except (StreamError, httpx.HTTPError) as err:
+        error = repr(err)
+    return {"status": status, "id": response_id, "text": text, "error": error}
+
+
+async def prefix_counters() -> dict[str, list[int]]:
+    """[prefix_cache_queries, prefix_cache_hits] of each LLM replica, by replica name (the
+    request log's `replica=`), from the replicas' diagnostics()."""
+    answers = await every_replica_diagnostics(2, app_name="llm")
+    return {name: [a["stats"].prefix_cache_queries, a["stats"].prefix_cache_hits] for name, a in answers.items()}
+
+
+def served_by(request_log: Path, response_id: str, timeout_s: float = 10) -> str | None:
+    """The `replica=` of the request log line of `response_id` (the ingress writes it as the
+    stream ends), waiting up to `timeout_s` for it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in request_log.read_text().splitlines():
+            if f"id={response_id} " in line and (found := re.search(r"replica=(\S+)", line)):
+                return found.group(1)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def kill_replica(name: str, timeout_s: float = 30) -> None:
+    """Kill the LLM replica `name` (`<id>@<node>`) the way a crash would, and wait until Ray
+    reports its actor dead."""
+    actor = ray.get_actor(f"SERVE_REPLICA::llm#LLMServer#{name.split('@')[0]}", namespace="serve")
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"replica {name} still answers {timeout_s} s after ray.kill")
+
+
+def question(conversation: int, turn: int) -> str:
+    return f"Conversation {conversation}, question {turn}: what do you know about topic {conversation * 7 + turn}?"
+
+
+async def converse(url: str, request_log: Path) -> dict:
+    """Phase 2 (module docstring). Turns are sent one at a time, round-robin over the
+    conversations: at max_batch_size 4 the router's busier rule (more than 2 requests beyond
+    the least loaded replica) would otherwise rightly move a turn when 4 chats hit one replica
+    at once, and this phase tests the affinity, not that rule (tests/test_routing.py does)."""
+    histories: list[list[dict]] = [[] for _ in range(CONVERSATIONS)]
+    turns: list[dict] = []
+
+    async def turn(client: httpx.AsyncClient, conversation: int, number: int) -> None:
+        history = histories[conversation]
+        history.append({"role": "user", "content": question(conversation, number)})
+        outcome = await chat_turn(client, url, history)
+        history.append({"role": "assistant", "content": outcome["text"]})
+        replica = outcome["id"] and await asyncio.to_thread(served_by, request_log, outcome["id"])
+        turns.append({"conversation": conversation, "turn": number, "replica": replica, **outcome})
+
+    deadline = time.monotonic() + 60
+    while len(await prefix_counters()) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)  # the second replica is running; wait until routers know it
+    async with httpx.AsyncClient(timeout=60) as client:
+        for c in range(CONVERSATIONS):
+            await turn(client, c, 1)
+        before = await prefix_counters()  # the later turns' lookups and hits are after - before
+        for number in range(2, TURNS + 1):
+            for c in range(CONVERSATIONS):
+                await turn(client, c, number)
+        after = await prefix_counters()
+        killed = next(t["replica"] for t in turns if t["conversation"] == 0)
+        await asyncio.to_thread(kill_replica, killed)
+        for c in range(CONVERSATIONS):
+            await turn(client, c, TURNS + 1)
+    return {"turns": turns, "counters_before": before, "counters_after": after, "killed": killed}
 
 
 async def client_loop(url: str, index: int, stop: asyncio.Event, outcomes: list) -> None:
@@ -136,6 +256,12 @@ def main(model_dir: str, report: str) -> None:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, timeout_s=180)  # Serve's own blocking deploy gives up after 60 s
         result = asyncio.run(drive(url))
+        client.deploy_apps(ServeDeploySchema.model_validate(fixed_replicas_config(config, 2)), _blocking=False)
+        deadline = time.monotonic() + 120
+        while running_replicas() < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        result["conversations"] = asyncio.run(converse(url, Path(request_log)))
+        result["conversations"]["kv_block_size"] = config["applications"][0]["args"]["kv_block_size"]
         result["request_log"] = Path(request_log).read_text().splitlines()
         Path(report).write_text(json.dumps(result))
     finally:

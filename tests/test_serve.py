@@ -251,15 +251,22 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(served, tiny_mo
     serve.run(build_app_with(args, llm_options={"num_replicas": 2}), name="multiplex", route_prefix="/multiplex")
     try:
         handle = serve.get_deployment_handle("LLMServer", app_name="multiplex")
+        params = SamplingOverrides(temperature=0, max_tokens=4)
 
-        def replica_for(adapter: str) -> str:
-            call = GenerateCall(SamplingOverrides(temperature=0, max_tokens=4), adapter=adapter, prompt="Hi")
+        def replica_for(adapter: str, call: GenerateCall | None = None) -> str:
+            call = call or GenerateCall(params, adapter=adapter, prompt="Hi")
             items = list(handle.options(stream=True, multiplexed_model_id=adapter).stream.remote(call))
             return items[-1].stats.replica
 
         holder = replica_for("alpha")
         time.sleep(2)  # replicas report the adapters they hold to the routers periodically
         assert {replica_for("alpha") for _ in range(8)} == {holder}
+        # Chats have prefix keys: the conversation router places each new one by hashing, which
+        # would spread 8 conversations over both replicas, but only among the replicas that
+        # multiplexing allows (the one holding the adapter).
+        chats = [GenerateCall(params, adapter="alpha", messages=[ChatMessage("user", f"Conversation {i}")])
+                 for i in range(8)]
+        assert {replica_for("alpha", call) for call in chats} == {holder}
     finally:
         serve.delete("multiplex")
 
