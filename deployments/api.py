@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
 
 from engine.prompt import Instruction
+from engine.request import Delta
 
 from deployments.choices import Choices
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
@@ -24,7 +25,7 @@ from deployments.http_errors import install_error_handling, internal_error, publ
 from deployments.ignored_fields import log_ignored
 from deployments.messages import ApiError, GenerateCall
 from deployments.openai_format import (
-    DONE_FRAME, ChatCompletion, Completion, GenerateResponse, ModelCard, ModelList, ResponseMeta, sse,
+    DONE_FRAME, ChatCompletion, Completion, GenerateResponse, ModelCard, ModelList, ResponseMeta, Usage, sse,
 )
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, GenerateRequest
 from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
@@ -145,9 +146,9 @@ class ApiService:
             ModelCard(id=name, root=base, parent=base) for name in self.settings.adapters
         ]
 
-    async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, include_usage: bool):
+    async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, usage: UsageWanted):
         if stream:
-            return await self.stream_sse(call, meta, include_usage)
+            return await self.stream_sse(call, meta, usage)
         choices = await self.complete(call, meta, meta.kind)
         return meta.response(choices.outputs(), choices.endings.usage())
 
@@ -176,7 +177,7 @@ class ApiService:
             raise internal_error(call.request_id, final.error if final and final.error else "generation was interrupted")
         return choices
 
-    async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, include_usage: bool):
+    async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, usage: UsageWanted):
         """Answer with SSE once the first item is in (so a refusal still gets its status)."""
         items = self._items(call, meta, meta.kind)
         try:
@@ -189,21 +190,24 @@ class ApiService:
         if isinstance(first, ApiError):
             await items.aclose()
             raise public(first, call.request_id)
-        frames = self._frames(call.request_id, first, items, meta, include_usage, _choices_of(call, meta))
+        frames = self._frames(call.request_id, first, items, meta, usage, _choices_of(call, meta))
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _frames(self, request_id: str, first: Item, items: AsyncIterator[Item], meta: ResponseMeta,
-                      include_usage: bool, choices: Choices) -> AsyncIterator[str]:
+                      usage: UsageWanted, choices: Choices) -> AsyncIterator[str]:
         """SSE frames of the items, then `[DONE]`; a failure becomes an error event before it."""
         done = False
         async with aclosing(items):
             try:
                 if meta.kind == "chat":
-                    yield "".join(sse(meta.chunk(role=True, index=i)) for i in range(len(choices.states)))
-                frame, done = self._frame(request_id, first, meta, include_usage, choices)
+                    if isinstance(first, Delta):
+                        choices.prompt_tokens = first.prompt_tokens or 0
+                    yield "".join(sse(meta.chunk(role=True, index=i, usage=self._so_far(usage, choices, i)))
+                                  for i in range(len(choices.states)))
+                frame, done = self._frame(request_id, first, meta, usage, choices)
                 yield frame
                 async for item in items:
-                    frame, done = self._frame(request_id, item, meta, include_usage, choices)
+                    frame, done = self._frame(request_id, item, meta, usage, choices)
                     yield frame
                 if not done:
                     yield sse(internal_error(request_id, "the stream ended early").body)
@@ -211,30 +215,50 @@ class ApiService:
                 yield sse(internal_error(request_id, f"mid-stream: {err!r}").body)
         yield DONE_FRAME
 
-    def _frame(self, request_id: str, item: Item, meta: ResponseMeta, include_usage: bool,
+    def _frame(self, request_id: str, item: Item, meta: ResponseMeta, usage: UsageWanted,
                choices: Choices) -> tuple[str, bool]:
         """SSE text for one item, and whether the stream is over (every choice ended, or failed)."""
         if isinstance(item, ApiError):
             return sse(public(item, request_id).body), True
         piece = choices.piece(item)
-        frame = sse(meta.chunk(piece.text, index=item.index, logprobs=piece.logprobs)) if piece.text or piece.logprobs else ""
+        frame = ""
+        if piece.text or piece.logprobs:
+            frame = sse(meta.chunk(piece.text, index=item.index, logprobs=piece.logprobs,
+                                   usage=self._so_far(usage, choices, item.index)))
         if item.finish_reason in FAILED_FINISHES:
             error = internal_error(request_id, item.error or "generation was cancelled")
             return frame + sse(error.body), True
         if not item.finish_reason:
             return frame, False
-        if getattr(item, "tool_calls", None):
-            frame += sse(meta.tool_call_chunk(item.tool_calls, index=item.index))
-        frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats, index=item.index))
         done = choices.end(item)
-        if done and include_usage:
+        so_far = self._so_far(usage, choices, item.index)
+        if getattr(item, "tool_calls", None):
+            frame += sse(meta.tool_call_chunk(item.tool_calls, index=item.index, usage=so_far))
+        frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats, index=item.index, usage=so_far))
+        if done and usage.final:
             frame += sse(meta.usage_chunk(choices.endings.usage()))
         return frame, done
+
+    @staticmethod
+    def _so_far(usage: UsageWanted, choices: Choices, index: int) -> Usage | None:
+        return choices.usage_so_far(index) if usage.continuous else None
+
+
+@dataclass(frozen=True)
+class UsageWanted:
+    """`stream_options`: a final usage chunk (`include_usage`), and with it usage in every chunk
+    (vLLM's `continuous_usage_stats`, which like vLLM needs `include_usage`)."""
+
+    final: bool = False
+    continuous: bool = False
 
 
 def _choices_of(call: GenerateCall, meta: ResponseMeta) -> Choices:
     return Choices(meta.kind, call.overrides.n, call.overrides.logprobs is not None)
 
 
-def _usage_wanted(body: ChatCompletionRequest | CompletionRequest) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
+def _usage_wanted(body: ChatCompletionRequest | CompletionRequest) -> UsageWanted:
+    options = body.stream_options
+    if not (options and options.include_usage):
+        return UsageWanted()
+    return UsageWanted(final=True, continuous=options.continuous_usage_stats)

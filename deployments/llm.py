@@ -135,7 +135,8 @@ class LLMServer:
         """Generate for one call; a client disconnect cancels its engine row."""
         self._start_gauges()
         try:
-            deltas = await self._admit(await self._prepare(call))
+            request = await self._prepare(call)
+            deltas = await self._admit(request)
         except (EngineError, ValueError) as err:
             deltas = err
         if isinstance(deltas, Exception):
@@ -143,6 +144,7 @@ class LLMServer:
             return
         try:
             async for delta in deltas:
+                delta.prompt_tokens = len(request.prompt_ids)  # for usage in every chunk
                 if delta.stats is not None:
                     delta.stats.replica = self.replica
                     if delta.stats.time_to_first_token is not None:

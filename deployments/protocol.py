@@ -84,6 +84,8 @@ class SamplingFields(StrictBody):
 
 class StreamOptions(StrictBody):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM's extension: with include_usage, every chunk carries the usage so far.")
     include_obfuscation: bool | None = Field(None, description="Ignored: no obfuscation padding is sent.")
 
 
