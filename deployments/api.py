@@ -9,29 +9,45 @@ streaming began arrives as an error event followed by `data: [DONE]`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
 
 from engine.prompt import Instruction
-from engine.request import Delta
+from engine.request import Delta, new_request_id
 
 from deployments.choices import Choices
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.http_errors import install_error_handling, internal_error, public
 from deployments.ignored_fields import log_ignored
-from deployments.messages import ApiError, GenerateCall
+from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
 from deployments.openai_format import (
-    DONE_FRAME, ChatCompletion, Completion, GenerateResponse, ModelCard, ModelList, ResponseMeta, Usage, sse,
+    DONE_FRAME, ChatCompletion, Completion, DetokenizeResponse, GenerateResponse, ModelCard, ModelList, ResponseMeta,
+    TokenizeResponse, Usage, sse,
 )
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, GenerateRequest
+from deployments.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, GenerateRequest, TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
 from deployments.tool_calls import with_tool_calls
 
-__all__ = ["ApiSettings", "Backend", "Finished", "Item", "build_api"]
+__all__ = ["ApiBackend", "ApiSettings", "Backend", "Finished", "Item", "build_api"]
+
+T = TypeVar("T")
+
+
+class ApiBackend(Backend, Protocol):
+    """The LLM deployment as the API sees it: generation streams and one-shot calls. A refusal
+    is an ApiError returned in place of the answer."""
+
+    def tokenize(self, call: TokenizeCall) -> Awaitable[Tokenized | ApiError]: ...
+
+    def detokenize(self, tokens: list[int]) -> Awaitable[str | ApiError]: ...
 
 
 @dataclass
@@ -58,8 +74,8 @@ GENERATION_RESPONSES = {
 }
 
 
-def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
-    """The FastAPI app: OpenAI routes, /generate, /health."""
+def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
+    """The FastAPI app: OpenAI routes, vLLM's /tokenize and /detokenize, /generate, /health."""
     app = FastAPI(title="lora-serve", description="OpenAI-compatible chat serving for a base model and LoRA adapters")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handling(app)
@@ -103,6 +119,26 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         """One model's card (an alias answers with its base model's card); 404 for an unknown id."""
         return service.model_card(model_id)
 
+    @app.post("/tokenize", dependencies=guarded, response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> TokenizeResponse:
+        """vLLM's /tokenize: a chat's prompt ids as a chat request builds them, or a raw prompt's."""
+        service.adapter_for(body.model or settings.model_name)
+        if isinstance(body, TokenizeChatRequest):
+            call = TokenizeCall(messages=body.chat_messages(), add_generation_prompt=body.add_generation_prompt,
+                                return_token_strs=body.return_token_strs)
+        else:
+            call = TokenizeCall(prompt=body.prompt, add_special_tokens=body.add_special_tokens,
+                                return_token_strs=body.return_token_strs)
+        result = await service.ask(backend.tokenize(call), "tokenize")
+        return TokenizeResponse(count=len(result.tokens), max_model_len=result.max_model_len, tokens=result.tokens,
+                                token_strs=result.token_strs)
+
+    @app.post("/detokenize", dependencies=guarded, response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's /detokenize: the text of token ids (400 naming `tokens` for ids outside the vocabulary)."""
+        service.adapter_for(body.model or settings.model_name)
+        return DetokenizeResponse(prompt=await service.ask(backend.detokenize(body.tokens), "detokenize"))
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -145,6 +181,18 @@ class ApiService:
         return [ModelCard(id=base, root=base)] + [
             ModelCard(id=name, root=base, parent=base) for name in self.settings.adapters
         ]
+
+    async def ask(self, answer: Awaitable[T | ApiError], what: str) -> T:
+        """A replica's answer to a one-shot call (tokenize, ...); its ApiError raised, a failed
+        call a 500 with the details in the log."""
+        request_id = new_request_id()
+        try:
+            result = await answer
+        except Exception as err:  # the replica died or the handle failed
+            raise internal_error(request_id, f"{what}: {err!r}") from err
+        if isinstance(result, ApiError):
+            raise public(result, request_id)
+        return result
 
     async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, usage: UsageWanted):
         if stream:

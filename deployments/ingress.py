@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api import ApiSettings, Item, build_api
 from deployments.guard import KEYS_ENV, resolve_keys
-from deployments.messages import ApiError, GenerateCall
+from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
 from deployments.request_log import RequestRecorder
 from deployments.settings import AppArgs
 
@@ -25,13 +25,20 @@ log = logging.getLogger("ray.serve")
 
 
 class HandleBackend:
-    """Streams a call from the LLM deployment."""
+    """Streams a call from the LLM deployment; one-shot calls (tokenize, ...) go through the plain handle."""
 
     def __init__(self, handle: DeploymentHandle):
+        self.calls = handle
         self.handle = handle.options(stream=True)
 
     def stream(self, call: GenerateCall) -> AsyncIterator[Item]:
         return ShedWhenFull(self.handle.options(multiplexed_model_id=call.adapter or "").stream.remote(call))
+
+    async def tokenize(self, call: TokenizeCall) -> Tokenized | ApiError:
+        return await self.calls.tokenize.remote(call)
+
+    async def detokenize(self, tokens: list[int]) -> str | ApiError:
+        return await self.calls.detokenize.remote(tokens)
 
 
 class ShedWhenFull:

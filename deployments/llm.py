@@ -24,7 +24,7 @@ from engine.errors import EngineError, UnknownAdapterError
 from engine.request import Delta, GenerationRequest
 
 from deployments.load_report import RecentTTFT, load_report
-from deployments.messages import ApiError, GenerateCall
+from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
 from deployments.metrics import LLMMetrics
 from deployments.settings import AppArgs, BatchSettings
 
@@ -130,6 +130,26 @@ class LLMServer:
             "adapters": self.engine.adapters.names,
             "rss_bytes": psutil.Process().memory_info().rss,
         }
+
+    async def tokenize(self, call: TokenizeCall) -> Tokenized | ApiError:
+        """Prompt ids of a chat or a raw prompt, from the prompt builder generation uses."""
+        prompts = self.engine.prompts
+        try:
+            if call.messages is not None:
+                tokens = prompts.chat_tokens(call.messages, call.add_generation_prompt)
+            else:
+                tokens = prompts.text_tokens(call.prompt, call.add_special_tokens)
+        except (EngineError, ValueError) as err:
+            return ApiError.from_error(err)
+        strings = prompts.token_strings(tokens) if call.return_token_strs else None
+        return Tokenized(tokens, prompts.context_window, strings)
+
+    async def detokenize(self, tokens: list[int]) -> str | ApiError:
+        """The text of `tokens`; a 400 naming `tokens` for ids outside the vocabulary."""
+        try:
+            return self.engine.prompts.detokenize(tokens)
+        except (EngineError, ValueError) as err:
+            return ApiError(400, str(err), param="tokens")
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[Delta | ApiError]:
         """Generate for one call; a client disconnect cancels its engine row."""

@@ -39,6 +39,26 @@ class GenerateCall:
         self.request_id = self.request_id or new_request_id()
 
 
+@dataclass
+class TokenizeCall:
+    """What /tokenize asks of a replica: a chat (built by the same prompt builder as a chat
+    request, so `len(tokens)` is its `usage.prompt_tokens` unless old turns must be dropped)
+    or a raw prompt (as /v1/completions encodes it with `add_special_tokens`)."""
+
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+@dataclass
+class Tokenized:
+    tokens: list[int]
+    max_model_len: int
+    token_strs: list[str] | None = None
+
+
 STATUS_TYPES: dict[int, ErrorType] = {
     401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 500: "server_error",
     503: "overloaded_error",

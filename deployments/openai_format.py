@@ -172,6 +172,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class TokenizeResponse(BaseModel):
+    """vLLM's /tokenize answer: the ids, their count, and the context window."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 def sse(payload: BaseModel | dict) -> str:
     """One SSE frame of a response object (or of an error body)."""
     if isinstance(payload, BaseModel):

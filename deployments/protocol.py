@@ -226,6 +226,34 @@ class GenerateRequest(StrictBody):
     model: Text | None = Field(None, description="Base model or adapter name; default: the base model.")
 
 
+class TokenizeCompletionRequest(StrictBody):
+    """vLLM's POST /tokenize body for a raw prompt."""
+
+    model: Text | None = Field(None, description="Base model or adapter name; default: the base model.")
+    prompt: Text
+    add_special_tokens: bool = Field(True, description="Add BOS and the like, as /v1/completions does.")
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(StrictBody):
+    """vLLM's POST /tokenize body for a chat: the prompt a chat request builds from `messages`."""
+
+    model: Text | None = Field(None, description="Base model or adapter name; default: the base model.")
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    add_generation_prompt: bool = Field(True, description="End with the assistant turn's opening, as generation does.")
+    return_token_strs: bool = False
+
+    def chat_messages(self) -> list[ChatMessage]:
+        return [m.to_message() for m in self.messages]
+
+
+class DetokenizeRequest(StrictBody):
+    """vLLM's POST /detokenize body."""
+
+    model: Text | None = Field(None, description="Base model or adapter name; default: the base model.")
+    tokens: list[int]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
