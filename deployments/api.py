@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Header
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from engine.prompt import Instruction
 from engine.request import Delta, new_request_id
@@ -30,9 +30,10 @@ from deployments.openai_format import (
     TokenizeResponse, Usage, sse,
 )
 from deployments.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, GenerateRequest, TokenizeChatRequest,
-    TokenizeCompletionRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, GenerateRequest, LoadLoraAdapterRequest,
+    TokenizeChatRequest, TokenizeCompletionRequest, UnloadLoraAdapterRequest,
 )
+from deployments.runtime_adapters import RuntimeAdapter, RuntimeAdapters
 from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
 from deployments.tool_calls import with_tool_calls
 
@@ -49,6 +50,8 @@ class ApiBackend(Backend, Protocol):
 
     def detokenize(self, tokens: list[int]) -> Awaitable[str | ApiError]: ...
 
+    def load_adapter(self, adapter: RuntimeAdapter) -> Awaitable[ApiError | None]: ...
+
 
 @dataclass
 class ApiSettings:
@@ -60,6 +63,7 @@ class ApiSettings:
     rate_limit_per_minute: int | None = None
     max_body_bytes: int = 1 << 20
     max_messages: int = 256
+    runtime_adapters: RuntimeAdapters | None = None  # None: loading adapters at run time is off
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
@@ -87,16 +91,16 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest):
         meta = ResponseMeta("chat", body.model, tool_calls=body.uses_tools)
         log_ignored(body, meta.id)
-        call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), messages=body.chat_messages(),
-                            request_id=meta.id)
+        call = GenerateCall(body.to_overrides(), messages=body.chat_messages(), request_id=meta.id,
+                            **await service.adapter_for(body.model))
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest):
         meta = ResponseMeta("completion", body.model)
         log_ignored(body, meta.id)
-        call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), prompt=body.prompt,
-                            request_id=meta.id)
+        call = GenerateCall(body.to_overrides(), prompt=body.prompt, request_id=meta.id,
+                            **await service.adapter_for(body.model))
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/generate", dependencies=guarded, response_model=GenerateResponse, responses=ERRORS)
@@ -105,24 +109,24 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         model = body.model or settings.model_name
         prompt = Instruction(body.prompt_config.instruction, body.prompt_config.input)
         meta = ResponseMeta("completion", model)
-        call = GenerateCall(body.generation_config.to_overrides(), service.adapter_for(model), prompt=prompt,
-                            request_id=meta.id)
+        call = GenerateCall(body.generation_config.to_overrides(), prompt=prompt, request_id=meta.id,
+                            **await service.adapter_for(model))
         choices = await service.complete(call, meta, "generate")
         return GenerateResponse(output=choices.states[0].text.strip())
 
     @app.get("/v1/models", dependencies=guarded, response_model=ModelList, responses=ERRORS)
     async def models() -> ModelList:
-        return ModelList(data=service.model_cards())
+        return ModelList(data=await service.model_cards())
 
     @app.get("/v1/models/{model_id:path}", dependencies=guarded, response_model=ModelCard, responses=ERRORS)
     async def model(model_id: str) -> ModelCard:
         """One model's card (an alias answers with its base model's card); 404 for an unknown id."""
-        return service.model_card(model_id)
+        return await service.model_card(model_id)
 
     @app.post("/tokenize", dependencies=guarded, response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> TokenizeResponse:
         """vLLM's /tokenize: a chat's prompt ids as a chat request builds them, or a raw prompt's."""
-        service.adapter_for(body.model or settings.model_name)
+        await service.adapter_for(body.model or settings.model_name)
         if isinstance(body, TokenizeChatRequest):
             call = TokenizeCall(messages=body.chat_messages(), add_generation_prompt=body.add_generation_prompt,
                                 return_token_strs=body.return_token_strs)
@@ -136,8 +140,21 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     @app.post("/detokenize", dependencies=guarded, response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         """vLLM's /detokenize: the text of token ids (400 naming `tokens` for ids outside the vocabulary)."""
-        service.adapter_for(body.model or settings.model_name)
+        await service.adapter_for(body.model or settings.model_name)
         return DetokenizeResponse(prompt=await service.ask(backend.detokenize(body.tokens), "detokenize"))
+
+    @app.post("/v1/load_lora_adapter", dependencies=guarded, response_class=PlainTextResponse, responses=ERRORS)
+    async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
+        """vLLM's runtime load: `lora_name` becomes a model on every replica (each loads it on
+        first use; deployments/runtime_adapters.py). 404 unless allow_runtime_adapters is on."""
+        await service.load_adapter(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=guarded, response_class=PlainTextResponse, responses=ERRORS)
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
+        """vLLM's runtime unload: the name answers 404 from now on. 404 unless allow_runtime_adapters is on."""
+        await service.unload_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/health")
     async def health():
@@ -149,8 +166,8 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
 class ApiService:
     """The work behind the routes: model resolution, collection, SSE."""
 
-    def __init__(self, backend: Backend, settings: ApiSettings):
-        self.settings = settings
+    def __init__(self, backend: ApiBackend, settings: ApiSettings):
+        self.settings, self.backend = settings, backend
         self.requests = RequestService(backend, settings.on_finish, settings.max_messages)
         self.limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
 
@@ -164,23 +181,64 @@ class ApiService:
             raise ApiError(429, "Rate limit reached for this API key; retry later.", "rate_limit_error",
                            code="rate_limit_exceeded", retry_after=wait)
 
-    def adapter_for(self, model: str) -> str | None:
-        """None for the base model, the adapter name for an adapter; 404 otherwise."""
+    async def adapter_for(self, model: str) -> dict[str, str | None]:
+        """A GenerateCall's `adapter` (None for the base model) and `adapter_source` (a runtime
+        adapter's folder); 404 for an unknown model."""
         if model == self.settings.model_name or model in self.settings.model_aliases:
-            return None
+            return {"adapter": None, "adapter_source": None}
         if model in self.settings.adapters:
-            return model
+            return {"adapter": model, "adapter_source": None}
+        if self.settings.runtime_adapters and (loaded := await self.settings.runtime_adapters.get(model)):
+            return {"adapter": loaded.id, "adapter_source": loaded.source}
         raise ApiError(404, f"The model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
 
-    def model_card(self, model: str) -> ModelCard:
-        adapter = self.adapter_for(model)
-        return next(card for card in self.model_cards() if card.id == (adapter or self.settings.model_name))
+    async def model_card(self, model: str) -> ModelCard:
+        await self.adapter_for(model)
+        name = self.settings.model_name if self._is_base(model) else model
+        return next(card for card in await self.model_cards() if card.id == name)
 
-    def model_cards(self) -> list[ModelCard]:
+    async def model_cards(self) -> list[ModelCard]:
         base = self.settings.model_name
+        runtime = await self.settings.runtime_adapters.all() if self.settings.runtime_adapters else []
         return [ModelCard(id=base, root=base)] + [
-            ModelCard(id=name, root=base, parent=base) for name in self.settings.adapters
+            ModelCard(id=name, root=base, parent=base)
+            for name in (*self.settings.adapters, *(adapter.name for adapter in runtime))
         ]
+
+    def _is_base(self, model: str) -> bool:
+        return model == self.settings.model_name or model in self.settings.model_aliases
+
+    def _runtime_adapters(self) -> RuntimeAdapters:
+        if self.settings.runtime_adapters is None:
+            raise ApiError(404, "Loading and unloading adapters at run time is off: set `allow_runtime_adapters: true` "
+                           "in the application's args (serve_config.yaml) to switch it on.", "invalid_request_error",
+                           code="runtime_adapters_disabled")
+        return self.settings.runtime_adapters
+
+    async def load_adapter(self, name: str, source: str) -> None:
+        """Register `name` and load it on one replica first (which checks the folder and the
+        weights); a failure there is a 400 naming lora_path, and the name stays free."""
+        registry = self._runtime_adapters()
+        if self._is_base(name) or name in self.settings.adapters:
+            raise ApiError(400, f"`{name}` is already a model of this server (configured in its args)", param="lora_name")
+        adapter = await registry.add(name, source)
+        if adapter is None:
+            raise ApiError(400, f"The lora adapter `{name}` has already been loaded; unload it first",
+                           param="lora_name")
+        try:
+            await self.ask(self.backend.load_adapter(adapter), "load_lora_adapter")
+        except BaseException:
+            await registry.remove(name)
+            raise
+
+    async def unload_adapter(self, name: str) -> None:
+        registry = self._runtime_adapters()
+        if self._is_base(name) or name in self.settings.adapters:
+            raise ApiError(400, f"`{name}` is configured in the application's args and cannot be unloaded at run time",
+                           param="lora_name")
+        if not await registry.remove(name):
+            raise ApiError(404, f"The lora adapter `{name}` is not loaded", "invalid_request_error", "lora_name",
+                           "model_not_found")
 
     async def ask(self, answer: Awaitable[T | ApiError], what: str) -> T:
         """A replica's answer to a one-shot call (tokenize, ...); its ApiError raised, a failed

@@ -23,7 +23,8 @@ ErrorType = Literal[
 @dataclass
 class GenerateCall:
     """One generation: a chat (messages) or a completion (prompt), for the base model or an
-    adapter: the whole ingress-to-replica contract (no HTTP types). `overrides` holds what the
+    adapter (a runtime adapter with its folder, so any replica can load it): the whole
+    ingress-to-replica contract (no HTTP types). `overrides` holds what the
     caller set; the replica fills the rest from its current defaults. `request_id` is the id
     the client sees, the engine uses and the logs show."""
 
@@ -32,6 +33,7 @@ class GenerateCall:
     messages: list[ChatMessage] | None = None
     prompt: str | list[int] | Instruction | None = None
     request_id: str = ""
+    adapter_source: str | None = None  # a runtime adapter's folder (deployments/runtime_adapters.py)
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

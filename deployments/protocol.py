@@ -254,6 +254,23 @@ class DetokenizeRequest(StrictBody):
     tokens: list[int]
 
 
+AdapterName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+
+
+class LoadLoraAdapterRequest(StrictBody):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    lora_name: AdapterName = Field(description="The model name requests will use.")
+    lora_path: Text = Field(min_length=1, description="The PEFT adapter folder's absolute path on the server.")
+
+
+class UnloadLoraAdapterRequest(StrictBody):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+
+    lora_name: AdapterName
+    lora_int_id: int | None = Field(None, description="Accepted for vLLM's clients; the name decides.")
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
