@@ -77,6 +77,11 @@ GENERATION_RESPONSES = {
     **ERRORS,
 }
 
+PLAIN_TEXT_RESPONSES = {  # vLLM's adapter routes answer plain text; their errors stay JSON
+    200: {"description": "`Success: ...`", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    **ERRORS,
+}
+
 
 def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     """The FastAPI app: OpenAI routes, vLLM's /tokenize and /detokenize, /generate, /health."""
@@ -143,14 +148,14 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         await service.adapter_for(body.model or settings.model_name)
         return DetokenizeResponse(prompt=await service.ask(backend.detokenize(body.tokens), "detokenize"))
 
-    @app.post("/v1/load_lora_adapter", dependencies=guarded, response_class=PlainTextResponse, responses=ERRORS)
+    @app.post("/v1/load_lora_adapter", dependencies=guarded, response_model=None, responses=PLAIN_TEXT_RESPONSES)
     async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
         """vLLM's runtime load: `lora_name` becomes a model on every replica (each loads it on
         first use; deployments/runtime_adapters.py). 404 unless allow_runtime_adapters is on."""
         await service.load_adapter(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", dependencies=guarded, response_class=PlainTextResponse, responses=ERRORS)
+    @app.post("/v1/unload_lora_adapter", dependencies=guarded, response_model=None, responses=PLAIN_TEXT_RESPONSES)
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
         """vLLM's runtime unload: the name answers 404 from now on. 404 unless allow_runtime_adapters is on."""
         await service.unload_adapter(body.lora_name)
