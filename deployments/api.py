@@ -9,28 +9,48 @@ streaming began arrives as an error event followed by `data: [DONE]`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Header
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from engine.prompt import Instruction
+from engine.request import Delta, new_request_id
 
 from deployments.choices import Choices
 from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.http_errors import install_error_handling, internal_error, public
 from deployments.ignored_fields import log_ignored
-from deployments.messages import ApiError, GenerateCall
+from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
 from deployments.openai_format import (
-    DONE_FRAME, ChatCompletion, Completion, GenerateResponse, ModelCard, ModelList, ResponseMeta, sse,
+    DONE_FRAME, ChatCompletion, Completion, DetokenizeResponse, GenerateResponse, ModelCard, ModelList, ResponseMeta,
+    TokenizeResponse, Usage, sse,
 )
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, GenerateRequest
+from deployments.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, GenerateRequest, LoadLoraAdapterRequest,
+    TokenizeChatRequest, TokenizeCompletionRequest, UnloadLoraAdapterRequest,
+)
+from deployments.runtime_adapters import RuntimeAdapter, RuntimeAdapters
 from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
 from deployments.tool_calls import with_tool_calls
 
-__all__ = ["ApiSettings", "Backend", "Finished", "Item", "build_api"]
+__all__ = ["ApiBackend", "ApiSettings", "Backend", "Finished", "Item", "build_api"]
+
+T = TypeVar("T")
+
+
+class ApiBackend(Backend, Protocol):
+    """The LLM deployment as the API sees it: generation streams and one-shot calls. A refusal
+    is an ApiError returned in place of the answer."""
+
+    def tokenize(self, call: TokenizeCall) -> Awaitable[Tokenized | ApiError]: ...
+
+    def detokenize(self, tokens: list[int]) -> Awaitable[str | ApiError]: ...
+
+    def load_adapter(self, adapter: RuntimeAdapter) -> Awaitable[ApiError | None]: ...
 
 
 @dataclass
@@ -43,6 +63,7 @@ class ApiSettings:
     rate_limit_per_minute: int | None = None
     max_body_bytes: int = 1 << 20
     max_messages: int = 256
+    runtime_adapters: RuntimeAdapters | None = None  # None: loading adapters at run time is off
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
@@ -56,9 +77,14 @@ GENERATION_RESPONSES = {
     **ERRORS,
 }
 
+PLAIN_TEXT_RESPONSES = {  # vLLM's adapter routes answer plain text; their errors stay JSON
+    200: {"description": "`Success: ...`", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    **ERRORS,
+}
 
-def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
-    """The FastAPI app: OpenAI routes, /generate, /health."""
+
+def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
+    """The FastAPI app: OpenAI routes, vLLM's /tokenize and /detokenize, /generate, /health."""
     app = FastAPI(title="lora-serve", description="OpenAI-compatible chat serving for a base model and LoRA adapters")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handling(app)
@@ -70,16 +96,16 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest):
         meta = ResponseMeta("chat", body.model, tool_calls=body.uses_tools)
         log_ignored(body, meta.id)
-        call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), messages=body.chat_messages(),
-                            request_id=meta.id)
+        call = GenerateCall(body.to_overrides(), messages=body.chat_messages(), request_id=meta.id,
+                            **await service.adapter_for(body.model))
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest):
         meta = ResponseMeta("completion", body.model)
         log_ignored(body, meta.id)
-        call = GenerateCall(body.to_overrides(), service.adapter_for(body.model), prompt=body.prompt,
-                            request_id=meta.id)
+        call = GenerateCall(body.to_overrides(), prompt=body.prompt, request_id=meta.id,
+                            **await service.adapter_for(body.model))
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/generate", dependencies=guarded, response_model=GenerateResponse, responses=ERRORS)
@@ -88,19 +114,52 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         model = body.model or settings.model_name
         prompt = Instruction(body.prompt_config.instruction, body.prompt_config.input)
         meta = ResponseMeta("completion", model)
-        call = GenerateCall(body.generation_config.to_overrides(), service.adapter_for(model), prompt=prompt,
-                            request_id=meta.id)
+        call = GenerateCall(body.generation_config.to_overrides(), prompt=prompt, request_id=meta.id,
+                            **await service.adapter_for(model))
         choices = await service.complete(call, meta, "generate")
         return GenerateResponse(output=choices.states[0].text.strip())
 
     @app.get("/v1/models", dependencies=guarded, response_model=ModelList, responses=ERRORS)
     async def models() -> ModelList:
-        return ModelList(data=service.model_cards())
+        return ModelList(data=await service.model_cards())
 
     @app.get("/v1/models/{model_id:path}", dependencies=guarded, response_model=ModelCard, responses=ERRORS)
     async def model(model_id: str) -> ModelCard:
         """One model's card (an alias answers with its base model's card); 404 for an unknown id."""
-        return service.model_card(model_id)
+        return await service.model_card(model_id)
+
+    @app.post("/tokenize", dependencies=guarded, response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> TokenizeResponse:
+        """vLLM's /tokenize: a chat's prompt ids as a chat request builds them, or a raw prompt's."""
+        await service.adapter_for(body.model or settings.model_name)
+        if isinstance(body, TokenizeChatRequest):
+            call = TokenizeCall(messages=body.chat_messages(), add_generation_prompt=body.add_generation_prompt,
+                                return_token_strs=body.return_token_strs)
+        else:
+            call = TokenizeCall(prompt=body.prompt, add_special_tokens=body.add_special_tokens,
+                                return_token_strs=body.return_token_strs)
+        result = await service.ask(backend.tokenize(call), "tokenize")
+        return TokenizeResponse(count=len(result.tokens), max_model_len=result.max_model_len, tokens=result.tokens,
+                                token_strs=result.token_strs)
+
+    @app.post("/detokenize", dependencies=guarded, response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's /detokenize: the text of token ids (400 naming `tokens` for ids outside the vocabulary)."""
+        await service.adapter_for(body.model or settings.model_name)
+        return DetokenizeResponse(prompt=await service.ask(backend.detokenize(body.tokens), "detokenize"))
+
+    @app.post("/v1/load_lora_adapter", dependencies=guarded, response_model=None, responses=PLAIN_TEXT_RESPONSES)
+    async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
+        """vLLM's runtime load: `lora_name` becomes a model on every replica (each loads it on
+        first use; deployments/runtime_adapters.py). 404 unless allow_runtime_adapters is on."""
+        await service.load_adapter(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=guarded, response_model=None, responses=PLAIN_TEXT_RESPONSES)
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
+        """vLLM's runtime unload: the name answers 404 from now on. 404 unless allow_runtime_adapters is on."""
+        await service.unload_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/health")
     async def health():
@@ -112,8 +171,8 @@ def build_api(backend: Backend, settings: ApiSettings) -> FastAPI:
 class ApiService:
     """The work behind the routes: model resolution, collection, SSE."""
 
-    def __init__(self, backend: Backend, settings: ApiSettings):
-        self.settings = settings
+    def __init__(self, backend: ApiBackend, settings: ApiSettings):
+        self.settings, self.backend = settings, backend
         self.requests = RequestService(backend, settings.on_finish, settings.max_messages)
         self.limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
 
@@ -127,27 +186,80 @@ class ApiService:
             raise ApiError(429, "Rate limit reached for this API key; retry later.", "rate_limit_error",
                            code="rate_limit_exceeded", retry_after=wait)
 
-    def adapter_for(self, model: str) -> str | None:
-        """None for the base model, the adapter name for an adapter; 404 otherwise."""
+    async def adapter_for(self, model: str) -> dict[str, str | None]:
+        """A GenerateCall's `adapter` (None for the base model) and `adapter_source` (a runtime
+        adapter's folder); 404 for an unknown model."""
         if model == self.settings.model_name or model in self.settings.model_aliases:
-            return None
+            return {"adapter": None, "adapter_source": None}
         if model in self.settings.adapters:
-            return model
+            return {"adapter": model, "adapter_source": None}
+        if self.settings.runtime_adapters and (loaded := await self.settings.runtime_adapters.get(model)):
+            return {"adapter": loaded.id, "adapter_source": loaded.source}
         raise ApiError(404, f"The model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
 
-    def model_card(self, model: str) -> ModelCard:
-        adapter = self.adapter_for(model)
-        return next(card for card in self.model_cards() if card.id == (adapter or self.settings.model_name))
+    async def model_card(self, model: str) -> ModelCard:
+        await self.adapter_for(model)
+        name = self.settings.model_name if self._is_base(model) else model
+        return next(card for card in await self.model_cards() if card.id == name)
 
-    def model_cards(self) -> list[ModelCard]:
+    async def model_cards(self) -> list[ModelCard]:
         base = self.settings.model_name
+        runtime = await self.settings.runtime_adapters.all() if self.settings.runtime_adapters else []
         return [ModelCard(id=base, root=base)] + [
-            ModelCard(id=name, root=base, parent=base) for name in self.settings.adapters
+            ModelCard(id=name, root=base, parent=base)
+            for name in (*self.settings.adapters, *(adapter.name for adapter in runtime))
         ]
 
-    async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, include_usage: bool):
+    def _is_base(self, model: str) -> bool:
+        return model == self.settings.model_name or model in self.settings.model_aliases
+
+    def _runtime_adapters(self) -> RuntimeAdapters:
+        if self.settings.runtime_adapters is None:
+            raise ApiError(404, "Loading and unloading adapters at run time is off: set `allow_runtime_adapters: true` "
+                           "in the application's args (serve_config.yaml) to switch it on.", "invalid_request_error",
+                           code="runtime_adapters_disabled")
+        return self.settings.runtime_adapters
+
+    async def load_adapter(self, name: str, source: str) -> None:
+        """Register `name` and load it on one replica first (which checks the folder and the
+        weights); a failure there is a 400 naming lora_path, and the name stays free."""
+        registry = self._runtime_adapters()
+        if self._is_base(name) or name in self.settings.adapters:
+            raise ApiError(400, f"`{name}` is already a model of this server (configured in its args)", param="lora_name")
+        adapter = await registry.add(name, source)
+        if adapter is None:
+            raise ApiError(400, f"The lora adapter `{name}` has already been loaded; unload it first",
+                           param="lora_name")
+        try:
+            await self.ask(self.backend.load_adapter(adapter), "load_lora_adapter")
+        except BaseException:
+            await registry.remove(name)
+            raise
+
+    async def unload_adapter(self, name: str) -> None:
+        registry = self._runtime_adapters()
+        if self._is_base(name) or name in self.settings.adapters:
+            raise ApiError(400, f"`{name}` is configured in the application's args and cannot be unloaded at run time",
+                           param="lora_name")
+        if not await registry.remove(name):
+            raise ApiError(404, f"The lora adapter `{name}` is not loaded", "invalid_request_error", "lora_name",
+                           "model_not_found")
+
+    async def ask(self, answer: Awaitable[T | ApiError], what: str) -> T:
+        """A replica's answer to a one-shot call (tokenize, ...); its ApiError raised, a failed
+        call a 500 with the details in the log."""
+        request_id = new_request_id()
+        try:
+            result = await answer
+        except Exception as err:  # the replica died or the handle failed
+            raise internal_error(request_id, f"{what}: {err!r}") from err
+        if isinstance(result, ApiError):
+            raise public(result, request_id)
+        return result
+
+    async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, usage: UsageWanted):
         if stream:
-            return await self.stream_sse(call, meta, include_usage)
+            return await self.stream_sse(call, meta, usage)
         choices = await self.complete(call, meta, meta.kind)
         return meta.response(choices.outputs(), choices.endings.usage())
 
@@ -176,7 +288,7 @@ class ApiService:
             raise internal_error(call.request_id, final.error if final and final.error else "generation was interrupted")
         return choices
 
-    async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, include_usage: bool):
+    async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, usage: UsageWanted):
         """Answer with SSE once the first item is in (so a refusal still gets its status)."""
         items = self._items(call, meta, meta.kind)
         try:
@@ -189,21 +301,24 @@ class ApiService:
         if isinstance(first, ApiError):
             await items.aclose()
             raise public(first, call.request_id)
-        frames = self._frames(call.request_id, first, items, meta, include_usage, _choices_of(call, meta))
+        frames = self._frames(call.request_id, first, items, meta, usage, _choices_of(call, meta))
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _frames(self, request_id: str, first: Item, items: AsyncIterator[Item], meta: ResponseMeta,
-                      include_usage: bool, choices: Choices) -> AsyncIterator[str]:
+                      usage: UsageWanted, choices: Choices) -> AsyncIterator[str]:
         """SSE frames of the items, then `[DONE]`; a failure becomes an error event before it."""
         done = False
         async with aclosing(items):
             try:
                 if meta.kind == "chat":
-                    yield "".join(sse(meta.chunk(role=True, index=i)) for i in range(len(choices.states)))
-                frame, done = self._frame(request_id, first, meta, include_usage, choices)
+                    if isinstance(first, Delta):
+                        choices.prompt_tokens = first.prompt_tokens or 0
+                    yield "".join(sse(meta.chunk(role=True, index=i, usage=self._so_far(usage, choices, i)))
+                                  for i in range(len(choices.states)))
+                frame, done = self._frame(request_id, first, meta, usage, choices)
                 yield frame
                 async for item in items:
-                    frame, done = self._frame(request_id, item, meta, include_usage, choices)
+                    frame, done = self._frame(request_id, item, meta, usage, choices)
                     yield frame
                 if not done:
                     yield sse(internal_error(request_id, "the stream ended early").body)
@@ -211,30 +326,50 @@ class ApiService:
                 yield sse(internal_error(request_id, f"mid-stream: {err!r}").body)
         yield DONE_FRAME
 
-    def _frame(self, request_id: str, item: Item, meta: ResponseMeta, include_usage: bool,
+    def _frame(self, request_id: str, item: Item, meta: ResponseMeta, usage: UsageWanted,
                choices: Choices) -> tuple[str, bool]:
         """SSE text for one item, and whether the stream is over (every choice ended, or failed)."""
         if isinstance(item, ApiError):
             return sse(public(item, request_id).body), True
         piece = choices.piece(item)
-        frame = sse(meta.chunk(piece.text, index=item.index, logprobs=piece.logprobs)) if piece.text or piece.logprobs else ""
+        frame = ""
+        if piece.text or piece.logprobs:
+            frame = sse(meta.chunk(piece.text, index=item.index, logprobs=piece.logprobs,
+                                   usage=self._so_far(usage, choices, item.index)))
         if item.finish_reason in FAILED_FINISHES:
             error = internal_error(request_id, item.error or "generation was cancelled")
             return frame + sse(error.body), True
         if not item.finish_reason:
             return frame, False
-        if getattr(item, "tool_calls", None):
-            frame += sse(meta.tool_call_chunk(item.tool_calls, index=item.index))
-        frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats, index=item.index))
         done = choices.end(item)
-        if done and include_usage:
+        so_far = self._so_far(usage, choices, item.index)
+        if getattr(item, "tool_calls", None):
+            frame += sse(meta.tool_call_chunk(item.tool_calls, index=item.index, usage=so_far))
+        frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats, index=item.index, usage=so_far))
+        if done and usage.final:
             frame += sse(meta.usage_chunk(choices.endings.usage()))
         return frame, done
+
+    @staticmethod
+    def _so_far(usage: UsageWanted, choices: Choices, index: int) -> Usage | None:
+        return choices.usage_so_far(index) if usage.continuous else None
+
+
+@dataclass(frozen=True)
+class UsageWanted:
+    """`stream_options`: a final usage chunk (`include_usage`), and with it usage in every chunk
+    (vLLM's `continuous_usage_stats`, which like vLLM needs `include_usage`)."""
+
+    final: bool = False
+    continuous: bool = False
 
 
 def _choices_of(call: GenerateCall, meta: ResponseMeta) -> Choices:
     return Choices(meta.kind, call.overrides.n, call.overrides.logprobs is not None)
 
 
-def _usage_wanted(body: ChatCompletionRequest | CompletionRequest) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
+def _usage_wanted(body: ChatCompletionRequest | CompletionRequest) -> UsageWanted:
+    options = body.stream_options
+    if not (options and options.include_usage):
+        return UsageWanted()
+    return UsageWanted(final=True, continuous=options.continuous_usage_stats)

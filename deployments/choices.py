@@ -60,6 +60,7 @@ class ChoiceState:
     text: str = ""
     entries: list[TokenLogprob] = field(default_factory=list)
     offset: int = 0  # characters of the tokens already shown (completions' text_offset)
+    tokens: int = 0  # completion tokens so far
     last: Delta | None = None
 
 
@@ -70,6 +71,7 @@ class Choices:
         self.kind, self.logprobs = kind, logprobs
         self.states = [ChoiceState() for _ in range(n)]
         self.endings = Endings(n)
+        self.prompt_tokens = 0
 
     def collect(self, delta: Delta) -> tuple[str, list[TokenLogprob]]:
         """Add a delta to its choice; return its text (echoed prompt first) and logprobs."""
@@ -78,7 +80,18 @@ class Choices:
         entries = (delta.prompt_logprobs or []) + (delta.logprobs or []) if self.logprobs else []
         state.text += text
         state.entries += entries
+        state.tokens += len(delta.token_ids)
+        self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
         return text, entries
+
+    def usage_so_far(self, index: int) -> Usage:
+        """vLLM's continuous usage of choice `index`: the prompt, and the choice's tokens so far
+        (its final count once it has ended)."""
+        state = self.states[index]
+        stats = state.last.stats if state.last else None
+        prompt = stats.prompt_tokens if stats else self.prompt_tokens
+        completion = stats.completion_tokens if stats else state.tokens
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     def piece(self, delta: Delta) -> Piece:
         """The delta as the client sees it in a stream."""

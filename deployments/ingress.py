@@ -17,21 +17,32 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api import ApiSettings, Item, build_api
 from deployments.guard import KEYS_ENV, resolve_keys
-from deployments.messages import ApiError, GenerateCall
+from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
 from deployments.request_log import RequestRecorder
+from deployments.runtime_adapters import ActorAdapters, RegistryActor, RuntimeAdapter
 from deployments.settings import AppArgs
 
 log = logging.getLogger("ray.serve")
 
 
 class HandleBackend:
-    """Streams a call from the LLM deployment."""
+    """Streams a call from the LLM deployment; one-shot calls (tokenize, ...) go through the plain handle."""
 
     def __init__(self, handle: DeploymentHandle):
+        self.calls = handle
         self.handle = handle.options(stream=True)
 
     def stream(self, call: GenerateCall) -> AsyncIterator[Item]:
         return ShedWhenFull(self.handle.options(multiplexed_model_id=call.adapter or "").stream.remote(call))
+
+    async def tokenize(self, call: TokenizeCall) -> Tokenized | ApiError:
+        return await self.calls.tokenize.remote(call)
+
+    async def detokenize(self, tokens: list[int]) -> str | ApiError:
+        return await self.calls.detokenize.remote(tokens)
+
+    async def load_adapter(self, adapter: RuntimeAdapter) -> ApiError | None:
+        return await self.calls.options(multiplexed_model_id=adapter.id).load_runtime_adapter.remote(adapter)
 
 
 class ShedWhenFull:
@@ -67,6 +78,7 @@ class Ingress:
         self.llm, self.args = llm, args
         self.recorder = RequestRecorder(args.request_log_file)
         self.api_keys = resolve_keys(args.api_keys)
+        self.runtime_adapters = ActorAdapters(registry_actor()) if args.allow_runtime_adapters else None
         if not self.api_keys:
             log.warning("no API keys set (api_keys or %s): the API is open to anyone who can reach it", KEYS_ENV)
 
@@ -81,5 +93,19 @@ class Ingress:
             rate_limit_per_minute=args.rate_limit_per_minute,
             max_body_bytes=args.max_body_bytes,
             max_messages=args.max_messages,
+            runtime_adapters=self.runtime_adapters,
         )
         return build_api(HandleBackend(self.llm), settings)
+
+
+def registry_actor():
+    """The application's runtime adapter table (deployments/runtime_adapters.py): created by
+    the first ingress replica that asks, found by name by every other one. Detached, so it
+    outlives the replica that created it."""
+    import ray
+    from ray import serve
+
+    app = serve.get_replica_context().app_name
+    return ray.remote(num_cpus=0)(RegistryActor).options(
+        name=f"runtime-adapters-{app}", namespace="lora-serve", get_if_exists=True, lifetime="detached",
+    ).remote()

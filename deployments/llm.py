@@ -24,8 +24,9 @@ from engine.errors import EngineError, UnknownAdapterError
 from engine.request import Delta, GenerationRequest
 
 from deployments.load_report import RecentTTFT, load_report
-from deployments.messages import ApiError, GenerateCall
+from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
 from deployments.metrics import LLMMetrics
+from deployments.runtime_adapters import RuntimeAdapter, folder_problem
 from deployments.settings import AppArgs, BatchSettings
 
 log = logging.getLogger("ray.serve")
@@ -82,6 +83,7 @@ class LLMServer:
         self.recent_ttft = RecentTTFT()
         self._apply(args.batch)
         self._gauges: asyncio.Task | None = None
+        self.runtime_sources: dict[str, str] = {}  # runtime adapters' folders, by id (runtime_adapters.py)
 
         async def load(name: str) -> AdapterLease:  # a plain function: Serve tags it with state
             return await self._load_adapter(name)
@@ -131,11 +133,32 @@ class LLMServer:
             "rss_bytes": psutil.Process().memory_info().rss,
         }
 
+    async def tokenize(self, call: TokenizeCall) -> Tokenized | ApiError:
+        """Prompt ids of a chat or a raw prompt, from the prompt builder generation uses."""
+        prompts = self.engine.prompts
+        try:
+            if call.messages is not None:
+                tokens = prompts.chat_tokens(call.messages, call.add_generation_prompt)
+            else:
+                tokens = prompts.text_tokens(call.prompt, call.add_special_tokens)
+        except (EngineError, ValueError) as err:
+            return ApiError.from_error(err)
+        strings = prompts.token_strings(tokens) if call.return_token_strs else None
+        return Tokenized(tokens, prompts.context_window, strings)
+
+    async def detokenize(self, tokens: list[int]) -> str | ApiError:
+        """The text of `tokens`; a 400 naming `tokens` for ids outside the vocabulary."""
+        try:
+            return self.engine.prompts.detokenize(tokens)
+        except (EngineError, ValueError) as err:
+            return ApiError(400, str(err), param="tokens")
+
     async def stream(self, call: GenerateCall) -> AsyncIterator[Delta | ApiError]:
         """Generate for one call; a client disconnect cancels its engine row."""
         self._start_gauges()
         try:
-            deltas = await self._admit(await self._prepare(call))
+            request = await self._prepare(call)
+            deltas = await self._admit(request)
         except (EngineError, ValueError) as err:
             deltas = err
         if isinstance(deltas, Exception):
@@ -143,6 +166,7 @@ class LLMServer:
             return
         try:
             async for delta in deltas:
+                delta.prompt_tokens = len(request.prompt_ids)  # for usage in every chunk
                 if delta.stats is not None:
                     delta.stats.replica = self.replica
                     if delta.stats.time_to_first_token is not None:
@@ -154,9 +178,7 @@ class LLMServer:
     async def _prepare(self, call: GenerateCall) -> GenerationRequest:
         """Load the adapter if needed, apply defaults, build the prompt within the context budget."""
         if call.adapter:
-            if call.adapter not in self.args.adapters:
-                raise UnknownAdapterError(f"model {call.adapter!r} does not exist")
-            await self.adapter(call.adapter)
+            await self._hold_adapter(call.adapter, call.adapter_source)
         params = call.overrides.resolve(self.settings.defaults)
         if call.messages is not None:
             request = self.engine.chat_request(call.messages, params, call.adapter)
@@ -165,10 +187,31 @@ class LLMServer:
         request.request_id = call.request_id
         return request
 
+    async def load_runtime_adapter(self, adapter: RuntimeAdapter) -> ApiError | None:
+        """Check a runtime adapter's folder on this replica's disk and load it here (the other
+        replicas load it on first use); a 400 naming lora_path when it cannot be loaded."""
+        if problem := folder_problem(adapter.source):
+            return ApiError(400, f"lora_path: {problem}", param="lora_path")
+        try:
+            await self._hold_adapter(adapter.id, adapter.source)
+        except (EngineError, ValueError) as err:
+            self.runtime_sources.pop(adapter.id, None)
+            return ApiError(400, f"lora_path: {err}", param="lora_path")
+        return None
+
+    async def _hold_adapter(self, name: str, source: str | None) -> None:
+        """Make sure adapter `name` is loaded here (a configured one, or a runtime one from `source`)."""
+        if source is not None:
+            self.runtime_sources[name] = source
+        elif name not in self.args.adapters:
+            raise UnknownAdapterError(f"model {name!r} does not exist")
+        await self.adapter(name)
+
     async def _load_adapter(self, name: str) -> AdapterLease:
         """Load adapter `name` on this replica; `self.adapter` wraps this in Serve's multiplexer,
         which LRU-evicts adapters beyond `max_adapters_per_replica`."""
-        await self.engine.load_adapter(name, self.args.adapter_source(name))
+        source = self.runtime_sources.get(name) or self.args.adapter_source(name)
+        await self.engine.load_adapter(name, source)
         return AdapterLease(self.engine, name, asyncio.get_running_loop())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)

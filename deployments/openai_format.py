@@ -172,6 +172,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class TokenizeResponse(BaseModel):
+    """vLLM's /tokenize answer: the ids, their count, and the context window."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 def sse(payload: BaseModel | dict) -> str:
     """One SSE frame of a response object (or of an error body)."""
     if isinstance(payload, BaseModel):
@@ -200,24 +213,27 @@ class ResponseMeta:
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
               stats: RequestStats | None = None, index: int = 0,
-              logprobs: ChatLogprobs | CompletionLogprobs | None = None) -> ChatCompletionChunk | Completion:
+              logprobs: ChatLogprobs | CompletionLogprobs | None = None,
+              usage: Usage | None = None) -> ChatCompletionChunk | Completion:
         """One streaming chunk of choice `index`: a text delta (with its logprobs) and/or a finish
-        reason (and the last one's stats)."""
+        reason (and the last one's stats); `usage` so far with vLLM's continuous_usage_stats."""
         stop_reason = stats.stop_reason if stats else None
         if self.kind == "chat":
             delta = ChatDelta(role="assistant", content=text or "") if role else ChatDelta(content=text or None)
             choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
                                      stop_reason=stop_reason)
-            return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+            return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                       usage=usage)
         choice = CompletionChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish_reason,
                                   stop_reason=stop_reason)
-        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
-    def tool_call_chunk(self, calls: list[ParsedToolCall], index: int = 0) -> ChatCompletionChunk:
+    def tool_call_chunk(self, calls: list[ParsedToolCall], index: int = 0,
+                        usage: Usage | None = None) -> ChatCompletionChunk:
         """One chunk per choice with its tool calls, each whole (OpenAI sends arguments in pieces)."""
         chunks = [ToolCallChunk(index=i, **ToolCall.of(call).model_dump()) for i, call in enumerate(calls)]
         choice = ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=chunks))
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
     def usage_chunk(self, usage: Usage | None) -> ChatCompletionChunk | Completion:
         kind = ChatCompletionChunk if self.kind == "chat" else Completion

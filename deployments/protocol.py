@@ -84,6 +84,8 @@ class SamplingFields(StrictBody):
 
 class StreamOptions(StrictBody):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM's extension: with include_usage, every chunk carries the usage so far.")
     include_obfuscation: bool | None = Field(None, description="Ignored: no obfuscation padding is sent.")
 
 
@@ -222,6 +224,51 @@ class GenerateRequest(StrictBody):
     generation_config: AlpacaGenerationConfig = Field(default_factory=AlpacaGenerationConfig)
     prompt_config: AlpacaPromptConfig
     model: Text | None = Field(None, description="Base model or adapter name; default: the base model.")
+
+
+class TokenizeCompletionRequest(StrictBody):
+    """vLLM's POST /tokenize body for a raw prompt."""
+
+    model: Text | None = Field(None, description="Base model or adapter name; default: the base model.")
+    prompt: Text
+    add_special_tokens: bool = Field(True, description="Add BOS and the like, as /v1/completions does.")
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(StrictBody):
+    """vLLM's POST /tokenize body for a chat: the prompt a chat request builds from `messages`."""
+
+    model: Text | None = Field(None, description="Base model or adapter name; default: the base model.")
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    add_generation_prompt: bool = Field(True, description="End with the assistant turn's opening, as generation does.")
+    return_token_strs: bool = False
+
+    def chat_messages(self) -> list[ChatMessage]:
+        return [m.to_message() for m in self.messages]
+
+
+class DetokenizeRequest(StrictBody):
+    """vLLM's POST /detokenize body."""
+
+    model: Text | None = Field(None, description="Base model or adapter name; default: the base model.")
+    tokens: list[int]
+
+
+AdapterName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+
+
+class LoadLoraAdapterRequest(StrictBody):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    lora_name: AdapterName = Field(description="The model name requests will use.")
+    lora_path: Text = Field(min_length=1, description="The PEFT adapter folder's absolute path on the server.")
+
+
+class UnloadLoraAdapterRequest(StrictBody):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+
+    lora_name: AdapterName
+    lora_int_id: int | None = Field(None, description="Accepted for vLLM's clients; the name decides.")
 
 
 class ErrorDetail(BaseModel):

@@ -42,6 +42,10 @@ class AppArgs(EngineConfig):
     num_cpus: float = Field(1, ge=0, description="CPUs reserved per LLM replica.")
     preload_adapters: list[str] | Literal["all"] = "all"
     max_adapters_per_replica: int = Field(8, ge=1)
+    allow_runtime_adapters: bool = Field(
+        False, description="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they load folders from the "
+        "server's disk, so off by default; behind the API keys when on).",
+    )
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests waiting for a busy LLM replica before the ingress answers 503 (-1: no limit)."
     )

@@ -130,6 +130,29 @@ class PromptBuilder:
             raise self._too_long(len(ids), max_tokens)
         return found
 
+    def chat_tokens(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """The whole conversation's prompt ids exactly as `chat` builds them (same template and
+        role protection), never trimmed: what /tokenize counts."""
+        for i, message in enumerate(messages):
+            check_text(message.content, f"messages[{i}].content")
+        system = [m for m in messages if m.role == "system"]
+        return self._encode_chat(system + [m for m in messages if m.role != "system"], add_generation_prompt)
+
+    def text_tokens(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A raw prompt's ids as `completion` encodes it (with add_special_tokens true)."""
+        check_text(text, "prompt")
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The text of token ids (special tokens included); InvalidRequestError for ids out of the vocabulary."""
+        vocab = len(self.tokenizer)
+        if bad := [t for t in token_ids if not 0 <= t < vocab]:
+            raise InvalidRequestError(f"tokens must be in [0, {vocab}); got {bad[:5]}")
+        return self.tokenizer.decode(list(token_ids))
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(list(token_ids))
+
     def completion(self, prompt: str | list[int] | Instruction, max_tokens: int) -> Prompt:
         """Encode a raw prompt (text or token ids) or an instruction; never truncated."""
         if isinstance(prompt, Instruction):
@@ -154,10 +177,11 @@ class PromptBuilder:
         stop = ALPACA_STOP if self.template == "alpaca" else []
         return Prompt(token_ids=ids, dropped_messages=dropped, stop=list(stop))
 
-    def _encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def _encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if self.template == "alpaca":
-            return self._encode_text(alpaca_chat_prompt(messages))
-        return self.encoder.encode(messages)
+            text = alpaca_chat_prompt(messages)
+            return self._encode_text(text if add_generation_prompt else text.removesuffix("\n\n### Response:"))
+        return self.encoder.encode(messages, add_generation_prompt)
 
     def _encode_text(self, text: str) -> list[int]:
         """A prompt built from user text: BOS and the like as configured, special-token text as text."""

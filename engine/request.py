@@ -61,6 +61,7 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     prompt_text: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int | None = None  # the prompt's length (set by the server on every delta)
 
     def merge(self, later: Delta) -> Delta:
         """This delta followed by `later` (of the same choice), as one."""
@@ -77,4 +78,5 @@ class Delta:
             logprobs=logprobs,
             prompt_text=self.prompt_text if self.prompt_text is not None else later.prompt_text,
             prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+            prompt_tokens=self.prompt_tokens if self.prompt_tokens is not None else later.prompt_tokens,
         )

@@ -47,9 +47,9 @@ class TemplateEncoder:
         specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len)
         self.specials = re.compile("|".join(re.escape(s) for s in reversed(specials))) if specials else None
 
-    def encode(self, messages: Sequence[Message]) -> list[int]:
-        """Token ids of the rendered conversation, ending with the generation prompt."""
-        runs, controls = self._split(render_segments(self.tokenizer, messages))
+    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered conversation, ending with the generation prompt (if asked)."""
+        runs, controls = self._split(render_segments(self.tokenizer, messages, add_generation_prompt))
         encoded = self.tokenizer(runs, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         ids = list(encoded[0])
         for token, run in zip(controls, encoded[1:]):
@@ -73,14 +73,15 @@ class TemplateEncoder:
         return ["".join(run) for run in runs], controls
 
 
-def render_segments(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[Segment]:
+def render_segments(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
+                    add_generation_prompt: bool = True) -> list[Segment]:
     """The chat template's rendering, cut into template text and message content, in order."""
     cores, marked = [], []
     for i, message in enumerate(messages):
         lead, core, trail = _split_whitespace(message.content)
         cores.append(core)
         marked.append({"role": message.role, "content": lead + _MARK.format(i) + trail})
-    rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
     parts = _MARK_RE.split(rendered)  # template text, index, template text, index, ...
     segments = [Segment(parts[0], False)]
     for index, text in zip(parts[1::2], parts[2::2]):

@@ -111,6 +111,7 @@ def served(tiny_model_dir, adapter_dirs, request_log):
         "max_input_tokens": 1024,
         "repetition_guard": {"min_repeats": 0},  # greedy tiny models loop: Stop tests need replies that run on
         "request_log_file": str(request_log),
+        "allow_runtime_adapters": True,  # tests/test_serve.py loads and unloads adapters at run time
         "batch": {"batch_size": 4, "stream_interval_s": 0.0, "defaults": {"temperature": 0.0}},
     }
     with local_ray(), local_app(args) as url:

@@ -3,7 +3,8 @@ chat body they use. (The engine itself is tested on real tiny models, not with t
 
 from __future__ import annotations
 
-from deployments.messages import ApiError, GenerateCall
+from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
+from deployments.runtime_adapters import RuntimeAdapter
 from engine.request import RequestStats
 
 STATS = RequestStats(prompt_tokens=5, completion_tokens=2, dropped_messages=0, latency=0.1,
@@ -11,8 +12,13 @@ STATS = RequestStats(prompt_tokens=5, completion_tokens=2, dropped_messages=0, l
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
 
 
+FAKE_WINDOW = 64
+
+
 class ScriptedBackend:
-    """Plays back a list of items for every call: refusals (ApiError) as items, other exceptions raised."""
+    """Plays back a list of items for every call: refusals (ApiError) as items, other exceptions raised.
+    Its tokenizer: one token per character (its code point), a chat as its contents joined by newlines.
+    It loads every runtime adapter except from a folder named `bad`."""
 
     def __init__(self, script: list):
         self.script, self.calls = script, []
@@ -23,3 +29,18 @@ class ScriptedBackend:
             if isinstance(item, Exception) and not isinstance(item, ApiError):  # refusals are items
                 raise item
             yield item
+
+    async def tokenize(self, call: TokenizeCall) -> Tokenized:
+        self.calls.append(call)
+        text = "\n".join(m.content for m in call.messages) if call.messages is not None else call.prompt
+        tokens = [ord(c) for c in text]
+        return Tokenized(tokens, FAKE_WINDOW, list(text) if call.return_token_strs else None)
+
+    async def detokenize(self, tokens: list[int]) -> str | ApiError:
+        if any(not 0 <= t < 0x110000 for t in tokens):
+            return ApiError(400, "tokens out of range", param="tokens")
+        return "".join(map(chr, tokens))
+
+    async def load_adapter(self, adapter: RuntimeAdapter) -> ApiError | None:
+        self.calls.append(adapter)
+        return ApiError(400, "lora_path: no such folder", param="lora_path") if adapter.source.endswith("bad") else None

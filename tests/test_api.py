@@ -277,3 +277,42 @@ def test_fields_that_would_change_the_reply_are_still_400_naming_the_field(extra
     response = client.post("/v1/chat/completions", json={**CHAT, **extra})
     assert response.status_code == 400 and response.json()["error"]["param"].startswith(param)
     assert backend.calls == []
+
+
+CONTINUOUS = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+
+
+def _usages(events: list[str]) -> list[tuple[int | None, dict | None]]:
+    """(choice index or None for the usage-only chunk, usage) of each chunk."""
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    return [(c["choices"][0]["index"] if c["choices"] else None, c["usage"]) for c in chunks]
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "base", "prompt": "x"})])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(path, body):
+    client, _, _ = make_client([Delta("Hel", token_ids=[1], prompt_tokens=5),
+                                Delta("lo", token_ids=[2], finish_reason="stop", stats=STATS, prompt_tokens=5)])
+    usages = _usages(list(event_data(client.post(path, json={**body, **CONTINUOUS}))))
+    role = [(0, _usage(5, 0))] if path == "/v1/chat/completions" else []
+    assert usages == role + [(0, _usage(5, 1)), (0, _usage(5, 2)), (0, _usage(5, 2)), (None, _usage(5, 2))]
+
+
+def test_continuous_usage_counts_each_choice_on_its_own():
+    stats = dataclasses.replace(STATS, completion_tokens=1)
+    client, _, _ = make_client([Delta("a", token_ids=[1], index=0, prompt_tokens=5),
+                                Delta("b", token_ids=[2], index=1, prompt_tokens=5),
+                                Delta("c", token_ids=[3], index=1, finish_reason="stop", stats=dataclasses.replace(stats, completion_tokens=2), prompt_tokens=5),
+                                Delta("", index=0, finish_reason="stop", stats=stats, prompt_tokens=5)])
+    usages = _usages(list(event_data(client.post("/v1/completions", json={"model": "base", "prompt": "x", "n": 2, **CONTINUOUS}))))
+    assert usages == [(0, _usage(5, 1)), (1, _usage(5, 1)), (1, _usage(5, 2)), (1, _usage(5, 2)), (0, _usage(5, 1)),
+                      (None, _usage(5, 3))]
+
+
+def test_continuous_usage_stats_need_include_usage_as_in_vllm():
+    client, _, _ = make_client([Delta("ok", token_ids=[1], finish_reason="stop", stats=STATS, prompt_tokens=5)])
+    body = {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}}
+    assert {usage for _, usage in _usages(list(event_data(client.post("/v1/chat/completions", json=body))))} == {None}

@@ -1,0 +1,40 @@
+"""guidellm's streaming benchmark (a few seconds) against the served app, offline: the
+tokenizer is the tiny model's folder, the prompts guidellm's synthetic text. guidellm sends
+every request with `stream_options.continuous_usage_stats` (vLLM's extension) and `ignore_eos`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.serve_fixtures import SERVED_MODEL
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def guidellm_run(url: str, tokenizer: str, report: str, seconds: int = 5) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "guidellm", "run",
+        "--backend", f"kind=openai_http,target={url},model={SERVED_MODEL}",
+        "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
+        "--data", "kind=synthetic_text,prompt_tokens=16,output_tokens=8",
+        "--profile", "kind=concurrent,streams=2",
+        "--constraint", f"kind=max_duration,seconds={seconds}",
+        "--output", f"kind=json,path={report}",
+        "--disable-console-interactive",
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **OFFLINE})
+
+
+def test_guidellm_streaming_benchmark_completes_requests_without_errors(served, tiny_model_dir, tmp_path):
+    report = tmp_path / "benchmarks.json"
+    run = guidellm_run(served, str(tiny_model_dir), str(report))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    metrics = json.loads(report.read_text())["benchmarks"][0]["metrics"]
+    totals = metrics["request_totals"]
+    assert totals["successful"] >= 5 and totals["errored"] == 0, totals
+    # ignore_eos gives exactly output_tokens per request; guidellm counts them from the usage chunks
+    assert metrics["output_token_count"]["successful"]["total_sum"] == 8 * totals["successful"]
+    assert metrics["time_to_first_token_ms"]["successful"]["count"] == totals["successful"]
