@@ -96,8 +96,8 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest):
         meta = ResponseMeta("chat", body.model, tool_calls=body.uses_tools)
         log_ignored(body, meta.id)
-        call = GenerateCall(body.to_overrides(), messages=body.chat_messages(), request_id=meta.id,
-                            **await service.adapter_for(body.model))
+        call = GenerateCall(body.to_overrides(), messages=body.chat_messages(), tools=body.prompt_tools(),
+                            request_id=meta.id, **await service.adapter_for(body.model))
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)

@@ -181,7 +181,7 @@ class LLMServer:
             await self._hold_adapter(call.adapter, call.adapter_source)
         params = call.overrides.resolve(self.settings.defaults)
         if call.messages is not None:
-            request = self.engine.chat_request(call.messages, params, call.adapter)
+            request = self.engine.chat_request(call.messages, params, call.adapter, tools=call.tools)
         else:
             request = self.engine.completion_request(call.prompt, params, call.adapter)
         request.request_id = call.request_id

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.config import SamplingOverrides
@@ -32,6 +32,7 @@ class GenerateCall:
     adapter: str | None = None
     messages: list[ChatMessage] | None = None
     prompt: str | list[int] | Instruction | None = None
+    tools: list[dict] = field(default_factory=list)  # offered to a chat (engine/tools.py)
     request_id: str = ""
     adapter_source: str | None = None  # a runtime adapter's folder (deployments/runtime_adapters.py)
 

@@ -27,8 +27,7 @@ from engine.config import (
 from engine.prompt import ChatMessage, valid_text
 
 from deployments.structured import (
-    ResponseFormat, ToolCallIn, ToolChoice, ToolDef, render_tool_call, response_grammar,
-    tool_call_grammar, with_tools_prompt,
+    ResponseFormat, ToolCallIn, ToolChoice, ToolDef, response_grammar, tool_call_grammar, tool_dicts,
 )
 from deployments.ignored_fields import IgnoredChatFields
 
@@ -108,13 +107,12 @@ class ChatMessageIn(StrictBody):
         return self
 
     def to_message(self) -> ChatMessage:
-        """The message as the prompt shows it: tool calls and results in the Hermes format."""
+        """The message for the prompt builder: text content, tool calls and results structured
+        (the replica renders them per template: engine/tools.py)."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        if self.role == "tool":
-            return ChatMessage("user", f"<tool_response>\n{text}\n</tool_response>")
-        if self.tool_calls:
-            text = "\n".join([text] * bool(text) + [render_tool_call(call) for call in self.tool_calls])
-        return ChatMessage("system" if self.role == "developer" else self.role, text)
+        calls = tuple(call.to_tool_call() for call in self.tool_calls or ())
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role, text, calls, self.tool_call_id if self.role == "tool" else None)
 
 
 class ChatCompletionRequest(SamplingFields, IgnoredChatFields):
@@ -163,8 +161,11 @@ class ChatCompletionRequest(SamplingFields, IgnoredChatFields):
         return tool_call_grammar(self.tools, self.tool_choice or "auto") if self.tools else None
 
     def chat_messages(self) -> list[ChatMessage]:
-        messages = [m.to_message() for m in self.messages]
-        return with_tools_prompt(messages, self.tools) if self.uses_tools else messages
+        return [m.to_message() for m in self.messages]
+
+    def prompt_tools(self) -> list[dict]:
+        """The tools the prompt offers: none when tool_choice is "none"."""
+        return tool_dicts(self.tools) if self.uses_tools else []
 
 
 class CompletionRequest(SamplingFields):

@@ -3,14 +3,15 @@
 - `response_format`: `json_object` constrains the reply to a JSON object, `json_schema` to the
   given schema (`strict` or not: the grammar is always enforced). A schema llguidance cannot
   use is a 400 naming `response_format.json_schema.schema`.
-- `tools` and `tool_choice`: the tools are described to the model in a system prompt (the
-  Hermes format: `<tools>` JSON, calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`),
-  since the built-in model's template has no tool support of its own. `auto` lets the model
+- `tools` and `tool_choice`: the replica puts the tools in the prompt, through the chat
+  template's own tool support when its call format is Hermes', as Hermes text otherwise
+  (engine/tools.py has the per-template rule); either way a call is
+  `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. `auto` lets the model
   choose; `none` leaves the tools out of the prompt; `required` and a named function constrain
   the reply to one such call with a grammar (llguidance's Lark with the arguments' JSON schema
-  embedded). Past turns with assistant `tool_calls` and `role: "tool"` results are rendered in
-  the same format (`<tool_call>` in the assistant turn, `<tool_response>` in a user turn), as
-  message content: data, never control tokens (engine/template.py).
+  embedded). Past turns with assistant `tool_calls` and `role: "tool"` results go to the
+  replica structured (`to_tool_call`), rendered the same way; client data stays data, never
+  control tokens (engine/template.py).
 """
 
 from __future__ import annotations
@@ -21,16 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from engine.constraints import COMPACT_JSON, Grammar, grammar_error
-from engine.prompt import ChatMessage
-
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-TOOLS_PROMPT = (
-    "You may call one or more functions to help with the user's request. The functions are "
-    "described in JSON Schema inside <tools></tools>:\n<tools>\n{tools}\n</tools>\n"
-    "To call a function, answer with a JSON object holding its name and arguments inside "
-    "<tool_call></tool_call> tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n"
-    "</tool_call>"
-)
+from engine.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
 
 
 class Strict(BaseModel):
@@ -114,6 +106,9 @@ class ToolCallIn(Strict):
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
+    def to_tool_call(self) -> ToolCall:
+        return ToolCall(self.id, self.function.name, self.function.arguments)
+
 
 def response_grammar(response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None) -> Grammar | None:
     """The grammar a `response_format` asks for, or None for free text."""
@@ -142,18 +137,6 @@ def tool_call_grammar(tools: list[ToolDef], choice: ToolChoice) -> Grammar | Non
     return Grammar(kind="lark", source=lark)
 
 
-def tools_system_prompt(tools: list[ToolDef]) -> str:
-    return TOOLS_PROMPT.format(tools="\n".join(t.model_dump_json(exclude_none=True) for t in tools))
-
-
-def render_tool_call(call: ToolCallIn) -> str:
-    body = {"name": call.function.name, "arguments": json.loads(call.function.arguments)}
-    return f"{TOOL_CALL_OPEN}\n{json.dumps(body, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
-
-
-def with_tools_prompt(messages: list[ChatMessage], tools: list[ToolDef]) -> list[ChatMessage]:
-    """The conversation with the tools described at the end of its system prompt."""
-    prompt = tools_system_prompt(tools)
-    if messages and messages[0].role == "system":
-        return [ChatMessage("system", f"{messages[0].content}\n\n{prompt}")] + messages[1:]
-    return [ChatMessage("system", prompt)] + messages
+def tool_dicts(tools: list[ToolDef]) -> list[dict[str, Any]]:
+    """The tools as the replica's prompt builder takes them (JSON-like, unset fields left out)."""
+    return [t.model_dump(exclude_none=True) for t in tools]

@@ -45,7 +45,7 @@ from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequest
 from engine.attention import check_supported
 from engine.loader import LoadedModel, load_model
 from engine.lora import AdapterRegistry
-from engine.prompt import ChatMessage, Instruction, PromptBuilder
+from engine.prompt import ChatMessage, Instruction, PromptBuilder, Tools
 from engine.request import Delta, GenerationRequest
 from engine.row import Row
 
@@ -108,11 +108,12 @@ class Engine:
         return self.core.num_running
 
     def chat_request(
-        self, messages: Sequence[ChatMessage], params: SamplingParams, adapter: str | None = None
+        self, messages: Sequence[ChatMessage], params: SamplingParams, adapter: str | None = None,
+        tools: Tools = (),
     ) -> GenerationRequest:
-        """A request for a chat reply, with the history trimmed to the context budget."""
+        """A request for a chat reply offering `tools`, with the history trimmed to the context budget."""
         self._check_params(params)
-        prompt = self.prompts.chat(messages, params.max_tokens)
+        prompt = self.prompts.chat(messages, params.max_tokens, tools)
         return GenerationRequest(
             prompt.token_ids, params, adapter, extra_stop=prompt.stop,
             dropped_messages=prompt.dropped_messages,

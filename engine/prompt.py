@@ -7,20 +7,25 @@ When history plus the completion does not fit, the oldest turns are dropped (sys
 Message content and the seed API's instruction fields are data: special-token text in them
 stays text (engine/template.py); only the template emits control tokens. A raw completion
 prompt is the client's whole prompt, so its special tokens do count as control tokens.
+
+Tools, assistant `tool_calls` and `role: "tool"` results go through the chat template's own
+tool support when it has Hermes' call format, and are Hermes text otherwise (engine/tools.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.template import TemplateEncoder
+from engine.tools import ToolCall, native_tools, tools_system_prompt
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+Tools = Sequence[dict[str, Any]]  # OpenAI tool definitions ({"type": "function", "function": {...}})
 
 ALPACA_CHAT_CONTEXT = (
     "Below is a history of instructions that describe tasks, paired with an input that provides "
@@ -41,8 +46,12 @@ ALPACA_STOP = ["### Instruction:", "### Input:"]
 
 @dataclass(frozen=True)
 class ChatMessage:
+    """A turn; an assistant turn may carry `tool_calls`, a `tool` turn answers `tool_call_id`."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,28 @@ def alpaca_instruction_prompt(instruction: str, input: str = "") -> str:
     if input:
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
     return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def hermes_messages(messages: Sequence[ChatMessage], tools: Tools = ()) -> list[ChatMessage]:
+    """The conversation in Hermes text, for templates without Hermes-native tools: results as
+    user turns, calls as assistant text, the tools (if any) at the end of the system prompt.
+    Everything ends up as message content (data)."""
+    out = [_hermes_message(m) for m in messages]
+    if not tools:
+        return out
+    prompt = tools_system_prompt(tools)
+    if out and out[0].role == "system":
+        return [ChatMessage("system", f"{out[0].content}\n\n{prompt}")] + out[1:]
+    return [ChatMessage("system", prompt)] + out
+
+
+def _hermes_message(message: ChatMessage) -> ChatMessage:
+    if message.role == "tool":
+        return ChatMessage("user", f"<tool_response>\n{message.content}\n</tool_response>")
+    if message.tool_calls:
+        calls = [call.hermes_text() for call in message.tool_calls]
+        return ChatMessage(message.role, "\n".join([message.content] * bool(message.content) + calls))
+    return message
 
 
 def alpaca_chat_prompt(messages: Sequence[ChatMessage]) -> str:
@@ -99,29 +130,32 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.encoder = TemplateEncoder(tokenizer)
         self.template = template
+        self.native_tools = template == "chat" and native_tools(tokenizer.chat_template)
         self.context_window = context_window
         self.max_input_tokens = min(max_input_tokens or context_window, context_window)
 
-    def chat(self, messages: Sequence[ChatMessage], max_tokens: int) -> Prompt:
-        """Encode a conversation, dropping its oldest turns until it fits with max_tokens.
+    def chat(self, messages: Sequence[ChatMessage], max_tokens: int, tools: Tools = ()) -> Prompt:
+        """Encode a conversation (offering `tools`), dropping its oldest turns until it fits with
+        max_tokens (the tools and system turns are kept).
 
         Where the kept history starts is found by bisection (fewer turns never make a longer
         prompt), so a long chat costs O(log n) encodings, not one per dropped turn.
         """
         for i, message in enumerate(messages):
             check_text(message.content, f"messages[{i}].content")
+        messages, tools = self._with_tools(messages, tools)
         system = [m for m in messages if m.role == "system"]
         turns = [m for m in messages if m.role != "system"]
         if not turns:
             raise InvalidRequestError("a chat needs at least one user or assistant message")
-        ids = self._encode_chat(system + turns)
+        ids = self._encode_offering(system + turns, tools)
         if self._fits(len(ids), max_tokens):
             return self._chat_prompt(ids, 0)
         starts = history_starts(turns)
         lo, hi, found = 1, len(starts) - 1, None
         while lo <= hi:
             mid = (lo + hi) // 2
-            ids = self._encode_chat(system + turns[starts[mid] :])
+            ids = self._encode_offering(system + turns[starts[mid] :], tools)
             if self._fits(len(ids), max_tokens):
                 found, hi = self._chat_prompt(ids, starts[mid]), mid - 1
             else:
@@ -135,8 +169,9 @@ class PromptBuilder:
         role protection), never trimmed: what /tokenize counts."""
         for i, message in enumerate(messages):
             check_text(message.content, f"messages[{i}].content")
+        messages, tools = self._with_tools(messages, ())
         system = [m for m in messages if m.role == "system"]
-        return self._encode_chat(system + [m for m in messages if m.role != "system"], add_generation_prompt)
+        return self._encode_chat(system + [m for m in messages if m.role != "system"], add_generation_prompt, tools)
 
     def text_tokens(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """A raw prompt's ids as `completion` encodes it (with add_special_tokens true)."""
@@ -177,11 +212,24 @@ class PromptBuilder:
         stop = ALPACA_STOP if self.template == "alpaca" else []
         return Prompt(token_ids=ids, dropped_messages=dropped, stop=list(stop))
 
-    def _encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def _with_tools(self, messages: Sequence[ChatMessage], tools: Tools) -> tuple[list[ChatMessage], Tools]:
+        """(messages, tools) for the template: kept structured for a Hermes-native template,
+        else turned into Hermes text (and no tools left for the template)."""
+        if self.native_tools:
+            return list(messages), tools
+        return hermes_messages(messages, tools), ()
+
+    def _encode_offering(self, messages: Sequence[ChatMessage], tools: Tools) -> list[int]:
+        """`_encode_chat` with the generation prompt (called with the messages alone when there
+        are no tools: the seam tests count encodings with)."""
+        return self._encode_chat(messages, True, tools) if tools else self._encode_chat(messages)
+
+    def _encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
+                     tools: Tools = ()) -> list[int]:
         if self.template == "alpaca":
             text = alpaca_chat_prompt(messages)
             return self._encode_text(text if add_generation_prompt else text.removesuffix("\n\n### Response:"))
-        return self.encoder.encode(messages, add_generation_prompt)
+        return self.encoder.encode(messages, add_generation_prompt, tools)
 
     def _encode_text(self, text: str) -> list[int]:
         """A prompt built from user text: BOS and the like as configured, special-token text as text."""
