@@ -89,31 +89,10 @@ def running_replicas() -> int:
     return status.replica_states.get("RUNNING", 0) if status else 0
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, outcomes: list) -> None:
-    body = chat_body("tiny", user_message(prompt), max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0,
-                     stream_options={"include_usage": True})
-    text, tokens, error = "", 0, None
-    try:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-            status = response.status_code
-            if status != 200:
-                error = error_text(json.loads(await response.aread()))
-            else:
-                async for chunk in achunks(aevent_data(response)):
-                    text += delta_text(chunk)
-                    tokens = completion_tokens(chunk) or tokens
-    except StreamError as err:
-        error = str(err)
-    except httpx.HTTPError as err:
-        status, error = 0, repr(err)
-    outcomes.append({"prompt": prompt, "status": status, "text": text, "tokens": tokens, "error": error,
-                     "finished_at": time.monotonic()})
-
-
-async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict]) -> dict:
-    """One streamed chat request: status, the response id (the request log's `id=`), reply, error."""
-    body = chat_body("tiny", messages, max_tokens=REPLY_TOKENS, ignore_eos=True, temperature=0)
-    status, response_id, text, error = 0, None, "", None
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """One streamed chat request: status (0 when the connection failed), the response id (the
+    request log's `id=`), reply text, completion tokens (from a usage chunk) and error."""
+    status, response_id, text, tokens, error = 0, None, "", 0, None
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             status = response.status_code
@@ -123,9 +102,24 @@ async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict]) -
                 async for chunk in achunks(aevent_data(response)):
                     response_id = response_id or chunk.get("id")
                     text += delta_text(chunk)
-    except (StreamError, httpx.HTTPError) as err:
-        error = repr(err)
-    return {"status": status, "id": response_id, "text": text, "error": error}
+                    tokens = completion_tokens(chunk) or tokens
+    except StreamError as err:
+        error = str(err)
+    except httpx.HTTPError as err:
+        status, error = 0, repr(err)
+    return {"status": status, "id": response_id, "text": text, "tokens": tokens, "error": error}
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, outcomes: list) -> None:
+    body = chat_body("tiny", user_message(prompt), max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0,
+                     stream_options={"include_usage": True})
+    outcomes.append({"prompt": prompt, **await stream_chat(client, url, body), "finished_at": time.monotonic()})
+
+
+async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict]) -> dict:
+    """One streamed chat turn (see stream_chat)."""
+    body = chat_body("tiny", messages, max_tokens=REPLY_TOKENS, ignore_eos=True, temperature=0)
+    return await stream_chat(client, url, body)
 
 
 async def prefix_counters() -> dict[str, list[int]]:
