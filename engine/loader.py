@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.config import DEFAULT_MODEL, EngineConfig
+from engine.cpu_caches import bound_onednn_caches
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,10 @@ def resolve_checkpoint(name: str, cache_dir: str | None) -> tuple[str, str | Non
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
-    """Load the configured model and tokenizer onto the configured device, in eval mode."""
+    """Load the configured model and tokenizer onto the configured device, in eval mode.
+
+    First bounds oneDNN's caches for the process (engine/cpu_caches.py), before any CPU op."""
+    bound_onednn_caches()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source, gguf_file = resolve_checkpoint(config.model, config.cache_dir)
