@@ -15,7 +15,7 @@ from engine.config import SamplingParams
 from engine.engine import Engine
 from engine.errors import InvalidRequestError
 from engine.request import Delta, GenerationRequest
-from tests.test_core import LONG_TEXT, ids
+from tests.tiny_models import LONG_TEXT, ids
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
