@@ -30,6 +30,7 @@ from deployments.ingress import HandleBackend
 from deployments.messages import ApiError, GenerateCall
 from deployments.page_limit import PageLimit
 from deployments.request_log import RequestRecorder
+from deployments.served_models import ServedModels
 from deployments.service import RequestService
 
 CSS = "footer {display: none !important}"
@@ -49,21 +50,29 @@ class ModelInfo:
     max_messages: int = 256
     request_log_file: str | None = None
 
+    def served(self) -> ServedModels:
+        """The page's model names (base first, then the adapters), for `stream_reply` to resolve."""
+        return ServedModels(self.models[0], adapters=self.models[1:])
+
 
 async def stream_reply(
     service: RequestService, conversation: Conversation, context: str, model: str, params: SamplingOverrides,
-    base_model: str, refusal: ApiError | None = None,
+    models: ServedModels, refusal: ApiError | None = None,
 ) -> AsyncIterator[Conversation]:
     """Stream the reply to the conversation's last turn, yielding the growing conversation
     (at most once per PAGE_UPDATE_INTERVAL_S, and always the finished one; text that arrives
     in between is shown with the next update). Stop pressed or page closed: the stream closes,
     which frees the engine row. With a `refusal` (the page's rate limit), its message ends the
-    reply instead."""
+    reply instead, as does an unknown `model` (resolved by `models`, as the API resolves it)."""
     if refusal is not None:
         yield replace(conversation.finish_reply(None, f"⚠ {refusal.message}"), notice=f"⚠ {refusal.message}")
         return
-    adapter = None if model == base_model else model
-    call = GenerateCall(params, adapter, messages=conversation.messages(context))
+    try:
+        served = await models.resolve(model)
+    except ApiError as unknown:
+        yield conversation.finish_reply(None, f"⚠ {unknown.message}")
+        return
+    call = GenerateCall(params, messages=conversation.messages(context), **served.call_fields())
     shown_at, pending = -PAGE_UPDATE_INTERVAL_S, False
     try:
         async with aclosing(service.stream(call, model, "ui")) as items:
@@ -101,7 +110,7 @@ def build_ui(service: RequestService, info: ModelInfo,
     `current_defaults`: asked on every page load, so the settings start at the server's
     generation defaults of the moment (`reconfigure` changes them without a restart).
     `limit`: replies per minute per client (each reply counts, Continue and Summarize too)."""
-    base_model = info.models[0]
+    base_model, models = info.models[0], info.served()
     default_context = ALPACA_CHAT_CONTEXT if info.template == "alpaca" else ""
     with gr.Blocks(title="lora-serve chat") as ui:
         state = gr.State(Conversation())
@@ -146,7 +155,7 @@ def build_ui(service: RequestService, info: ModelInfo,
         async def reply(request: gr.Request | None, conversation: Conversation, context_text: str,
                         model_name: str, *values):
             async for updated in stream_reply(service, conversation, context_text, model_name, params(*values),
-                                              base_model, limit.refusal(request)):
+                                              models, limit.refusal(request)):
                 yield updated.display(), updated, updated.notice
 
         async def chat(request: gr.Request, text: str, conversation: Conversation, context_text: str,
@@ -185,7 +194,7 @@ def build_ui(service: RequestService, info: ModelInfo,
                 return
             summary = ""
             async for updated in stream_reply(service, conversation.ask(SUMMARIZE_PROMPT), context_text,
-                                              model_name, params(*values), base_model):
+                                              model_name, params(*values), models):
                 summary = updated.exchanges[-1].reply
                 yield summary, conversation.display(), conversation, "Summarizing the conversation into Context..."
             fresh = Conversation()

@@ -8,6 +8,7 @@ from starlette.requests import Request
 
 from deployments.chat_state import Conversation
 from deployments.page_limit import PageLimit, page_client
+from deployments.served_models import ServedModels
 from deployments.service import RequestService
 from deployments.ui import ModelInfo, build_ui, stream_reply
 from engine.config import GenerationDefaults, SamplingOverrides
@@ -34,7 +35,7 @@ async def test_a_refused_reply_shows_the_message_and_never_reaches_the_backend()
     refusal = PageLimit(1)
     refusal.refusal(None)
     shown = [c async for c in stream_reply(RequestService(backend), Conversation().ask("hi"), "", "base",
-                                           SamplingOverrides(), "base", refusal.refusal(None))]
+                                           SamplingOverrides(), ServedModels("base"), refusal.refusal(None))]
     assert backend.calls == [] and "wait" in shown[-1].notice and "wait" in shown[-1].exchanges[-1].footer
 
 
