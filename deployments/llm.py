@@ -114,13 +114,15 @@ class LLMServer:
             raise RuntimeError("the engine loop has died")
 
     async def info(self) -> dict:
-        """What a chat page needs: model names (base first), prompt template, generation defaults."""
+        """What a chat page needs: model names (base first), prompt template, generation
+        defaults, the API's limits (messages, requests per key per minute)."""
         return {
             "models": (self.args.model_name, *self.args.adapters),
             "template": self.engine.prompts.template,
             "defaults": self.settings.defaults,
             "max_messages": self.args.max_messages,
             "request_log_file": self.args.request_log_file,
+            "rate_limit_per_minute": self.args.rate_limit_per_minute,
         }
 
     async def stats(self) -> EngineStats:
