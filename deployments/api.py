@@ -1,10 +1,11 @@
 """The HTTP API as a FastAPI app over a backend that streams Deltas (no Ray in here).
 
-Request path: validate (pydantic) -> resolve model -> GenerateCall -> the shared request path
-(service.py: limits, backend stream, one finish record) -> JSON or SSE frames. Errors use OpenAI's error JSON: 400 invalid input, 404 unknown model,
-413 prompt beyond the context window, 503 overloaded, 500 only for our own bugs (a generic
-message and the request id; the details only in the log, see http_errors.py). An error after
-streaming began arrives as an error event followed by `data: [DONE]`.
+Request path: validate (pydantic) -> resolve the model (served_models.py, the one 404 for an
+unknown name) -> GenerateCall -> the shared request path (service.py: limits, backend stream,
+one finish record) -> JSON or SSE frames. Errors use OpenAI's error JSON: 400 invalid input,
+404 unknown model, 413 prompt beyond the context window, 503 overloaded, 500 only for our own
+bugs (a generic message and the request id; the details only in the log, see http_errors.py).
+An error after streaming began arrives as an error event followed by `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from deployments.protocol import (
     TokenizeChatRequest, TokenizeCompletionRequest, UnloadLoraAdapterRequest,
 )
 from deployments.runtime_adapters import RuntimeAdapter, RuntimeAdapters
+from deployments.served_models import ServedModels
 from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
 from deployments.tool_calls import with_tool_calls
 
@@ -97,7 +99,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         meta = ResponseMeta("chat", body.model, tool_calls=body.uses_tools)
         log_ignored(body, meta.id)
         call = GenerateCall(body.to_overrides(), messages=body.chat_messages(), tools=body.prompt_tools(),
-                            request_id=meta.id, **await service.adapter_for(body.model))
+                            request_id=meta.id, **await service.call_fields(body.model))
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
@@ -105,7 +107,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         meta = ResponseMeta("completion", body.model)
         log_ignored(body, meta.id)
         call = GenerateCall(body.to_overrides(), prompt=body.prompt, request_id=meta.id,
-                            **await service.adapter_for(body.model))
+                            **await service.call_fields(body.model))
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/generate", dependencies=guarded, response_model=GenerateResponse, responses=ERRORS)
@@ -115,7 +117,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         prompt = Instruction(body.prompt_config.instruction, body.prompt_config.input)
         meta = ResponseMeta("completion", model)
         call = GenerateCall(body.generation_config.to_overrides(), prompt=prompt, request_id=meta.id,
-                            **await service.adapter_for(model))
+                            **await service.call_fields(model))
         choices = await service.complete(call, meta, "generate")
         return GenerateResponse(output=choices.states[0].text.strip())
 
@@ -131,7 +133,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     @app.post("/tokenize", dependencies=guarded, response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> TokenizeResponse:
         """vLLM's /tokenize: a chat's prompt ids as a chat request builds them, or a raw prompt's."""
-        await service.adapter_for(body.model or settings.model_name)
+        await service.models.resolve(body.model or settings.model_name)
         if isinstance(body, TokenizeChatRequest):
             call = TokenizeCall(messages=body.chat_messages(), add_generation_prompt=body.add_generation_prompt,
                                 return_token_strs=body.return_token_strs)
@@ -145,7 +147,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     @app.post("/detokenize", dependencies=guarded, response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         """vLLM's /detokenize: the text of token ids (400 naming `tokens` for ids outside the vocabulary)."""
-        await service.adapter_for(body.model or settings.model_name)
+        await service.models.resolve(body.model or settings.model_name)
         return DetokenizeResponse(prompt=await service.ask(backend.detokenize(body.tokens), "detokenize"))
 
     @app.post("/v1/load_lora_adapter", dependencies=guarded, response_model=None, responses=PLAIN_TEXT_RESPONSES)
@@ -169,12 +171,15 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
 
 
 class ApiService:
-    """The work behind the routes: model resolution, collection, SSE."""
+    """The work behind the routes: keys and rate limit, model names (`models`), runtime adapters,
+    collection, SSE."""
 
     def __init__(self, backend: ApiBackend, settings: ApiSettings):
         self.settings, self.backend = settings, backend
         self.requests = RequestService(backend, settings.on_finish, settings.max_messages)
         self.limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
+        self.models = ServedModels(settings.model_name, settings.model_aliases, settings.adapters,
+                                   settings.runtime_adapters)
 
     async def authorize(self, authorization: str | None = Header(None)) -> None:
         """401 without a valid key (when keys are set); 429 past the per-key rate limit."""
@@ -186,32 +191,19 @@ class ApiService:
             raise ApiError(429, "Rate limit reached for this API key; retry later.", "rate_limit_error",
                            code="rate_limit_exceeded", retry_after=wait)
 
-    async def adapter_for(self, model: str) -> dict[str, str | None]:
-        """A GenerateCall's `adapter` (None for the base model) and `adapter_source` (a runtime
-        adapter's folder); 404 for an unknown model."""
-        if model == self.settings.model_name or model in self.settings.model_aliases:
-            return {"adapter": None, "adapter_source": None}
-        if model in self.settings.adapters:
-            return {"adapter": model, "adapter_source": None}
-        if self.settings.runtime_adapters and (loaded := await self.settings.runtime_adapters.get(model)):
-            return {"adapter": loaded.id, "adapter_source": loaded.source}
-        raise ApiError(404, f"The model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+    async def call_fields(self, model: str) -> dict[str, str | None]:
+        """A GenerateCall's `adapter` and `adapter_source` for `model`; 404 for an unknown model."""
+        return (await self.models.resolve(model)).call_fields()
 
     async def model_card(self, model: str) -> ModelCard:
-        await self.adapter_for(model)
-        name = self.settings.model_name if self._is_base(model) else model
+        """One model's card (an alias: its base model's); 404 for an unknown model."""
+        await self.models.resolve(model)
+        name = self.settings.model_name if self.models.is_base(model) else model
         return next(card for card in await self.model_cards() if card.id == name)
 
     async def model_cards(self) -> list[ModelCard]:
-        base = self.settings.model_name
-        runtime = await self.settings.runtime_adapters.all() if self.settings.runtime_adapters else []
-        return [ModelCard(id=base, root=base)] + [
-            ModelCard(id=name, root=base, parent=base)
-            for name in (*self.settings.adapters, *(adapter.name for adapter in runtime))
-        ]
-
-    def _is_base(self, model: str) -> bool:
-        return model == self.settings.model_name or model in self.settings.model_aliases
+        base, *adapters = await self.models.names()
+        return [ModelCard(id=base, root=base)] + [ModelCard(id=name, root=base, parent=base) for name in adapters]
 
     def _runtime_adapters(self) -> RuntimeAdapters:
         if self.settings.runtime_adapters is None:
@@ -224,7 +216,7 @@ class ApiService:
         """Register `name` and load it on one replica first (which checks the folder and the
         weights); a failure there is a 400 naming lora_path, and the name stays free."""
         registry = self._runtime_adapters()
-        if self._is_base(name) or name in self.settings.adapters:
+        if self.models.is_configured(name):
             raise ApiError(400, f"`{name}` is already a model of this server (configured in its args)", param="lora_name")
         adapter = await registry.add(name, source)
         if adapter is None:
@@ -238,7 +230,7 @@ class ApiService:
 
     async def unload_adapter(self, name: str) -> None:
         registry = self._runtime_adapters()
-        if self._is_base(name) or name in self.settings.adapters:
+        if self.models.is_configured(name):
             raise ApiError(400, f"`{name}` is configured in the application's args and cannot be unloaded at run time",
                            param="lora_name")
         if not await registry.remove(name):

@@ -78,28 +78,49 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await self._reject(send)
-        first: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+            return await reject_too_large(send, self.max_bytes)
+        try:
+            body = await read_body(receive, self.max_bytes)
+        except BodyTooLarge:
+            return await reject_too_large(send, self.max_bytes)
+        if body is not None:
+            await self.app(scope, replay(body, receive), send)
 
-        async def replay() -> Message:
-            return first.pop() if first else await receive()
 
-        await self.app(scope, replay, send)
+class BodyTooLarge(Exception):
+    """A request body beyond the limit `read_body` was given."""
 
-    async def _reject(self, send: Send) -> None:
-        body = (
-            b'{"error": {"message": "the request body is larger than %d bytes", '
-            b'"type": "invalid_request_error", "param": null, "code": "body_too_large"}}' % self.max_bytes
-        )
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+
+async def read_body(receive: Receive, max_bytes: int) -> bytes | None:
+    """A request's whole body (None if the client disconnected first); BodyTooLarge beyond `max_bytes`."""
+    body, more = b"", True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+        if len(body) > max_bytes:
+            raise BodyTooLarge
+    return body
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives `body` as one message, then passes later ones (disconnect notices) through."""
+    first: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive_again() -> Message:
+        return first.pop() if first else await receive()
+
+    return receive_again
+
+
+async def reject_too_large(send: Send, max_bytes: int) -> None:
+    """A 413 in OpenAI's error JSON."""
+    body = (
+        b'{"error": {"message": "the request body is larger than %d bytes", '
+        b'"type": "invalid_request_error", "param": null, "code": "body_too_large"}}' % max_bytes
+    )
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,7 +1,8 @@
 """The LLM deployment: one engine per replica, @serve.batch admission, multiplexed adapters.
 
 Ray glue only. One request, end to end: the ingress calls `stream(call)` through a streaming
-DeploymentHandle; `_prepare` loads the adapter and builds the engine request; `_admit`
+DeploymentHandle; `_prepare` loads the adapter (the call's, resolved by the ingress or the chat
+page: deployments/served_models.py) and builds the engine request; `_admit`
 (`@serve.batch`, admission only) hands the requests that arrived together to the engine as one
 group, which it prefills together, and returns each request its own delta stream; `stream`
 then reads that stream and yields each delta back over the handle. Deltas are paced (see
@@ -20,7 +21,7 @@ import ray
 from ray import serve
 
 from engine.engine import Engine, EngineStats
-from engine.errors import EngineError, UnknownAdapterError
+from engine.errors import EngineError
 from engine.request import Delta, GenerationRequest
 
 from deployments.load_report import RecentTTFT, load_report
@@ -30,6 +31,13 @@ from deployments.runtime_adapters import RuntimeAdapter, folder_problem
 from deployments.settings import AppArgs, BatchSettings
 
 log = logging.getLogger("ray.serve")
+
+
+class UnlistedAdapterError(RuntimeError):
+    """An internal invariant broken, not a user error: a call named an adapter the config does
+    not list, without a runtime adapter's folder. Front ends resolve model names first
+    (deployments/served_models.py, the one 404), so this is a caller's bug, answered 500; it is
+    raised before Serve's multiplexer could try to load the name."""
 
 
 class AdapterLease:
@@ -106,13 +114,15 @@ class LLMServer:
             raise RuntimeError("the engine loop has died")
 
     async def info(self) -> dict:
-        """What a chat page needs: model names (base first), prompt template, generation defaults."""
+        """What a chat page needs: model names (base first), prompt template, generation
+        defaults, the API's limits (messages, requests per key per minute)."""
         return {
             "models": (self.args.model_name, *self.args.adapters),
             "template": self.engine.prompts.template,
             "defaults": self.settings.defaults,
             "max_messages": self.args.max_messages,
             "request_log_file": self.args.request_log_file,
+            "rate_limit_per_minute": self.args.rate_limit_per_minute,
         }
 
     async def stats(self) -> EngineStats:
@@ -159,7 +169,7 @@ class LLMServer:
         try:
             request = await self._prepare(call)
             deltas = await self._admit(request)
-        except (EngineError, ValueError) as err:
+        except (EngineError, ValueError, UnlistedAdapterError) as err:
             deltas = err
         if isinstance(deltas, Exception):
             yield ApiError.from_error(deltas)
@@ -200,11 +210,12 @@ class LLMServer:
         return None
 
     async def _hold_adapter(self, name: str, source: str | None) -> None:
-        """Make sure adapter `name` is loaded here (a configured one, or a runtime one from `source`)."""
+        """Make sure adapter `name` is loaded here: a configured one, or a runtime one from
+        `source`. The multiplexer never sees another name (UnlistedAdapterError)."""
         if source is not None:
             self.runtime_sources[name] = source
         elif name not in self.args.adapters:
-            raise UnknownAdapterError(f"model {name!r} does not exist")
+            raise UnlistedAdapterError(f"adapter {name!r} is not in the config and came without a runtime folder")
         await self.adapter(name)
 
     async def _load_adapter(self, name: str) -> AdapterLease:

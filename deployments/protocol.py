@@ -2,9 +2,11 @@
 
 Each request turns its sampling fields into `SamplingOverrides` (`to_overrides`), the part of
 the ingress-to-replica contract that says what the client set; the LLM replica fills the rest
-from the server's generation defaults. Field types and bounds come from engine/config.py, one
-declaration per field. `logprobs`, `top_logprobs` (chat) and `logprobs`,
-`echo` (completions) become the engine's output options (`_output_options`). Fields of the
+from the server's generation defaults. The sampling fields themselves (names, types, bounds,
+descriptions) are engine/config.py's SamplingParams, taken over by `SamplingFields`; only the
+fields whose HTTP form is wider (`stop`, `top_k`) are declared again here. `logprobs`,
+`top_logprobs` (chat) and `logprobs`, `echo` (completions) become the engine's output options
+(`_output_options`). Fields of the
 OpenAI API that we do not implement are accepted only at their neutral value; anything
 else is a 400, never silently ignored (fields that cannot change the reply are the exception:
 ignored_fields.py). Unknown fields are a 400 too. Every string is `Text`:
@@ -21,8 +23,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.config import (
-    MAX_STOP_CHARS, MAX_STOP_STRINGS, Choices, Logprobs, MaxTokens, MinP, Penalty, RepetitionPenalty,
-    SamplingOverrides, Seed, StopString, StopTokenIds, Temperature, TopK, TopP,
+    MAX_STOP_CHARS, MAX_STOP_STRINGS, Logprobs, MaxTokens, RepetitionPenalty, SamplingOverrides, StopString,
+    Temperature, TopK, TopP, fields_model,
 )
 from engine.prompt import ChatMessage, valid_text
 
@@ -37,36 +39,32 @@ StrictLogprobs = Annotated[Logprobs, Field(strict=True)]  # a count: `true` is n
 
 
 OUTPUT_OPTIONS = {"logprobs", "prompt_logprobs", "echo"}  # named differently per endpoint
+NOT_SAMPLING = OUTPUT_OPTIONS | {"grammar"}  # the grammar comes from response_format and tools
 
 
 class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SamplingFields(StrictBody):
-    """Sampling fields shared by chat and completions (OpenAI names plus common extensions)."""
+HttpSampling = fields_model("HttpSampling", SamplingOverrides, set(SamplingOverrides.model_fields) - NOT_SAMPLING,
+                            optional={"stop_token_ids"}, base=StrictBody)
 
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
+
+class SamplingFields(HttpSampling):
+    """Sampling fields shared by chat and completions: SamplingOverrides' (OpenAI names plus
+    common extensions), but the output options, which each endpoint names its own way, and the
+    grammar. `stop` also takes one string, `top_k` also -1 (vLLM's "off")."""
+
     top_k: Annotated[int, Field(ge=-1, description="Extension; -1 or 0 disables.")] | None = None
-    min_p: MinP | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
-    seed: Seed | None = None
     stop: TextStop | Annotated[list[TextStop], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} strings of up to {MAX_STOP_CHARS} characters."
     )
-    stop_token_ids: StopTokenIds | None = None
-    ignore_eos: bool = False
-    n: Choices = 1
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
     user: Text | None = None
 
     def to_overrides(self) -> SamplingOverrides:
         """What this request sets (the replica fills the rest from the server defaults)."""
-        fields = self.model_dump(include=set(SamplingOverrides.model_fields) - OUTPUT_OPTIONS, exclude_none=True)
+        fields = self.model_dump(include=set(HttpSampling.model_fields), exclude_none=True)
         fields["max_tokens"] = self._max_tokens()
         fields["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if self.top_k is not None:

@@ -24,12 +24,13 @@ from engine.prompt import ALPACA_CHAT_CONTEXT
 from engine.request import Delta
 
 from deployments.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
-from deployments.guard import key_matches, resolve_keys
+from deployments.guard import resolve_keys
 from deployments.http_errors import internal_error, public
 from deployments.ingress import HandleBackend
 from deployments.messages import ApiError, GenerateCall
-from deployments.page_limit import PageLimit
+from deployments.page_limit import KeyedLogins, PageLimit, PageLogins
 from deployments.request_log import RequestRecorder
+from deployments.served_models import ServedModels
 from deployments.service import RequestService
 
 CSS = "footer {display: none !important}"
@@ -48,22 +49,31 @@ class ModelInfo:
     defaults: GenerationDefaults
     max_messages: int = 256
     request_log_file: str | None = None
+    rate_limit_per_minute: int | None = None  # the API's per-key limit (the llm application's)
+
+    def served(self) -> ServedModels:
+        """The page's model names (base first, then the adapters), for `stream_reply` to resolve."""
+        return ServedModels(self.models[0], adapters=self.models[1:])
 
 
 async def stream_reply(
     service: RequestService, conversation: Conversation, context: str, model: str, params: SamplingOverrides,
-    base_model: str, refusal: ApiError | None = None,
+    models: ServedModels, refusal: ApiError | None = None,
 ) -> AsyncIterator[Conversation]:
     """Stream the reply to the conversation's last turn, yielding the growing conversation
     (at most once per PAGE_UPDATE_INTERVAL_S, and always the finished one; text that arrives
     in between is shown with the next update). Stop pressed or page closed: the stream closes,
     which frees the engine row. With a `refusal` (the page's rate limit), its message ends the
-    reply instead."""
+    reply instead, as does an unknown `model` (resolved by `models`, as the API resolves it)."""
     if refusal is not None:
         yield replace(conversation.finish_reply(None, f"⚠ {refusal.message}"), notice=f"⚠ {refusal.message}")
         return
-    adapter = None if model == base_model else model
-    call = GenerateCall(params, adapter, messages=conversation.messages(context))
+    try:
+        served = await models.resolve(model)
+    except ApiError as unknown:
+        yield conversation.finish_reply(None, f"⚠ {unknown.message}")
+        return
+    call = GenerateCall(params, messages=conversation.messages(context), **served.call_fields())
     shown_at, pending = -PAGE_UPDATE_INTERVAL_S, False
     try:
         async with aclosing(service.stream(call, model, "ui")) as items:
@@ -100,8 +110,8 @@ def build_ui(service: RequestService, info: ModelInfo,
     """The chat page: chat, Context, Summarize, Continue, Stop, model choice, settings.
     `current_defaults`: asked on every page load, so the settings start at the server's
     generation defaults of the moment (`reconfigure` changes them without a restart).
-    `limit`: replies per minute per client (each reply counts, Continue and Summarize too)."""
-    base_model = info.models[0]
+    `limit`: replies per minute per key or address (each reply counts, Continue and Summarize too)."""
+    base_model, models = info.models[0], info.served()
     default_context = ALPACA_CHAT_CONTEXT if info.template == "alpaca" else ""
     with gr.Blocks(title="lora-serve chat") as ui:
         state = gr.State(Conversation())
@@ -146,7 +156,7 @@ def build_ui(service: RequestService, info: ModelInfo,
         async def reply(request: gr.Request | None, conversation: Conversation, context_text: str,
                         model_name: str, *values):
             async for updated in stream_reply(service, conversation, context_text, model_name, params(*values),
-                                              base_model, limit.refusal(request)):
+                                              models, limit.refusal(request)):
                 yield updated.display(), updated, updated.notice
 
         async def chat(request: gr.Request, text: str, conversation: Conversation, context_text: str,
@@ -185,7 +195,7 @@ def build_ui(service: RequestService, info: ModelInfo,
                 return
             summary = ""
             async for updated in stream_reply(service, conversation.ask(SUMMARIZE_PROMPT), context_text,
-                                              model_name, params(*values), base_model):
+                                              model_name, params(*values), models):
                 summary = updated.exchanges[-1].reply
                 yield summary, conversation.display(), conversation, "Summarizing the conversation into Context..."
             fresh = Conversation()
@@ -216,31 +226,38 @@ def build_ui(service: RequestService, info: ModelInfo,
     return ui
 
 
+def page_app(ui: gr.Blocks, logins: PageLogins | None = None) -> FastAPI:
+    """The page as an ASGI app; with `logins`, behind a login (any user name, an API key as the
+    password) whose key each session is counted by (deployments/page_limit.py)."""
+    app = FastAPI()
+    if logins is None:
+        return gr.mount_gradio_app(app, ui, path="/", css=CSS)
+    app.add_middleware(KeyedLogins, logins=logins)
+    return gr.mount_gradio_app(
+        app, ui, path="/", css=CSS, auth=logins.check,
+        auth_message="This chat needs an API key: enter any user name and the key as the password.",
+    )
+
+
 class ChatUI:
-    """The Serve deployment that mounts the page; it holds only a handle to the LLM."""
+    """The Serve deployment that mounts the page; it holds only a handle to the LLM. With API
+    keys the page's limit is the API's, per key; without, the ui application's, per address."""
 
     async def __init__(self, llm_app: str, api_keys: tuple[str, ...], rate_limit_per_minute: int | None = None):
         self.llm = serve.get_deployment_handle("LLMServer", app_name=llm_app)
         self.info = ModelInfo(**await self.llm.info.remote())
-        self.api_keys = resolve_keys(api_keys)
-        self.limit = PageLimit(rate_limit_per_minute)
+        keys = resolve_keys(api_keys)
+        self.logins = PageLogins(keys) if keys else None
+        per_minute = self.info.rate_limit_per_minute if keys else rate_limit_per_minute
+        self.limit = PageLimit(per_minute, self.logins)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         recorder = RequestRecorder(self.info.request_log_file)
         service = RequestService(HandleBackend(self.llm), recorder.record, self.info.max_messages)
-        ui = build_ui(service, self.info, self.current_defaults, self.limit)
-        if not self.api_keys:
-            return gr.mount_gradio_app(FastAPI(), ui, path="/", css=CSS)
-        return gr.mount_gradio_app(
-            FastAPI(), ui, path="/", css=CSS, auth=self.check_login,
-            auth_message="This chat needs an API key: enter any user name and the key as the password.",
-        )
+        return page_app(build_ui(service, self.info, self.current_defaults, self.limit), self.logins)
 
     async def current_defaults(self) -> GenerationDefaults:
         return (await self.llm.info.remote())["defaults"]
-
-    def check_login(self, _user: str, password: str) -> bool:
-        return key_matches(password, self.api_keys)
 
 
 class UIArgs(BaseModel):
@@ -251,8 +268,9 @@ class UIArgs(BaseModel):
     llm_app: str = Field("llm", description="The application whose LLMServer the page talks to.")
     api_keys: list[str] = Field(default_factory=list, repr=False, description="Also LLM_API_KEYS.")
     rate_limit_per_minute: int | None = Field(
-        None, ge=1, description="Replies per minute per client address on the page (the API's limit, per key, "
-        "is the llm application's rate_limit_per_minute); None: no limit.")
+        None, ge=1, description="Replies per minute per client address on the page when no API keys are set; "
+        "with keys the page counts per key at the API's limit (the llm application's rate_limit_per_minute). "
+        "None: no limit.")
 
 
 def build_ui_app(args: dict) -> Application:

@@ -2,8 +2,9 @@
 
 The rows themselves (one per choice, the forks sharing choice 0's prompt blocks) are made by
 `Engine.new_rows` (engine/row.py, engine/scheduler.py). Here: `check_choices`, the request's
-limits, checked once at submit; and `choice_stream`, which reads the request's one queue,
-merges what piled up per choice (never across choices) and ends after the n-th last delta.
+limits (part of `Engine.check_limits`, checked once per request); and `choice_stream`, which
+reads the request's one queue, merges what piled up per choice (never across choices) and
+ends after the n-th last delta.
 
 Thread: the engine's event loop.
 """

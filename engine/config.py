@@ -6,9 +6,10 @@ so validation errors must be clear and early. Everything inside the engine reads
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from engine.constraints import Grammar
 
@@ -102,8 +103,8 @@ class EngineConfig(BaseModel):
     )
 
 
-# One declaration per sampling field (its type and bounds): the engine's SamplingParams, the
-# server's GenerationDefaults, the ingress's SamplingOverrides and the HTTP bodies all use these.
+# Types and bounds of the sampling fields, named for SamplingParams below (the fields' one
+# declaration) and for the seed API's own names (deployments/protocol.py, /generate).
 MaxTokens = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 means greedy decoding.")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -119,21 +120,13 @@ Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES, description="Choices sample
 Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS, description="Most likely tokens listed beside each token.")]
 
 
-class GenerationDefaults(BaseModel):
-    """Server-side defaults for what a request leaves out (serve_config.yaml, `reconfigure`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_tokens: MaxTokens = 256
-    temperature: Temperature = 0.7
-    top_p: TopP = 0.95
-    top_k: TopK = 0
-    min_p: MinP = 0.0
-    repetition_penalty: RepetitionPenalty = 1.0
-
-
 class SamplingParams(BaseModel):
-    """Per-request generation settings, complete. Temperature 0 means greedy decoding."""
+    """Per-request generation settings, complete. Temperature 0 means greedy decoding.
+
+    The one declaration of the sampling fields: name, type, bounds, description and the
+    engine's default. GenerationDefaults and SamplingOverrides below and the HTTP bodies
+    (deployments/protocol.py) take their fields from here (`fields_model`), so a new field is
+    one line here plus its use."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -173,29 +166,52 @@ class SamplingParams(BaseModel):
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 
 
-class SamplingOverrides(BaseModel):
-    """What one request sets; a field left None takes the server's default. Resolved once, in
-    the LLM replica (`resolve`), where `reconfigure` keeps the defaults current."""
+def fields_model(
+    name: str, source: type[BaseModel], names: Iterable[str] | None = None, *, optional: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None, base: type[BaseModel] = BaseModel,
+) -> type[BaseModel]:
+    """A model to inherit from, holding `source`'s fields (all, or `names`, in `source`'s order)
+    with their types, bounds and descriptions: a field in `optional` also takes None, its
+    default; `defaults` replaces a field's declared default. It belongs to `base`'s module
+    (BaseModel: `source`'s)."""
+    wanted, optional, defaults = set(names or source.model_fields), set(optional), defaults or {}
+    if unknown := (wanted | optional | set(defaults)) - set(source.model_fields):
+        raise ValueError(f"{source.__name__} has no fields {sorted(unknown)}")
+    fields = {}
+    for field_name, info in source.model_fields.items():
+        if field_name not in wanted:
+            continue
+        annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        if field_name in optional:
+            fields[field_name] = (annotation | None, Field(None, description=info.description))
+        elif field_name in defaults:
+            fields[field_name] = (annotation, Field(defaults[field_name], description=info.description))
+        elif info.default_factory is not None:
+            fields[field_name] = (annotation, Field(default_factory=info.default_factory, description=info.description))
+        else:
+            fields[field_name] = (annotation, Field(info.default, description=info.description))
+    module = (source if base is BaseModel else base).__module__
+    return create_model(name, __base__=base, __module__=module, **fields)
+
+
+SERVER_DEFAULTS = {"max_tokens": 256, "temperature": 0.7, "top_p": 0.95, "top_k": 0, "min_p": 0.0,
+                   "repetition_penalty": 1.0}  # the fields the server fills in, and their shipped defaults
+
+
+class GenerationDefaults(fields_model("GenerationDefaultFields", SamplingParams, SERVER_DEFAULTS,
+                                      defaults=SERVER_DEFAULTS)):
+    """Server-side defaults for what a request leaves out (serve_config.yaml, `reconfigure`):
+    SamplingParams' fields named in SERVER_DEFAULTS."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    min_p: MinP | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
-    seed: Seed | None = None
-    stop: StopStrings = Field(default_factory=list)
-    stop_token_ids: StopTokenIds = Field(default_factory=list)
-    ignore_eos: bool = False
-    n: Choices = 1
-    logprobs: Logprobs | None = None
-    prompt_logprobs: Logprobs | None = None
-    echo: bool = False
-    grammar: Grammar | None = None
+
+class SamplingOverrides(fields_model("SamplingOverrideFields", SamplingParams, optional=SERVER_DEFAULTS)):
+    """What one request sets: SamplingParams' fields, those of GenerationDefaults None unless
+    set (None takes the server's default). Resolved once, in the LLM replica (`resolve`), where
+    `reconfigure` keeps the defaults current."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     def resolve(self, defaults: GenerationDefaults) -> SamplingParams:
         """Complete settings: the request's values where given, else the defaults."""

@@ -10,8 +10,12 @@ Layers (each module's docstring says more):
         PagedKVCache (kv_cache.py)                KV tensors written in place, paged attention
 
 Contract:
-- `submit(request)` validates at once (raising InvalidRequestError and subclasses, or
-  EngineOverloadedError when too many wait) and returns an async iterator of Deltas; the
+- A request's limits (max_tokens_cap, prompt plus max_tokens within the context window and
+  the KV cache, n choices) are checked once, by `check_limits`: in `chat_request` /
+  `completion_request`, which return a CheckedRequest, or else in `submit`. `submit` checks
+  admission (engine alive, adapter loaded, queue not full) every time, raising
+  InvalidRequestError and subclasses, or EngineOverloadedError when too many wait, and
+  returns an async iterator of Deltas; the
   last delta has `finish_reason` (stop, length, cancelled, error) and `stats`. Deltas that
   pile up while the consumer is busy are merged into one; `pace` spaces them further.
   A request with `params.n > 1` runs one row per choice (the forks share its prompt's
@@ -46,7 +50,7 @@ from engine.attention import check_supported
 from engine.loader import LoadedModel, load_model
 from engine.lora import AdapterRegistry
 from engine.prompt import ChatMessage, Instruction, PromptBuilder, Tools
-from engine.request import Delta, GenerationRequest
+from engine.request import CheckedRequest, Delta, GenerationRequest
 from engine.row import Row
 
 log = logging.getLogger(__name__)
@@ -110,21 +114,30 @@ class Engine:
     def chat_request(
         self, messages: Sequence[ChatMessage], params: SamplingParams, adapter: str | None = None,
         tools: Tools = (),
-    ) -> GenerationRequest:
-        """A request for a chat reply offering `tools`, with the history trimmed to the context budget."""
-        self._check_params(params)
+    ) -> CheckedRequest:
+        """A request for a chat reply offering `tools`, with the history trimmed to the context
+        budget; its limits checked (max_tokens first: too many is a 400, not a prompt too long)."""
+        self._check_max_tokens(params)
         prompt = self.prompts.chat(messages, params.max_tokens, tools)
-        return GenerationRequest(
-            prompt.token_ids, params, adapter, extra_stop=prompt.stop,
-            dropped_messages=prompt.dropped_messages,
-        )
+        return self._checked(CheckedRequest(
+            prompt.token_ids, params, adapter, extra_stop=prompt.stop, dropped_messages=prompt.dropped_messages,
+        ))
 
     def completion_request(
         self, prompt: str | list[int] | Instruction, params: SamplingParams, adapter: str | None = None
-    ) -> GenerationRequest:
-        """A request for a raw prompt, or for the seed API's instruction (its text stays text)."""
-        self._check_params(params)
-        return GenerationRequest(self.prompts.completion(prompt, params.max_tokens).token_ids, params, adapter)
+    ) -> CheckedRequest:
+        """A request for a raw prompt, or for the seed API's instruction (its text stays text);
+        its limits checked."""
+        self._check_max_tokens(params)
+        ids = self.prompts.completion(prompt, params.max_tokens).token_ids
+        return self._checked(CheckedRequest(ids, params, adapter))
+
+    def check_limits(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequestError (PromptTooLongError for the context) unless the request
+        fits: max_tokens at most max_tokens_cap, prompt plus max_tokens within the context
+        window and the KV cache, n choices within the batch and the cache."""
+        self._check_max_tokens(request.params)
+        self._check_fit(request)
 
     def submit(self, request: GenerationRequest, pace: Pace | None = None) -> AsyncIterator[Delta]:
         """Queue a request now; iterate the result to read its deltas (closing it cancels).
@@ -132,8 +145,11 @@ class Engine:
         `pace()`: the stream's deltas go out at most once per `pace()` seconds, on a clock
         shared by all streams (asked after each delta; default: no pause). The first delta and
         the last (with `finish_reason`) are never held back; what arrives meanwhile is merged.
-        Fewer, larger deltas cost a transport with a per-message price (Ray's handles) less CPU."""
-        self._check(request)
+        Fewer, larger deltas cost a transport with a per-message price (Ray's handles) less CPU.
+        A request not made by `chat_request` / `completion_request` has its limits checked here."""
+        if not isinstance(request, CheckedRequest):
+            self.check_limits(request)
+        self._check_admission(request)
         self._ensure_started()
         rows = self.new_rows(request)
         self._rows[request.request_id] = rows
@@ -214,13 +230,32 @@ class Engine:
 
     # ----- validation and streaming -----------------------------------------------------
 
-    def _check(self, request: GenerationRequest) -> None:
+    def _checked(self, request: CheckedRequest) -> CheckedRequest:
+        self._check_fit(request)
+        return request
+
+    def _check_admission(self, request: GenerationRequest) -> None:
+        """What may change between requests: the engine alive, the adapter loaded and not being
+        unloaded, the id free, room in the queue. For the server the adapter is an invariant:
+        its replica loads the adapter before it submits (deployments/llm.py), so only direct
+        engine users (tests, benchmarks) meet UnknownAdapterError."""
         if not self.alive:
             raise EngineDeadError("the engine loop has stopped")
-        self._check_params(request.params)
         self.adapters.check(request.adapter)
         if request.adapter in self._draining:
             raise InvalidRequestError(f"adapter {request.adapter!r} is being unloaded")
+        if request.request_id in self._rows:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        if self.core.num_waiting >= self.config.max_waiting:
+            raise EngineOverloadedError(f"{self.core.num_waiting} requests are already waiting")
+
+    def _check_max_tokens(self, params: SamplingParams) -> None:
+        cap = self.config.max_tokens_cap
+        if params.max_tokens > cap:
+            raise InvalidRequestError(f"max_tokens is {params.max_tokens}; at most {cap} allowed")
+
+    def _check_fit(self, request: GenerationRequest) -> None:
+        """The prompt plus max_tokens within the context window and the KV cache; n choices too."""
         total = len(request.prompt_ids) + request.params.max_tokens
         limit = min(self.loaded.context_window, self.core.capacity_tokens)
         if not request.prompt_ids or total > limit:
@@ -228,16 +263,7 @@ class Engine:
                 f"prompt ({len(request.prompt_ids)} tokens) plus max_tokens "
                 f"({request.params.max_tokens}) must be between 1 and {limit} tokens"
             )
-        if request.request_id in self._rows:
-            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         check_choices(request, self.config.max_batch_size, self.core.capacity_tokens)
-        if self.core.num_waiting >= self.config.max_waiting:
-            raise EngineOverloadedError(f"{self.core.num_waiting} requests are already waiting")
-
-    def _check_params(self, params: SamplingParams) -> None:
-        cap = self.config.max_tokens_cap
-        if params.max_tokens > cap:
-            raise InvalidRequestError(f"max_tokens is {params.max_tokens}; at most {cap} allowed")
 
     async def _stream(self, request_id: str, queue: asyncio.Queue[Delta], pace: Pace) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()

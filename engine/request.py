@@ -33,6 +33,13 @@ class GenerationRequest:
 
 
 @dataclass
+class CheckedRequest(GenerationRequest):
+    """A request made by `Engine.chat_request` / `completion_request`, which checked its limits
+    (`Engine.check_limits`): `submit` does not check them again. Change its prompt or params
+    and it is no longer checked (make a plain GenerationRequest instead)."""
+
+
+@dataclass
 class RequestStats:
     """Numbers about one finished request; times in seconds."""
 

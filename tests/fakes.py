@@ -1,7 +1,15 @@
-"""Fakes shared by the HTTP-layer tests: a backend that plays back a script, and the stats and
-chat body they use. (The engine itself is tested on real tiny models, not with these.)"""
+"""Fakes shared by the HTTP-layer tests: a backend that plays back a script, the stats and
+chat body they use, and an ASGI app served on a local port. (The engine itself is tested on
+real tiny models, not with these.)"""
 
 from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from client.servers import free_port
 
 from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
 from deployments.runtime_adapters import RuntimeAdapter
@@ -44,3 +52,23 @@ class ScriptedBackend:
     async def load_adapter(self, adapter: RuntimeAdapter) -> ApiError | None:
         self.calls.append(adapter)
         return ApiError(400, "lora_path: no such folder", param="lora_path") if adapter.source.endswith("bad") else None
+
+
+@contextmanager
+def served_on_a_port(app) -> Iterator[str]:
+    """`app` (ASGI) on uvicorn in a thread; yields its URL and stops it afterwards."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

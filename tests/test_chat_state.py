@@ -6,12 +6,14 @@ import pytest
 
 from deployments.chat_state import CONTINUE_PROMPT, Conversation, escape, footer_text
 from deployments.messages import ApiError
+from deployments.served_models import ServedModels
 from deployments.service import RequestService
 from engine.config import SamplingOverrides
 from engine.request import Delta, RequestStats
 from tests.error_bodies import leaks
 from tests.fakes import ScriptedBackend
 
+BASE = ServedModels("base")
 STATS = RequestStats(prompt_tokens=9, completion_tokens=12, dropped_messages=0, latency=1.0,
                      time_to_first_token=0.1, tokens_per_second=20.0)
 
@@ -58,7 +60,7 @@ async def test_a_failed_reply_shows_the_request_id_not_the_error(script):
 
     backend, finished = ScriptedBackend(script), []
     service = RequestService(backend, finished.append)
-    *_, last = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), "base")]
+    *_, last = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), BASE)]
     footer = last.exchanges[-1].footer
     assert backend.calls[0].request_id in footer and not leaks([footer])
     assert [(f.endpoint, f.status) for f in finished] == [("ui", 500)]  # the page's replies are logged too
@@ -69,7 +71,7 @@ async def test_the_page_keeps_the_message_limit():
 
     service = RequestService(ScriptedBackend([Delta("x", finish_reason="stop")]), max_messages=2)
     long_chat = Conversation().ask("a").extend_reply("first reply").ask("b")  # three messages
-    *_, last = [c async for c in stream_reply(service, long_chat, "", "base", SamplingOverrides(), "base")]
+    *_, last = [c async for c in stream_reply(service, long_chat, "", "base", SamplingOverrides(), BASE)]
     assert "at most 2 messages" in last.exchanges[-1].footer
 
 
@@ -80,7 +82,7 @@ async def test_a_fast_stream_updates_the_page_at_a_bounded_rate():
 
     script = [Delta(f"{i} ") for i in range(999)] + [Delta("end", finish_reason="stop", stats=STATS)]
     service = RequestService(ScriptedBackend(script))
-    shown = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), "base")]
+    shown = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), BASE)]
     assert shown[0].exchanges[-1].reply == "0 " and len(shown) < 20
     last = shown[-1].exchanges[-1]
     assert last.reply == "".join(f"{i} " for i in range(999)) + "end" and "12 tokens" in last.footer
@@ -90,5 +92,5 @@ async def test_text_held_back_by_the_page_rate_is_shown_when_the_stream_ends():
     from deployments.ui import stream_reply
 
     service = RequestService(ScriptedBackend([Delta("a"), Delta("b")]))  # no finish delta
-    shown = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), "base")]
+    shown = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), BASE)]
     assert [c.exchanges[-1].reply for c in shown] == ["a", "ab"]

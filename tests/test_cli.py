@@ -29,6 +29,7 @@ from client.stream import event_data
 from deployments.api import ApiSettings, build_api
 from deployments.messages import ApiError, GenerateCall
 from engine.request import Delta, RequestStats
+from tests.fakes import served_on_a_port
 from tests.serve_fixtures import SERVED_MODEL, llm_handle, log_lines_after
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,22 +307,10 @@ class ScriptedBackend:
 @pytest.fixture(scope="module")
 def keyed_server():
     """The API app (keys required: "sk-right") on uvicorn in a thread; yields (url, backend)."""
-    import uvicorn
-
     backend = ScriptedBackend()
     settings = ApiSettings("base", (), ("lora",), api_keys=("sk-right",))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_api(backend, settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", backend
-    server.should_exit = True
-    thread.join(10)
+    with served_on_a_port(build_api(backend, settings)) as url:
+        yield url, backend
 
 
 @pytest.fixture

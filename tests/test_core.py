@@ -9,13 +9,9 @@ from engine.engine import Engine
 from engine.attention import attend, attend_runs
 from engine.kv_cache import SequenceLayout
 from engine.request import GenerationRequest
+from tests.tiny_models import LONG_TEXT, ids
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-LONG_TEXT = (
-    "Once upon a time there was a small model that answered questions about the quick brown fox. "
-    "What is the capital of France? The capital of France is Paris. Continuous batching keeps "
-    "every stream flowing token by token."
-)
 
 
 def run(engine: Engine, requests: list[GenerationRequest], on_step=None) -> dict[str, list[int]]:
@@ -36,10 +32,6 @@ def run(engine: Engine, requests: list[GenerationRequest], on_step=None) -> dict
         if on_step:
             on_step(engine)
     raise AssertionError("requests did not finish")
-
-
-def ids(engine: Engine, text: str) -> list[int]:
-    return engine.loaded.tokenizer(text)["input_ids"]
 
 
 def test_prefix_cache_hit_gives_the_cold_prefill_tokens(make_engine, reference):

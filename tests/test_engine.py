@@ -240,6 +240,22 @@ async def test_request_level_limits(engine):
         engine.completion_request([1, 2, 10**6], GREEDY)
 
 
+async def test_each_limit_is_checked_once_per_request(engine, monkeypatch):
+    """The builders check a request's limits and submit trusts them; a request built by hand is
+    checked at submit. max_tokens over the cap is a 400 before any trimming could make it a 413."""
+    checks = []
+    check_fit = engine._check_fit
+    monkeypatch.setattr(engine, "_check_fit", lambda request: (checks.append(request), check_fit(request)))
+    built = engine.completion_request(encode(engine, PROMPTS[0]), GREEDY)
+    await collect(engine.submit(built))
+    by_hand = GenerationRequest(encode(engine, PROMPTS[0]), GREEDY)
+    await collect(engine.submit(by_hand))
+    assert checks == [built, by_hand]
+    with pytest.raises(InvalidRequestError, match="max_tokens is 5000") as refused:
+        engine.chat_request([ChatMessage("user", "hi")], SamplingParams(max_tokens=5000))
+    assert not isinstance(refused.value, PromptTooLongError)
+
+
 async def test_a_broken_request_fails_alone(engine, adapter_dirs, reference):
     await engine.load_adapter("broken", str(adapter_dirs["broken"]))
     good = [GenerationRequest(encode(engine, p), GREEDY) for p in PROMPTS[:3]]

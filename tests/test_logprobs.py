@@ -15,7 +15,7 @@ from engine.config import SamplingParams
 from engine.engine import Engine
 from engine.errors import InvalidRequestError
 from engine.request import Delta, GenerationRequest
-from tests.test_core import LONG_TEXT, ids
+from tests.tiny_models import LONG_TEXT, ids
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
@@ -164,11 +164,11 @@ async def test_closing_an_n_choice_stream_cancels_every_choice(make_engine):
     await engine.close()
 
 
-def test_n_limits_are_checked_once_at_submit(make_engine):
+def test_n_limits_are_among_a_requests_limits(make_engine):
     engine = make_engine(max_batch_size=4, max_kv_tokens=256)
     prompt = ids(engine, "Hello there")
     with pytest.raises(InvalidRequestError, match="max_batch_size"):
-        engine._check(GenerationRequest(prompt, GREEDY.model_copy(update={"n": 5})))
+        engine.check_limits(GenerationRequest(prompt, GREEDY.model_copy(update={"n": 5})))
     with pytest.raises(InvalidRequestError, match="n x max_tokens"):
-        engine._check(GenerationRequest(prompt, GREEDY.model_copy(update={"n": 4, "max_tokens": 100})))
-    engine._check(GenerationRequest(prompt, GREEDY.model_copy(update={"n": 4, "max_tokens": 50})))
+        engine.check_limits(GenerationRequest(prompt, GREEDY.model_copy(update={"n": 4, "max_tokens": 100})))
+    engine.check_limits(GenerationRequest(prompt, GREEDY.model_copy(update={"n": 4, "max_tokens": 50})))

@@ -1,4 +1,5 @@
-"""Tiny random Llama models, tokenizers and LoRA adapters, built in a second on the CPU.
+"""Tiny random Llama models, tokenizers and LoRA adapters, built in a second on the CPU, and
+text to prompt them with (`LONG_TEXT`, `ids`: shared by the engine tests).
 
 The tokenizer is a byte-level BPE trained on a few sentences (so any text, including
 multi-byte UTF-8, encodes, and characters split across tokens) with a ChatML template.
@@ -7,11 +8,27 @@ multi-byte UTF-8, encodes, and characters split across tokens) with a ChatML tem
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+LONG_TEXT = (
+    "Once upon a time there was a small model that answered questions about the quick brown fox. "
+    "What is the capital of France? The capital of France is Paris. Continuous batching keeps "
+    "every stream flowing token by token."
+)
+
+
+def ids(engine: Engine, text: str) -> list[int]:
+    """`text`'s prompt ids under `engine`'s tokenizer."""
+    return engine.loaded.tokenizer(text)["input_ids"]
+
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
