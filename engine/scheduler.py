@@ -17,6 +17,14 @@ State: `waiting` (a deque, first come first served; preempted rows go back to it
    the last partial block themselves: one prefill for n choices. A row that needs prompt
    logprobs skips the prefix cache (engine/logprobs.py).
 
+In 2 and 3 only the step's first prompt is split to fit the budget: a later prompt whose
+rest does not fit waits for the next step, and so does every prompt behind it. A prompt's
+first token comes when its last chunk is computed, so filling the budget's end with a piece
+of the next prompt delays every prompt that finishes in this step and still leaves that one
+a step to go. Four 330-token chat turns arriving together with a 512-token budget get their
+first tokens after 330, 660, 990 and 1,320 tokens of work instead of 512, 1,024, 1,024 and
+1,200; the decoding rows get their tokens sooner from the shorter steps.
+
 A chunk that reaches the end of a row's known tokens asks for a sample.
 
 Thread: the engine core's worker thread; plain Python, no tensors.
@@ -25,7 +33,9 @@ Thread: the engine core's worker thread; plain Python, no tensors.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 
 from engine.blocks import BlockManager, prefix_keys
 from engine.row import Row
@@ -68,15 +78,20 @@ class Scheduler:
         """The chunks of the next step; empty when there is nothing to compute."""
         chunks = self._decode_chunks()
         budget = self.max_step_tokens - len(chunks)
-        for row in self.running:
-            if budget > 0 and not row.decoding:
-                chunks.append(self._prefill_chunk(row, budget))
-                budget -= chunks[-1].length
-        while budget > 0 and self.waiting and len(self.running) < self.max_rows and self._admit(self.waiting[0]):
-            row = self.waiting.popleft()
-            chunks.append(self._prefill_chunk(row, budget))
+        first = True
+        for row in chain((row for row in self.running if not row.decoding), self._admitted()):
+            remaining = row.num_tokens - row.num_computed
+            if budget <= 0 or (remaining > budget and not first):
+                break  # only the step's first prompt is split: the others wait, oldest first
+            chunks.append(ScheduledChunk(row, row.num_computed, min(remaining, budget)))
             budget -= chunks[-1].length
+            first = False
         return chunks
+
+    def _admitted(self) -> Iterator[Row]:
+        """Waiting rows, each admitted when the caller asks for the next (rows and blocks permitting)."""
+        while self.waiting and len(self.running) < self.max_rows and self._admit(self.waiting[0]):
+            yield self.waiting.popleft()
 
     def remove(self, row: Row) -> None:
         """Take a finished or cancelled row out, giving its blocks back (they stay cached)."""
@@ -120,10 +135,6 @@ class Scheduler:
         self.stats.preemptions += 1
 
     # ----- prefill -----------------------------------------------------------------------
-
-    def _prefill_chunk(self, row: Row, budget: int) -> ScheduledChunk:
-        length = min(row.num_tokens - row.num_computed, budget)
-        return ScheduledChunk(row, row.num_computed, length)
 
     def _admit(self, row: Row) -> bool:
         """Give `row` its cached prefix and blocks for the rest of its tokens; False (and no

@@ -78,6 +78,26 @@ def test_chunked_prefill_equals_one_shot_and_streams_keep_flowing(make_engine, r
     assert decoded_per_step == list(range(decoded_per_step[0], decoded_per_step[0] + len(decoded_per_step)))
 
 
+def test_only_a_steps_first_prompt_is_split(make_engine, reference):
+    engine = make_engine(max_batch_size=4, max_step_tokens=16, enable_prefix_caching=False)
+    prompt = ids(engine, LONG_TEXT)[:10]
+    requests = [GenerationRequest(prompt, GREEDY, request_id=str(i)) for i in range(3)]
+    computed = []
+    tokens = run(engine, requests, on_step=lambda e: computed.append(e.stats().step_tokens - sum(computed)))
+    # 10 of the first; the second's 10 do not fit in the 6 left, so it waits whole; then each
+    # step's decodes and the next whole prompt; no prompt needed two steps
+    assert computed[:4] == [10, 1 + 10, 2 + 10, 3]
+    assert all(tokens[r.request_id] == reference(prompt, GREEDY.max_tokens) for r in requests)
+    # a prompt longer than the budget is split, step after step; the one behind it waits
+    long = ids(engine, LONG_TEXT)
+    done, computed = engine.stats().step_tokens, []
+    run(engine, [GenerationRequest(long, GREEDY, request_id="long"), GenerationRequest(prompt, GREEDY, request_id="short")],
+        on_step=lambda e: computed.append(e.stats().step_tokens - done - sum(computed)))
+    chunks, rest = divmod(len(long), 16)
+    assert 0 < rest and rest + 10 > 16  # the long prompt's last chunk leaves no room for the short one
+    assert computed[: chunks + 2] == [16] * chunks + [rest, 1 + 10]
+
+
 def test_memory_stays_within_the_budget_and_preempted_rows_resume_exactly(make_engine, reference):
     engine = make_engine(max_kv_tokens=160, max_batch_size=8, max_step_tokens=64)
     params = GREEDY.model_copy(update={"max_tokens": 50})
