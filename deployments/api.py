@@ -27,11 +27,11 @@ from deployments.http_errors import install_error_handling, internal_error, publ
 from deployments.ignored_fields import log_ignored
 from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
 from deployments.openai_format import (
-    DONE_FRAME, ChatCompletion, Completion, DetokenizeResponse, GenerateResponse, ModelCard, ModelList, ResponseMeta,
-    TokenizeResponse, Usage, sse,
+    DONE_FRAME, ChatCompletion, Completion, DetokenizeResponse, ErrorResponse, GenerateResponse, ModelCard, ModelList,
+    ResponseMeta, TokenizeResponse, Usage, sse,
 )
 from deployments.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, GenerateRequest, LoadLoraAdapterRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest, LoadLoraAdapterRequest,
     TokenizeChatRequest, TokenizeCompletionRequest, UnloadLoraAdapterRequest,
 )
 from deployments.runtime_adapters import RuntimeAdapter, RuntimeAdapters

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from client.stream import event_data
 from deployments.api import ApiSettings, Finished, build_api
 from deployments.messages import ApiError, GenerateCall
+from deployments.openai_format import ErrorResponse
 from deployments.protocol import ChatCompletionRequest
 from engine.config import GenerationDefaults
 from engine.errors import (
@@ -120,8 +121,8 @@ def test_a_refusal_crosses_ray_intact():
     refusal = ApiError(429, "slow down", param="model", code="rate_limit_exceeded", retry_after=2.5)
     copy = pickle.loads(pickle.dumps(refusal))
     assert copy == refusal and copy.type == "rate_limit_error" and copy.retry_after == 2.5
-    assert copy.body == {"error": {"message": "slow down", "type": "rate_limit_error", "param": "model",
-                                   "code": "rate_limit_exceeded"}}
+    assert copy.body.model_dump() == {"error": {"message": "slow down", "type": "rate_limit_error", "param": "model",
+                                                "code": "rate_limit_exceeded"}}
 
 
 @pytest.mark.parametrize("path, body, param", [
@@ -159,6 +160,28 @@ def test_errors_before_our_code_runs_use_openai_error_json(body, status):
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     for response in (client.get("/v1/nowhere"), client.get("/v1/chat/completions")):
         assert response.status_code in (404, 405) and response.json()["error"]["message"]
+
+
+def test_every_error_answer_is_the_declared_error_model_serialised():
+    """HTTP error bodies and SSE error events are ErrorResponse.model_dump_json() byte for byte,
+    so they cannot drift from the schema the OpenAPI document declares for them."""
+    client, _, _ = make_client([Delta("a"), ApiError(503, "busy")])
+    small = TestClient(build_api(ScriptedBackend([]), ApiSettings("base", (), (), max_body_bytes=64)))
+    answers = [
+        client.post("/v1/chat/completions", content=b"{bad json", headers={"content-type": "application/json"}),
+        client.post("/v1/chat/completions", json={**CHAT, "model": "nobody"}),
+        client.get("/v1/nowhere"),
+        small.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "x" * 128}]}),
+    ]
+    assert [a.status_code for a in answers] == [400, 404, 404, 413]
+    bodies = [a.content for a in answers]
+    streamed = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    bodies += [event.encode() for event in event_data(streamed) if event.startswith('{"error"')]
+    assert len(bodies) == 5
+    for body in bodies:
+        assert body == ErrorResponse.model_validate_json(body).model_dump_json().encode()
+    declared = client.app.openapi()["paths"]["/v1/chat/completions"]["post"]["responses"]["404"]["content"]
+    assert declared["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
 
 
 class BrokenBackend:
