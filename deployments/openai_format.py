@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from deployments.tool_calls import ParsedToolCall
 
 Kind = Literal["chat", "completion"]
-DONE_FRAME = "data: [DONE]\n\n"
+DONE = "[DONE]"  # the last event's data
+DONE_FRAME = f"data: {DONE}\n\n"
 
 
 class Usage(BaseModel):

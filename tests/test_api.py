@@ -237,7 +237,56 @@ def test_routes_declare_their_reply_schemas():
                                      ("/generate", "post"), ("/v1/models", "get")]}
     assert [ref.rsplit("/", 1)[-1] for ref in declared.values()] == [
         "ChatCompletion", "Completion", "GenerateResponse", "ModelList"]
-    assert "text/event-stream" in paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    streams = {path: paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+               for path in ("/v1/chat/completions", "/v1/completions")}
+    payloads = {path: [s["$ref"].rsplit("/", 1)[-1] for s in event["properties"]["data"]["anyOf"][1]["contentSchema"]["anyOf"]]
+                for path, event in streams.items()}
+    assert payloads == {"/v1/chat/completions": ["ChatCompletionChunk", "ErrorResponse"],
+                        "/v1/completions": ["Completion", "ErrorResponse"]}
+    assert not [path for path in paths if path.startswith("/_")]  # the routes that document the streams are hidden
+
+
+def _checked_by_schemathesis(path: str, status: int, content: bytes):
+    """Validate one reply of `path` against the app's OpenAPI document as the fuzzing test does."""
+    import datetime
+
+    import httpx
+    import schemathesis
+
+    schema = schemathesis.openapi.from_dict(make_client([])[0].app.openapi())
+    schema.validate()
+    reply = httpx.Client(transport=httpx.MockTransport(
+        lambda _: httpx.Response(status, headers={"content-type": "text/event-stream"}, content=content))).post(
+        f"http://test{path}")
+    reply.elapsed = datetime.timedelta(0)  # what schemathesis reads; a mock transport leaves it unset
+    return schema[path]["POST"].validate_response(reply)
+
+
+@pytest.mark.parametrize("path, script", [
+    ("/v1/chat/completions", [Delta("a"), Delta("b", finish_reason="stop", stats=STATS)]),
+    ("/v1/completions", [Delta("a"), Delta("b", finish_reason="stop", stats=STATS)]),
+    ("/v1/chat/completions", [Delta("a"), ApiError(503, "busy")]),
+    ("/v1/completions", [Delta("a"), RuntimeError("replica died")]),
+])
+def test_streams_match_the_events_their_route_declares(path, script):
+    client, _, _ = make_client(script)
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    if path == "/v1/completions":
+        body = {"model": "base", "prompt": "x", "stream": True, "stream_options": {"include_usage": True}}
+    reply = client.post(path, json=body)
+    assert reply.status_code == 200 and reply.text.endswith("data: [DONE]\n\n")
+    assert _checked_by_schemathesis(path, 200, reply.content) is None
+
+
+@pytest.mark.parametrize("events", [
+    b'data: {"id": "x", "object": "text_completion", "created": 1, "model": "m", "choices": []}\n\n',
+    b'data: {"error": {"message": 3}}\n\n', b"data: [NOPE]\n\n",
+])
+def test_a_stream_the_route_does_not_declare_fails_the_schema_check(events):
+    from schemathesis.openapi.checks import JsonSchemaError
+
+    with pytest.raises(JsonSchemaError, match="SSE event violates schema"):
+        _checked_by_schemathesis("/v1/chat/completions", 200, events)
 
 
 def test_n_choices_end_after_the_last_one_with_summed_usage():
