@@ -208,6 +208,16 @@ def test_the_error_body_check_finds_internals():
     assert not leaks(error_payloads(200, b'data: {"text": "Traceback is fine in generated text"}\n\n'))
 
 
+@pytest.mark.parametrize("body", [
+    b'data:{"error": {"message": "pid=1"}}\n\n',  # no space after the colon
+    b'data: {"error":\ndata: {"message": "pid=1"}}\n\n',  # one event's data on two lines
+    b'data: {"chunk": 1}\r\n\r\ndata: {"error": {"message": "pid=1"}}',  # CRLF; the stream cut before its blank line
+])
+def test_error_events_are_found_as_the_client_reads_a_stream(body):
+    assert error_payloads(200, body) and leaks(error_payloads(200, body))
+    assert error_payloads(200, body.replace(b'"error"', b'"choices"')) == []
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"stop": ["s"] * 17}, "stop"), ({"stop": "x" * 129}, "stop"), ({"stop": [""]}, "stop"),
     ({"stop_token_ids": list(range(65))}, "stop_token_ids"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
