@@ -212,6 +212,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def chat_user(client: httpx.AsyncClient, endpoint: Endpoint, system: str, workload: Workload, user: int,
                     max_tokens: int) -> list[Turn]:
     """One user's turns in order, each sending the whole conversation so far; a failed turn ends the chat."""
+    # A plain list, not client/conversation.py's Conversation: an empty reply is sent back as an
+    # empty assistant message, and a Conversation cannot hold one (its "" reply means "not yet").
     chat = [{"role": "system", "content": SYSTEM_PROMPT}]
     turns: list[Turn] = []
     for turn, message in enumerate(workload.messages[user]):

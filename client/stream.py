@@ -104,7 +104,7 @@ def error_text(payload: object) -> str:
     error = payload.get("error", payload.get("detail"))
     if isinstance(error, dict):
         error = error.get("message") or json.dumps(error)
-    elif error is not None and not isinstance(error, str):
+    if error is not None and not isinstance(error, str):  # a message that is not text, too
         error = json.dumps(error)
     return one_line(error or "")
 

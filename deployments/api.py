@@ -26,12 +26,13 @@ from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_i
 from deployments.http_errors import install_error_handling, internal_error, public
 from deployments.ignored_fields import log_ignored
 from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
+from deployments.openapi_doc import document_streams
 from deployments.openai_format import (
-    DONE_FRAME, ChatCompletion, Completion, DetokenizeResponse, GenerateResponse, ModelCard, ModelList, ResponseMeta,
-    TokenizeResponse, Usage, sse,
+    DONE_FRAME, ChatCompletion, ChatCompletionChunk, Completion, DetokenizeResponse, ErrorResponse, GenerateResponse, ModelCard, ModelList,
+    ResponseMeta, TokenizeResponse, Usage, sse,
 )
 from deployments.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, GenerateRequest, LoadLoraAdapterRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest, LoadLoraAdapterRequest,
     TokenizeChatRequest, TokenizeCompletionRequest, UnloadLoraAdapterRequest,
 )
 from deployments.runtime_adapters import RuntimeAdapter, RuntimeAdapters
@@ -73,11 +74,12 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
     413: "Prompt beyond the context window, or body too large", 429: "Rate limit reached",
     500: "Server error", 503: "Overloaded: retry after Retry-After seconds",
 }.items()}
-GENERATION_RESPONSES = {
+GENERATION_RESPONSES = {  # the text/event-stream's events are declared by document_streams
     200: {"description": "JSON, or with `stream` true a text/event-stream of chunks (`data: {chunk}` "
-          "frames, then `data: [DONE]`)", "content": {"text/event-stream": {}}},
+          "frames, then `data: [DONE]`)"},
     **ERRORS,
 }
+STREAM_CHUNKS = {"/v1/chat/completions": ChatCompletionChunk, "/v1/completions": Completion}
 
 PLAIN_TEXT_RESPONSES = {  # vLLM's adapter routes answer plain text; their errors stay JSON
     200: {"description": "`Success: ...`", "content": {"text/plain": {"schema": {"type": "string"}}}},
@@ -167,6 +169,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
+    document_streams(app, STREAM_CHUNKS)
     return app
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.openai_format import ErrorResponse
+
 KEYS_ENV = "LLM_API_KEYS"
 
 
@@ -117,10 +119,8 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 async def reject_too_large(send: Send, max_bytes: int) -> None:
     """A 413 in OpenAI's error JSON."""
-    body = (
-        b'{"error": {"message": "the request body is larger than %d bytes", '
-        b'"type": "invalid_request_error", "param": null, "code": "body_too_large"}}' % max_bytes
-    )
+    error = ErrorResponse.of(f"the request body is larger than {max_bytes} bytes", code="body_too_large")
+    body = error.model_dump_json().encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -16,14 +16,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from engine.request import new_request_id
 
 from deployments.messages import ApiError
-from deployments.openai_format import error_body
+from deployments.openai_format import ErrorResponse
 
 log = logging.getLogger("ray.serve")
 
@@ -35,6 +34,11 @@ def internal_error_message(request_id: str) -> str:
 def internal_error(request_id: str, detail: object) -> ApiError:
     """Log `detail` under the request id; return the generic 500 the client gets."""
     log.error("request %s failed: %s", request_id, detail)
+    return generic_500(request_id)
+
+
+def generic_500(request_id: str) -> ApiError:
+    """The 500 a client gets for any failure on our side (the details are logged elsewhere)."""
     return ApiError(500, internal_error_message(request_id), "server_error", code="internal_error")
 
 
@@ -75,33 +79,33 @@ def install_error_handling(app: FastAPI) -> None:
     app.router.route_class = JsonBodyRoute
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, err: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(describe(err), param=first_param(err)), status_code=400)
+    async def invalid_body(_: Request, err: RequestValidationError) -> Response:
+        return error_response(ErrorResponse.of(describe(err), param=first_param(err)), 400)
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+    async def api_error(_: Request, err: ApiError) -> Response:
         return error_response(err.body, err.status, err.retry_after)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+    async def http_error(_: Request, err: HTTPException) -> Response:
         return error_response(ApiError(err.status_code, str(err.detail)).body, err.status_code)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+    async def unexpected(_: Request, err: Exception) -> Response:
         request_id = new_request_id()
         log.exception("request %s failed", request_id, exc_info=err)
-        body = error_body(internal_error_message(request_id), "server_error", code="internal_error")
-        return JSONResponse(body, status_code=500)
+        return error_response(generic_500(request_id).body, 500)
 
 
-def error_response(body: dict, status: int, retry_after: float | None = None) -> JSONResponse:
-    """OpenAI error JSON; 503 and 429 tell the client when to retry, 401 how to authenticate."""
+def error_response(body: ErrorResponse, status: int, retry_after: float | None = None) -> Response:
+    """OpenAI error JSON (the model's own serialisation); 503 and 429 tell the client when to
+    retry, 401 how to authenticate."""
     headers = {}
     if status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(body, status_code=status, headers=headers)
+    return Response(body.model_dump_json(), status_code=status, headers=headers, media_type="application/json")
 
 
 def describe(err: RequestValidationError) -> str:

@@ -12,7 +12,7 @@ from engine.errors import (
 from engine.prompt import ChatMessage, Instruction
 from engine.request import new_request_id
 
-from deployments.openai_format import error_body
+from deployments.openai_format import ErrorResponse
 
 ErrorType = Literal[
     "invalid_request_error", "authentication_error", "not_found_error", "rate_limit_error", "overloaded_error",
@@ -93,8 +93,8 @@ class ApiError(Exception):
     __hash__ = Exception.__hash__
 
     @property
-    def body(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
+    def body(self) -> ErrorResponse:
+        return ErrorResponse.of(self.message, self.type, self.param, self.code)
 
     @classmethod
     def from_error(cls, err: Exception) -> ApiError:

@@ -1,4 +1,4 @@
-"""OpenAI response objects as pydantic models, and SSE frames of them.
+"""OpenAI response objects and its error body as pydantic models, and SSE frames of them.
 
 The routes declare these models as their response schemas, so the OpenAPI document (and the
 schema fuzzing in the tests) describes successful replies too. `ResponseMeta` builds every
@@ -14,7 +14,6 @@ Tool calls (deployments/tool_calls.py) go into `message.tool_calls`, or into one
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ if TYPE_CHECKING:
     from deployments.tool_calls import ParsedToolCall
 
 Kind = Literal["chat", "completion"]
-DONE_FRAME = "data: [DONE]\n\n"
+DONE = "[DONE]"  # the last event's data
+DONE_FRAME = f"data: {DONE}\n\n"
 
 
 class Usage(BaseModel):
@@ -185,16 +185,28 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-def sse(payload: BaseModel | dict) -> str:
-    """One SSE frame of a response object (or of an error body)."""
-    if isinstance(payload, BaseModel):
-        return f"data: {payload.model_dump_json()}\n\n"
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: every non-2xx answer and every SSE error event is one of these,
+    serialised by `model_dump_json` (the schema the routes declare is the wire format)."""
+
+    error: ErrorDetail
+
+    @classmethod
+    def of(cls, message: str, type: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> ErrorResponse:
+        return cls(error=ErrorDetail(message=message, type=type, param=param, code=code))
+
+
+def sse(payload: BaseModel) -> str:
+    """One SSE frame of a response object or an error body."""
+    return f"data: {payload.model_dump_json()}\n\n"
 
 
 @dataclass

@@ -268,16 +268,3 @@ class UnloadLoraAdapterRequest(StrictBody):
 
     lora_name: AdapterName
     lora_int_id: int | None = Field(None, description="Accepted for vLLM's clients; the name decides.")
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error body, for every non-2xx answer."""
-
-    error: ErrorDetail

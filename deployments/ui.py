@@ -14,12 +14,13 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 import gradio as gr
+from annotated_types import Ge, Gt, Le, Lt
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
-from engine.config import GenerationDefaults, SamplingOverrides
+from engine.config import GenerationDefaults, SamplingOverrides, SamplingParams
 from engine.prompt import ALPACA_CHAT_CONTEXT
 from engine.request import Delta
 
@@ -95,6 +96,35 @@ async def stream_reply(
         yield conversation.finish_reply(None, f"⚠ {public(refused, call.request_id).message}")
 
 
+def slider_bounds(name: str, step: float, *, page_min: float | None = None,
+                  page_max: float | None = None) -> tuple[float, float]:
+    """A settings slider's (minimum, maximum): SamplingParams' bounds for field `name` (an
+    exclusive one moved in by `step`), narrowed to `page_min`/`page_max` where given. Raises
+    ValueError when an end is unbounded both in the field and on the page."""
+    field_low, field_high = _field_bounds(name, step)
+    low = max((b for b in (field_low, page_min) if b is not None), default=None)
+    high = min((b for b in (field_high, page_max) if b is not None), default=None)
+    if low is None or high is None:
+        raise ValueError(f"{name} has no declared bound on one end: a slider needs the page's own")
+    return low, high
+
+
+def _field_bounds(name: str, step: float) -> tuple[float | None, float | None]:
+    """The lowest and highest values on a `step` grid the field allows (pydantic keeps a Field's
+    ge/gt/le/lt as annotated_types objects in its metadata); None where it has no bound."""
+    low = high = None
+    for bound in SamplingParams.model_fields[name].metadata:
+        if isinstance(bound, Ge):
+            low = bound.ge
+        elif isinstance(bound, Gt):
+            low = bound.gt + step
+        elif isinstance(bound, Le):
+            high = bound.le
+        elif isinstance(bound, Lt):
+            high = bound.lt - step
+    return low, high
+
+
 def _finish_note(request_id: str, last: Delta) -> str:
     """What the reply's footer says about how it ended, when that is worth saying."""
     if last.finish_reason == "error":
@@ -139,12 +169,19 @@ def build_ui(service: RequestService, info: ModelInfo,
             # With live defaults, the settings unlock when the page's load has filled them in:
             # a change made earlier would be overwritten by the load's answer.
             ready = current_defaults is None
-            temperature = gr.Slider(0.0, 2.0, d.temperature, step=0.05, label="Temperature", interactive=ready)
-            top_p = gr.Slider(0.05, 1.0, d.top_p, step=0.05, label="Top p", interactive=ready)
-            top_k = gr.Slider(0, 200, d.top_k, step=1, label="Top k (0: off)", interactive=ready)
-            max_tokens = gr.Slider(16, 2048, d.max_tokens, step=16, label="Max new tokens", interactive=ready)
-            repetition = gr.Slider(1.0, 2.0, d.repetition_penalty, step=0.05, label="Repetition penalty",
-                                   interactive=ready)
+            # Bounds are SamplingParams' (engine/config.py); `page_min`/`page_max` are the page's own,
+            # narrower ones: a slider needs finite bounds, and the fields have no maximum for top_k or
+            # max_tokens (the server's max_tokens_cap is the real limit there).
+            temperature = gr.Slider(*slider_bounds("temperature", 0.05), d.temperature, step=0.05,
+                                    label="Temperature", interactive=ready)
+            top_p = gr.Slider(*slider_bounds("top_p", 0.05), d.top_p, step=0.05, label="Top p", interactive=ready)
+            top_k = gr.Slider(*slider_bounds("top_k", 1, page_max=200), d.top_k, step=1, label="Top k (0: off)",
+                              interactive=ready)
+            max_tokens = gr.Slider(*slider_bounds("max_tokens", 16, page_min=16, page_max=2048), d.max_tokens,
+                                   step=16, label="Max new tokens", interactive=ready)
+            repetition = gr.Slider(*slider_bounds("repetition_penalty", 0.05, page_min=1.0, page_max=2.0),
+                                   d.repetition_penalty, step=0.05, label="Repetition penalty",
+                                   interactive=ready)  # the page offers penalties only (1 is none), up to 2
 
         settings = [temperature, top_p, top_k, max_tokens, repetition]
         shown = [chatbot, state, notice]

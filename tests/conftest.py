@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from tests.error_bodies import error_payloads, leaks
+from tests.error_bodies import PARSING, error_payloads, leaks
 from tests.tiny_models import save_tiny_adapter, save_tiny_model
 
 
@@ -22,6 +22,10 @@ def error_bodies(monkeypatch) -> list[str]:
     seen: list[str] = []
     iter_raw, aiter_raw = httpx.Response.iter_raw, httpx.Response.aiter_raw
 
+    def record(response: httpx.Response, chunks: list[bytes]) -> None:
+        if PARSING not in response.extensions:  # error_payloads reads a stream through httpx too
+            seen.extend(error_payloads(response.status_code, b"".join(chunks)))
+
     def recording_iter_raw(self, *args, **kwargs):
         chunks = []
         try:
@@ -29,7 +33,7 @@ def error_bodies(monkeypatch) -> list[str]:
                 chunks.append(chunk)
                 yield chunk
         finally:
-            seen.extend(error_payloads(self.status_code, b"".join(chunks)))
+            record(self, chunks)
 
     async def recording_aiter_raw(self, *args, **kwargs):
         chunks = []
@@ -38,7 +42,7 @@ def error_bodies(monkeypatch) -> list[str]:
                 chunks.append(chunk)
                 yield chunk
         finally:
-            seen.extend(error_payloads(self.status_code, b"".join(chunks)))
+            record(self, chunks)
 
     monkeypatch.setattr(httpx.Response, "iter_raw", recording_iter_raw)
     monkeypatch.setattr(httpx.Response, "aiter_raw", recording_aiter_raw)

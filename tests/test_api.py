@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from client.stream import event_data
 from deployments.api import ApiSettings, Finished, build_api
 from deployments.messages import ApiError, GenerateCall
+from deployments.openai_format import ErrorResponse
 from deployments.protocol import ChatCompletionRequest
 from engine.config import GenerationDefaults
 from engine.errors import (
@@ -120,8 +121,8 @@ def test_a_refusal_crosses_ray_intact():
     refusal = ApiError(429, "slow down", param="model", code="rate_limit_exceeded", retry_after=2.5)
     copy = pickle.loads(pickle.dumps(refusal))
     assert copy == refusal and copy.type == "rate_limit_error" and copy.retry_after == 2.5
-    assert copy.body == {"error": {"message": "slow down", "type": "rate_limit_error", "param": "model",
-                                   "code": "rate_limit_exceeded"}}
+    assert copy.body.model_dump() == {"error": {"message": "slow down", "type": "rate_limit_error", "param": "model",
+                                                "code": "rate_limit_exceeded"}}
 
 
 @pytest.mark.parametrize("path, body, param", [
@@ -161,6 +162,28 @@ def test_errors_before_our_code_runs_use_openai_error_json(body, status):
         assert response.status_code in (404, 405) and response.json()["error"]["message"]
 
 
+def test_every_error_answer_is_the_declared_error_model_serialised():
+    """HTTP error bodies and SSE error events are ErrorResponse.model_dump_json() byte for byte,
+    so they cannot drift from the schema the OpenAPI document declares for them."""
+    client, _, _ = make_client([Delta("a"), ApiError(503, "busy")])
+    small = TestClient(build_api(ScriptedBackend([]), ApiSettings("base", (), (), max_body_bytes=64)))
+    answers = [
+        client.post("/v1/chat/completions", content=b"{bad json", headers={"content-type": "application/json"}),
+        client.post("/v1/chat/completions", json={**CHAT, "model": "nobody"}),
+        client.get("/v1/nowhere"),
+        small.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "x" * 128}]}),
+    ]
+    assert [a.status_code for a in answers] == [400, 404, 404, 413]
+    bodies = [a.content for a in answers]
+    streamed = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    bodies += [event.encode() for event in event_data(streamed) if event.startswith('{"error"')]
+    assert len(bodies) == 5
+    for body in bodies:
+        assert body == ErrorResponse.model_validate_json(body).model_dump_json().encode()
+    declared = client.app.openapi()["paths"]["/v1/chat/completions"]["post"]["responses"]["404"]["content"]
+    assert declared["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+
+
 class BrokenBackend:
     def stream(self, call: GenerateCall):
         raise RuntimeError(f"actor ServeReplica:llm died (pid=4242, ip=10.1.2.3) for {call.request_id}")
@@ -183,6 +206,16 @@ def test_the_error_body_check_finds_internals():
     assert not leaks(error_payloads(500, b'{"error": {"message": "The server had an error while processing '
                                          b'request 3f2a; its log has the details."}}'))
     assert not leaks(error_payloads(200, b'data: {"text": "Traceback is fine in generated text"}\n\n'))
+
+
+@pytest.mark.parametrize("body", [
+    b'data:{"error": {"message": "pid=1"}}\n\n',  # no space after the colon
+    b'data: {"error":\ndata: {"message": "pid=1"}}\n\n',  # one event's data on two lines
+    b'data: {"chunk": 1}\r\n\r\ndata: {"error": {"message": "pid=1"}}',  # CRLF; the stream cut before its blank line
+])
+def test_error_events_are_found_as_the_client_reads_a_stream(body):
+    assert error_payloads(200, body) and leaks(error_payloads(200, body))
+    assert error_payloads(200, body.replace(b'"error"', b'"choices"')) == []
 
 
 @pytest.mark.parametrize("extra, param", [
@@ -214,7 +247,56 @@ def test_routes_declare_their_reply_schemas():
                                      ("/generate", "post"), ("/v1/models", "get")]}
     assert [ref.rsplit("/", 1)[-1] for ref in declared.values()] == [
         "ChatCompletion", "Completion", "GenerateResponse", "ModelList"]
-    assert "text/event-stream" in paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    streams = {path: paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+               for path in ("/v1/chat/completions", "/v1/completions")}
+    payloads = {path: [s["$ref"].rsplit("/", 1)[-1] for s in event["properties"]["data"]["anyOf"][1]["contentSchema"]["anyOf"]]
+                for path, event in streams.items()}
+    assert payloads == {"/v1/chat/completions": ["ChatCompletionChunk", "ErrorResponse"],
+                        "/v1/completions": ["Completion", "ErrorResponse"]}
+    assert not [path for path in paths if path.startswith("/_")]  # the routes that document the streams are hidden
+
+
+def _checked_by_schemathesis(path: str, status: int, content: bytes):
+    """Validate one reply of `path` against the app's OpenAPI document as the fuzzing test does."""
+    import datetime
+
+    import httpx
+    import schemathesis
+
+    schema = schemathesis.openapi.from_dict(make_client([])[0].app.openapi())
+    schema.validate()
+    reply = httpx.Client(transport=httpx.MockTransport(
+        lambda _: httpx.Response(status, headers={"content-type": "text/event-stream"}, content=content))).post(
+        f"http://test{path}")
+    reply.elapsed = datetime.timedelta(0)  # what schemathesis reads; a mock transport leaves it unset
+    return schema[path]["POST"].validate_response(reply)
+
+
+@pytest.mark.parametrize("path, script", [
+    ("/v1/chat/completions", [Delta("a"), Delta("b", finish_reason="stop", stats=STATS)]),
+    ("/v1/completions", [Delta("a"), Delta("b", finish_reason="stop", stats=STATS)]),
+    ("/v1/chat/completions", [Delta("a"), ApiError(503, "busy")]),
+    ("/v1/completions", [Delta("a"), RuntimeError("replica died")]),
+])
+def test_streams_match_the_events_their_route_declares(path, script):
+    client, _, _ = make_client(script)
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    if path == "/v1/completions":
+        body = {"model": "base", "prompt": "x", "stream": True, "stream_options": {"include_usage": True}}
+    reply = client.post(path, json=body)
+    assert reply.status_code == 200 and reply.text.endswith("data: [DONE]\n\n")
+    assert _checked_by_schemathesis(path, 200, reply.content) is None
+
+
+@pytest.mark.parametrize("events", [
+    b'data: {"id": "x", "object": "text_completion", "created": 1, "model": "m", "choices": []}\n\n',
+    b'data: {"error": {"message": 3}}\n\n', b"data: [NOPE]\n\n",
+])
+def test_a_stream_the_route_does_not_declare_fails_the_schema_check(events):
+    from schemathesis.openapi.checks import JsonSchemaError
+
+    with pytest.raises(JsonSchemaError, match="SSE event violates schema"):
+        _checked_by_schemathesis("/v1/chat/completions", 200, events)
 
 
 def test_n_choices_end_after_the_last_one_with_summed_usage():

@@ -34,6 +34,7 @@ async def test_async_reading_gives_the_same_chunks():
 
 @pytest.mark.parametrize("data, error, message", [
     ((CHAT_CHUNK, '{"error": {"message": "boom", "type": "server_error"}}', "[DONE]"), ErrorEvent, "^boom$"),
+    (('{"error": {"message": 3}}',), ErrorEvent, "^3$"),
     ((CHAT_CHUNK,), StreamError, "^the reply stream ended before it was complete$"),
     (("{not json",), StreamError, "^the server sent a malformed event: {not json$"),
 ])

@@ -73,3 +73,34 @@ def test_the_seed_apis_own_names_keep_the_engines_bounds():
 def test_fields_model_refuses_names_it_does_not_have():
     with pytest.raises(ValueError, match="no fields"):
         fields_model("Typo", SamplingParams, {"temprature"})
+
+
+PAGE_SLIDERS = {"Temperature": "temperature", "Top p": "top_p", "Top k (0: off)": "top_k",
+                "Max new tokens": "max_tokens", "Repetition penalty": "repetition_penalty"}
+
+
+def test_the_chat_pages_sliders_stay_within_the_declared_bounds():
+    """Each settings slider's ends are values the field accepts; where the page has no narrower
+    range of its own (temperature, top_p, top_k's minimum) a step beyond the end is refused."""
+    import gradio as gr
+
+    from deployments.service import RequestService
+    from deployments.ui import ModelInfo, build_ui, slider_bounds
+    from tests.fakes import ScriptedBackend
+
+    page = build_ui(RequestService(ScriptedBackend([])), ModelInfo(("base",), "auto", GenerationDefaults()))
+    sliders = {c.label: c for c in page.blocks.values() if isinstance(c, gr.Slider)}
+    assert set(sliders) == set(PAGE_SLIDERS)
+    for label, name in PAGE_SLIDERS.items():
+        for end in (sliders[label].minimum, sliders[label].maximum):
+            SamplingParams(**{name: end})  # raises if the page offers a value the engine refuses
+    beyond = [("Temperature", -0.05, 0.05), ("Top p", -0.05, 0.05), ("Top k (0: off)", -1, None)]
+    for label, below, above in beyond:
+        name, slider = PAGE_SLIDERS[label], sliders[label]
+        with pytest.raises(ValidationError):
+            SamplingParams(**{name: slider.minimum + below})
+        if above is not None:
+            with pytest.raises(ValidationError):
+                SamplingParams(**{name: slider.maximum + above})
+    with pytest.raises(ValueError, match="no declared bound"):
+        slider_bounds("top_k", 1)

@@ -11,7 +11,7 @@ import pytest
 
 from deployments.chat_state import escape
 from engine.prompt import ChatMessage, PromptBuilder
-from tests.serve_fixtures import SERVED_MODEL, llm_handle
+from tests.serve_fixtures import SERVED_MODEL, llm_handle, log_lines_after
 from tests.tiny_models import build_tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
@@ -204,12 +204,13 @@ def test_browser_chat_streams_a_reply_then_continue_and_summarize(page):
     wait_for(lambda: page.get_by_label("Context").input_value() != "" and not bot_texts(page))
 
 
-def test_browser_stop_keeps_the_partial_reply_and_frees_the_row(page):
+def test_browser_stop_keeps_the_partial_reply_and_frees_the_row(page, request_log):
     clear(page)
     page.get_by_label("Context").fill("")  # a summary left by another test would not fit beside 2000 tokens
     page.get_by_text("Generation settings").click()
     set_number(page, "Max new tokens", 2000)
     before = engine_stats()
+    logged = len(request_log.read_text().splitlines())
     # The tiny model's greedy reply to this prompt runs all 2,000 tokens without an end (HF
     # generate; "Tell me everything" ends at 389), so only Stop can end it before max_tokens.
     send(page, "write write")
@@ -222,6 +223,9 @@ def test_browser_stop_keeps_the_partial_reply_and_frees_the_row(page):
     stats = engine_stats()
     assert stats.running == 0 and stats.finished_requests == before.finished_requests + 1
     assert stats.generated_tokens - before.generated_tokens < 2000  # stopped, not run to max_tokens
+    model = page.get_by_label("Model or adapter").input_value()
+    # recorded as the API records a client that left: 499, by the request path both share (service.py)
+    assert log_lines_after(request_log, logged)[-1].endswith(f"model={model} endpoint=ui status=499")
 
 
 def test_browser_adapter_switch_and_no_script_injection(page):
