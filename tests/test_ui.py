@@ -169,12 +169,19 @@ def engine_stats():
 
 def set_number(page, label: str, value: int) -> None:
     """Type into a slider's number box (the accordion must be open). Playwright's `fill` waits
-    until the box is enabled: the page unlocks its settings once it has loaded the defaults."""
+    until the box is enabled: the page unlocks its settings once it has loaded the defaults.
+    Types again while the box shows another value: a box still being drawn as the accordion
+    opens can drop what was typed (seen once in CI: the value never arrived within 5 s)."""
     box = page.locator(f'input[type="number"][aria-label*="{label}"]')
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
-    wait_for(lambda: box.input_value() == str(value), timeout_s=5)
+
+    def typed() -> bool:
+        if box.input_value() != str(value):
+            box.fill(str(value))
+            box.press("Enter")
+            box.blur()
+        return box.input_value() == str(value)
+
+    wait_for(typed, timeout_s=10)
 
 
 def clear(page) -> None:
