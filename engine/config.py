@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, create_model, model_validator
 
 from engine.constraints import Grammar
 
@@ -100,6 +100,38 @@ class EngineConfig(BaseModel):
     )
     request_timeout_s: float | None = Field(
         300, gt=0, description="Stop a request this long after it arrived (finish_reason length)."
+    )
+    # ----- many adapters (engine/adapters.py: tiers; engine/adapter_store.py: stores) -----
+    adapter_stores: list[str] = Field(
+        default_factory=list,
+        description="Where adapters not listed in `adapters` are found by name, on first use: a local "
+        "folder (every PEFT folder under it, named by its relative path), file://, hf://org, s3://, gs://.",
+    )
+    pinned_adapters: list[str] = Field(
+        default_factory=list, description="Adapters kept in host memory for good (names from `adapters` or a store)."
+    )
+    max_active_adapters: int = Field(
+        32, ge=1, le=1024,
+        description="Adapter slots on the compute device: distinct adapters usable in one step.",
+    )
+    adapter_device_memory: ByteSize = Field(
+        ByteSize(256 * 2**20),
+        description="Bytes of the compute device's adapter pool (every active adapter's LoRA weights).",
+    )
+    adapter_host_memory: ByteSize = Field(
+        ByteSize(2 * 2**30), description="Bytes of adapters kept in host memory (LRU beyond it)."
+    )
+    adapter_disk_cache: ByteSize = Field(
+        ByteSize(10 * 2**30), description="Bytes of downloaded adapters kept on local disk (LRU beyond it)."
+    )
+    adapter_cache_dir: str | None = Field(
+        None, description="Where downloaded adapters are kept (default: <cache_dir>/adapters)."
+    )
+    adapter_load_timeout_s: float = Field(
+        60.0, gt=0, description="A request whose adapter takes longer to fetch and read fails (504)."
+    )
+    fair_share: bool = Field(
+        True, description="Admit waiting requests by least recent service per adapter and API key (VTC).",
     )
 
 

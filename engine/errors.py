@@ -23,3 +23,11 @@ class EngineOverloadedError(EngineError):
 
 class EngineDeadError(EngineError):
     """The engine loop has stopped; the engine must be replaced."""
+
+
+class AdapterNotFoundError(UnknownAdapterError):
+    """No store holds an adapter of that name (HTTP 404 naming it)."""
+
+
+class AdapterTimeoutError(EngineError):
+    """Fetching or reading the adapter took longer than `adapter_load_timeout_s` (HTTP 504)."""

@@ -26,6 +26,7 @@ class GenerationRequest:
     request_id: str = field(default_factory=new_request_id)
     extra_stop: list[str] = field(default_factory=list)
     dropped_messages: int = 0
+    tenant: str | None = None  # who asked (an API key's id): fair share counts per adapter and tenant
 
     @property
     def stop_strings(self) -> list[str]:
@@ -51,6 +52,7 @@ class RequestStats:
     tokens_per_second: float | None
     replica: str = ""  # where the request ran, filled in by the serving layer ("" in the engine)
     stop_reason: str | None = None  # a guard that stopped the row ("repetition"), beyond finish_reason
+    adapter_load_s: float = 0.0  # time this request waited for its adapter to be fetched and read (0: warm)
 
 
 @dataclass
