@@ -36,7 +36,7 @@ from deployments.protocol import (
     TokenizeChatRequest, TokenizeCompletionRequest, UnloadLoraAdapterRequest,
 )
 from deployments.runtime_adapters import RuntimeAdapter, RuntimeAdapters
-from deployments.served_models import ServedModels
+from deployments.served_models import ServedModels, StoredNames
 from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
 from deployments.tool_calls import with_tool_calls
 
@@ -67,6 +67,7 @@ class ApiSettings:
     max_body_bytes: int = 1 << 20
     max_messages: int = 256
     runtime_adapters: RuntimeAdapters | None = None  # None: loading adapters at run time is off
+    stored_adapters: StoredNames | None = None  # None: no adapter stores
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
@@ -182,7 +183,7 @@ class ApiService:
         self.requests = RequestService(backend, settings.on_finish, settings.max_messages)
         self.limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
         self.models = ServedModels(settings.model_name, settings.model_aliases, settings.adapters,
-                                   settings.runtime_adapters)
+                                   settings.runtime_adapters, settings.stored_adapters)
 
     async def authorize(self, authorization: str | None = Header(None)) -> None:
         """401 without a valid key (when keys are set); 429 past the per-key rate limit."""

@@ -20,6 +20,7 @@ from deployments.guard import KEYS_ENV, resolve_keys
 from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
 from deployments.request_log import RequestRecorder
 from deployments.runtime_adapters import ActorAdapters, RegistryActor, RuntimeAdapter
+from deployments.served_models import CachedNames
 from deployments.settings import AppArgs
 
 log = logging.getLogger("ray.serve")
@@ -94,6 +95,7 @@ class Ingress:
             max_body_bytes=args.max_body_bytes,
             max_messages=args.max_messages,
             runtime_adapters=self.runtime_adapters,
+            stored_adapters=CachedNames(self.llm.adapter_names.remote) if args.adapter_stores else None,
         )
         return build_api(HandleBackend(self.llm), settings)
 

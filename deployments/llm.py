@@ -1,8 +1,10 @@
-"""The LLM deployment: one engine per replica, @serve.batch admission, multiplexed adapters.
+"""The LLM deployment: one engine per replica, @serve.batch admission, adapters on demand.
 
 Ray glue only. One request, end to end: the ingress calls `stream(call)` through a streaming
-DeploymentHandle; `_prepare` loads the adapter (the call's, resolved by the ingress or the chat
-page: deployments/served_models.py) and builds the engine request; `_admit`
+DeploymentHandle; `_prepare` makes the call's adapter resident (resolved by the ingress or the
+chat page: deployments/served_models.py; a configured one, a runtime one from its folder, or one
+found by name in the adapter stores; the engine's tiers keep it, engine/adapters.py) and builds
+the engine request; `_admit`
 (`@serve.batch`, admission only) hands the requests that arrived together to the engine as one
 group, which it prefills together, and returns each request its own delta stream; `stream`
 then reads that stream and yields each delta back over the handle. Deltas are paced (see
@@ -32,30 +34,14 @@ from deployments.settings import AppArgs, BatchSettings
 
 log = logging.getLogger("ray.serve")
 
+PAGE_MODELS = 100  # adapters from the stores the chat page offers (the API accepts every one)
+
 
 class UnlistedAdapterError(RuntimeError):
     """An internal invariant broken, not a user error: a call named an adapter the config does
     not list, without a runtime adapter's folder. Front ends resolve model names first
     (deployments/served_models.py, the one 404), so this is a caller's bug, answered 500; it is
     raised before Serve's multiplexer could try to load the name."""
-
-
-class AdapterLease:
-    """An adapter held by Serve's multiplexer; Serve calls `__del__` when it evicts it (LRU)."""
-
-    def __init__(self, engine: Engine, name: str, loop: asyncio.AbstractEventLoop):
-        self.engine, self.name, self.loop = engine, name, loop
-        self.released = False
-
-    def __del__(self) -> None:
-        """Unload the adapter once its rows finish. Serve calls this on a worker thread and
-        waits; a call on the loop's own thread (garbage collection) must not block it."""
-        if self.released or self.loop.is_closed():
-            return
-        self.released = True
-        future = asyncio.run_coroutine_threadsafe(self.engine.unload_adapter(self.name), self.loop)
-        if not _on_thread_of(self.loop):
-            future.result()
 
 
 def replica_name() -> str:
@@ -71,34 +57,18 @@ def message_pause(full_load_interval_s: float, running: int, full_load_rows: int
     return full_load_interval_s * min(1.0, max(running - 1, 0) / full_load_rows)
 
 
-def _on_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
-
-
 class LLMServer:
     """Holds the engine; `stream(call)` yields Deltas, or one ApiError when it refuses the call."""
 
     async def __init__(self, args: AppArgs):
-        """Load the model off the event loop, then the preloaded adapters through the multiplexer
-        (so they count towards `max_adapters_per_replica` and are evicted like the others)."""
+        """Load the model and the preloaded adapters off the event loop."""
         self.args = args
         self.replica = replica_name()
-        self.engine = await asyncio.to_thread(Engine.from_config, args.engine_config())
+        self.engine = await asyncio.to_thread(Engine.from_config, args.engine_config(), preload=args.preloaded())
         self.metrics = LLMMetrics(args.model_name)
         self.recent_ttft = RecentTTFT()
         self._apply(args.batch)
         self._gauges: asyncio.Task | None = None
-        self.runtime_sources: dict[str, str] = {}  # runtime adapters' folders, by id (runtime_adapters.py)
-
-        async def load(name: str) -> AdapterLease:  # a plain function: Serve tags it with state
-            return await self._load_adapter(name)
-
-        self.adapter = serve.multiplexed(max_num_models_per_replica=args.max_adapters_per_replica)(load)
-        for name in args.preloaded():
-            await self.adapter(name)
 
     def reconfigure(self, user_config: dict) -> None:
         """Change batching and generation defaults without a restart."""
@@ -114,10 +84,12 @@ class LLMServer:
             raise RuntimeError("the engine loop has died")
 
     async def info(self) -> dict:
-        """What a chat page needs: model names (base first), prompt template, generation
-        defaults, the API's limits (messages, requests per key per minute)."""
+        """What a chat page needs: model names (base first, then the configured adapters and the
+        first PAGE_MODELS the stores hold), prompt template, generation defaults, the API's limits
+        (messages, requests per key per minute)."""
+        stored = await self.adapter_names(PAGE_MODELS)
         return {
-            "models": (self.args.model_name, *self.args.adapters),
+            "models": (self.args.model_name, *dict.fromkeys([*self.args.adapters, *stored])),
             "template": self.engine.prompts.template,
             "defaults": self.settings.defaults,
             "max_messages": self.args.max_messages,
@@ -127,6 +99,11 @@ class LLMServer:
 
     async def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    async def adapter_names(self, limit: int = 1000) -> list[str]:
+        """The adapters the stores hold (at most `limit`; the store caches its listing)."""
+        stores = self.engine.stores
+        return await asyncio.to_thread(stores.names, limit) if stores is not None else []
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What Serve's autoscaler averages for deployments/autoscaling_policy.py: rows, KV, TTFT."""
@@ -140,6 +117,7 @@ class LLMServer:
             "stats": self.engine.stats(),
             "tasks": len(asyncio.all_tasks()),
             "adapters": self.engine.adapters.names,
+            "adapter_report": self.engine.adapter_report(),
             "rss_bytes": psutil.Process().memory_info().rss,
         }
 
@@ -167,8 +145,10 @@ class LLMServer:
         """Generate for one call; a client disconnect cancels its engine row."""
         self._start_gauges()
         try:
-            request = await self._prepare(call)
-            deltas = await self._admit(request)
+            self._check_adapter(call)
+            async with self.engine.holding_adapter(call.adapter, call.adapter_source) as waited:
+                request = self._prepare(call, waited)
+                deltas = await self._admit(request)
         except (EngineError, ValueError, UnlistedAdapterError) as err:
             deltas = err
         if isinstance(deltas, Exception):
@@ -185,16 +165,16 @@ class LLMServer:
         finally:
             await deltas.aclose()  # cancels the row if it is still running
 
-    async def _prepare(self, call: GenerateCall) -> GenerationRequest:
-        """Load the adapter if needed, apply defaults, build the prompt within the context budget."""
-        if call.adapter:
-            await self._hold_adapter(call.adapter, call.adapter_source)
+    def _prepare(self, call: GenerateCall, adapter_load_s: float) -> GenerationRequest:
+        """Apply defaults, build the prompt within the context budget (the adapter is resident)."""
         params = call.overrides.resolve(self.settings.defaults)
         if call.messages is not None:
             request = self.engine.chat_request(call.messages, params, call.adapter, tools=call.tools)
         else:
             request = self.engine.completion_request(call.prompt, params, call.adapter)
         request.request_id = call.request_id
+        request.adapter_load_s = adapter_load_s
+        request.tenant = call.tenant
         return request
 
     async def load_runtime_adapter(self, adapter: RuntimeAdapter) -> ApiError | None:
@@ -203,27 +183,17 @@ class LLMServer:
         if problem := folder_problem(adapter.source):
             return ApiError(400, f"lora_path: {problem}", param="lora_path")
         try:
-            await self._hold_adapter(adapter.id, adapter.source)
+            await self.engine.ensure_adapter(adapter.id, adapter.source)
         except (EngineError, ValueError) as err:
-            self.runtime_sources.pop(adapter.id, None)
             return ApiError(400, f"lora_path: {err}", param="lora_path")
         return None
 
-    async def _hold_adapter(self, name: str, source: str | None) -> None:
-        """Make sure adapter `name` is loaded here: a configured one, or a runtime one from
-        `source`. The multiplexer never sees another name (UnlistedAdapterError)."""
-        if source is not None:
-            self.runtime_sources[name] = source
-        elif name not in self.args.adapters:
+    def _check_adapter(self, call: GenerateCall) -> None:
+        """The call's adapter is a configured one, a runtime one (with its folder), or, with
+        stores, any name (the stores answer 404). Anything else is a caller's bug."""
+        name = call.adapter
+        if name and call.adapter_source is None and name not in self.args.adapters and not self.args.adapter_stores:
             raise UnlistedAdapterError(f"adapter {name!r} is not in the config and came without a runtime folder")
-        await self.adapter(name)
-
-    async def _load_adapter(self, name: str) -> AdapterLease:
-        """Load adapter `name` on this replica; `self.adapter` wraps this in Serve's multiplexer,
-        which LRU-evicts adapters beyond `max_adapters_per_replica`."""
-        source = self.runtime_sources.get(name) or self.args.adapter_source(name)
-        await self.engine.load_adapter(name, source)
-        return AdapterLease(self.engine, name, asyncio.get_running_loop())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _admit(self, requests: list[GenerationRequest]) -> list[AsyncIterator[Delta] | Exception]:

@@ -7,7 +7,8 @@ from typing import Literal
 
 from engine.config import SamplingOverrides
 from engine.errors import (
-    EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError,
+    AdapterNotFoundError, AdapterTimeoutError, EngineDeadError, EngineOverloadedError, InvalidRequestError,
+    PromptTooLongError, UnknownAdapterError,
 )
 from engine.prompt import ChatMessage, Instruction
 from engine.request import new_request_id
@@ -101,8 +102,12 @@ class ApiError(Exception):
         """An engine error (or a bad value) as the answer the client gets."""
         if isinstance(err, ApiError):
             return err
+        if isinstance(err, AdapterNotFoundError):  # a name no store holds: OpenAI's unknown model
+            return cls(404, str(err), "invalid_request_error", "model", "model_not_found")
         if isinstance(err, UnknownAdapterError):
             return cls(404, str(err), "not_found_error")
+        if isinstance(err, AdapterTimeoutError):
+            return cls(504, str(err), "server_error", "model", "adapter_load_timeout")
         if isinstance(err, PromptTooLongError):
             return cls(413, str(err))
         if isinstance(err, (InvalidRequestError, ValueError)):

@@ -7,13 +7,16 @@ Ray Serve options (replicas, autoscaling, num_gpus overrides) live beside these 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.config import EngineConfig, GenerationDefaults
+
+log = logging.getLogger(__name__)
 
 
 class BatchSettings(BaseModel):
@@ -40,8 +43,9 @@ class AppArgs(EngineConfig):
     served_model_name: str | None = Field(None, description="Name clients use; default: `model`.")
     num_gpus: float = Field(0, ge=0, description="GPUs per LLM replica (ray_actor_options).")
     num_cpus: float = Field(1, ge=0, description="CPUs reserved per LLM replica.")
-    preload_adapters: list[str] | Literal["all"] = "all"
-    max_adapters_per_replica: int = Field(8, ge=1)
+    preload_adapters: list[str] | Literal["all"] = Field(
+        "all", description="Adapters of `adapters` each replica reads into host memory at start.",
+    )
     allow_runtime_adapters: bool = Field(
         False, description="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they load folders from the "
         "server's disk, so off by default; behind the API keys when on).",
@@ -58,6 +62,17 @@ class AppArgs(EngineConfig):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     request_log_file: str | None = Field(None, description="Also append one line per request here.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data: Any) -> Any:
+        """`max_adapters_per_replica` (before adapter tiers) is now `max_active_adapters`."""
+        if isinstance(data, dict) and "max_adapters_per_replica" in data:
+            data = dict(data)
+            old = data.pop("max_adapters_per_replica")
+            data.setdefault("max_active_adapters", old)
+            log.warning("max_adapters_per_replica is now max_active_adapters (adapters on the device at once)")
+        return data
+
     @model_validator(mode="after")
     def _preloads_are_known(self) -> AppArgs:
         if self.preload_adapters != "all":
@@ -71,15 +86,17 @@ class AppArgs(EngineConfig):
         return self.served_model_name or self.model
 
     def preloaded(self) -> list[str]:
-        """Adapters each replica loads at start (at most `max_adapters_per_replica`)."""
-        names = list(self.adapters) if self.preload_adapters == "all" else self.preload_adapters
-        return names[: self.max_adapters_per_replica]
+        """Adapters each replica reads into host memory at start."""
+        return list(self.adapters) if self.preload_adapters == "all" else list(self.preload_adapters)
 
     def engine_config(self) -> EngineConfig:
-        """The engine's part, with local paths expanded and the token from HF_TOKEN if unset.
-        No adapters: the replica loads them through Serve's multiplexer (`preloaded`)."""
+        """The engine's part, with local paths expanded and the token from HF_TOKEN if unset."""
         fields = self.model_dump(include=set(EngineConfig.model_fields))
-        fields.update(model=_expand(self.model), hf_token=self.hf_token or os.environ.get("HF_TOKEN"), adapters={})
+        fields.update(
+            model=_expand(self.model), hf_token=self.hf_token or os.environ.get("HF_TOKEN"),
+            adapters={name: _expand(source) for name, source in self.adapters.items()},
+            adapter_stores=[_expand(store) for store in self.adapter_stores],
+        )
         return EngineConfig(**fields)
 
     def adapter_source(self, name: str) -> str:

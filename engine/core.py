@@ -33,7 +33,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import PagedKVCache
 from engine.loader import LoadedModel
 from engine.logprobs import LogprobMaker, TokenLogprob
-from engine.lora import AdapterRegistry
+from engine.adapters import AdapterManager
 from engine.request import Delta
 from engine.row import Row
 from engine.runner import ModelRunner, StepLogits
@@ -85,14 +85,18 @@ class StepCounters:
 class EngineCore:
     """Scheduler + block manager + KV cache + model runner, driven by `step()`."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, adapters: AdapterRegistry):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, adapters: AdapterManager):
         self.config = config
         self.block_size = config.kv_block_size
         num_blocks = kv_cache_blocks(loaded, config)
         self.blocks = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.cache = PagedKVCache.for_model(loaded.model.config, num_blocks, self.block_size, loaded.dtype, loaded.device)
-        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_step_tokens)
-        self.runner = ModelRunner(loaded.model, self.cache, adapters)
+        self.adapters = adapters
+        self.scheduler = Scheduler(
+            self.blocks, config.max_batch_size, config.max_step_tokens, fair_share=config.fair_share,
+            can_admit=lambda row: adapters.is_active(row.request.adapter),
+        )
+        self.runner = ModelRunner(loaded.model, self.cache, adapters.layers, adapters.placements)
         self.logprobs = LogprobMaker(loaded.tokenizer)
         self._incoming: deque[Row] = deque()
         self._last_rows = 0
@@ -128,6 +132,7 @@ class EngineCore:
     def _step(self) -> list[Event]:
         start = time.perf_counter()
         events = self._take_incoming()
+        self._bring_adapters()
         chunks = self.scheduler.schedule()
         self._last_rows = len(chunks)
         if not chunks:
@@ -186,6 +191,16 @@ class EngineCore:
             self.scheduler.waiting.append(self._incoming.popleft())
         cancelled = [r for r in (*self.scheduler.waiting, *self.scheduler.running) if r.cancelled]
         return [self._finish(row, "cancelled") for row in cancelled]
+
+    def _bring_adapters(self) -> None:
+        """Copy the adapters of the rows that may be admitted this step into the device pool."""
+        scheduler = self.scheduler
+        room = scheduler.max_rows - len(scheduler.running)
+        if room <= 0 or not scheduler.waiting:
+            return
+        waiting = [row.request.adapter for row in scheduler.admission_order()[:room]]
+        if any(waiting):
+            self.adapters.prepare_step((row.request.adapter for row in scheduler.running), waiting)
 
     def _computed(self, chunk: ScheduledChunk) -> None:
         """Advance the row past the chunk and key the blocks it filled for the prefix cache."""

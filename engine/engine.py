@@ -6,7 +6,8 @@ Layers (each module's docstring says more):
       EngineCore (engine/core.py, worker thread)  step() = schedule -> run -> postprocess
         Scheduler (scheduler.py)                  waiting/running rows, chunked prefill, preemption
         BlockManager (blocks.py)                  blocks, reference counts, prefix keys, LRU
-        ModelRunner (runner.py)                   packed forward with per-segment LoRA (lora.py)
+        ModelRunner (runner.py)                   packed forward, LoRA gathered per token (lora.py)
+      AdapterManager (adapters.py)                adapter tiers: pool on the device, host LRU, stores
         PagedKVCache (kv_cache.py)                KV tensors written in place, paged attention
 
 Contract:
@@ -23,11 +24,16 @@ Contract:
   choice ends with its own last delta, and the stream ends after the n-th (what piles up is
   merged per choice; `pace` is not applied to it). Closing the stream (or `cancel`) cancels
   every choice.
+- Adapters: `submit` takes requests for adapters resident in host memory (`check`); a direct
+  user makes one resident with `ensure_adapter` (from the stores, on a loader thread; concurrent
+  callers share one load) or `load_adapter` (from a folder, pinned until `unload_adapter`). A
+  request holds its adapter from submit to its end, so no tier evicts it meanwhile.
 - Threads: the core runs on one worker thread, one step at a time; the event loop awaits each
   step, so the two never touch the core at once. Between steps the loop only hands rows to
   the core (`EngineCore.add`, a thread-safe deque) and sets `row.cancelled`; it owns the
   output queues (`_queues`) and dispatches each step's events into them. Adapter loads and
-  unloads run on the worker between steps (`_model_lock`).
+  unloads change only the manager's tables (engine/adapters.py); the pool copies happen on the
+  worker at the start of a step.
 - An error in one request fails that request only; an error in a shared forward pass fails
   the rows of that pass; the loop goes on. `alive` is False once the loop itself has died.
 """
@@ -36,7 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
@@ -48,7 +55,10 @@ from engine.core import EngineCore, EngineStats, Event
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError
 from engine.attention import check_supported
 from engine.loader import LoadedModel, load_model
-from engine.lora import AdapterRegistry
+from engine.adapter_report import AdapterEvent, AdapterReport
+from engine.adapter_store import StoreSet, open_stores
+from engine.adapters import AdapterManager, TierLimits
+from engine.lora import LoraLayers
 from engine.prompt import ChatMessage, Instruction, PromptBuilder, Tools
 from engine.request import CheckedRequest, Delta, GenerationRequest
 from engine.row import Row
@@ -64,15 +74,25 @@ Pace = Callable[[], float]
 class Engine:
     """Continuous batching over one model and its LoRA adapters. Create and use on one event loop."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, worker: Executor | None = None):
-        """`worker`: the one thread that does all of this engine's torch work (see `from_config`)."""
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig, worker: Executor | None = None,
+        stores: StoreSet | None = None,
+    ):
+        """`worker`: the one thread that does all of this engine's torch work (see `from_config`);
+        `stores`: where adapters are found by name (engine/adapter_store.py)."""
         check_supported(loaded.model.config, loaded.context_window)
         self.config = config
         self.loaded = loaded
         self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.adapters = self._worker.submit(
-            AdapterRegistry, loaded.model, config.hf_token, prepack=uses_packed_weights(loaded, config)
+        self.lora = self._worker.submit(
+            LoraLayers, loaded.model, int(config.adapter_device_memory), config.max_active_adapters,
+            prepack=uses_packed_weights(loaded, config),
         ).result()
+        self.adapters = AdapterManager(
+            self.lora, TierLimits(int(config.adapter_host_memory), config.adapter_load_timeout_s),
+            loaded.dtype, loaded.device, fetch=stores.fetch if stores is not None else None,
+        )
+        self.stores = stores
         self.prompts = PromptBuilder(
             loaded.tokenizer, config.prompt_template, loaded.context_window, config.max_input_tokens
         )
@@ -80,14 +100,15 @@ class Engine:
         self.grammars = GrammarCache(loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
         self._queues: dict[str, asyncio.Queue[Delta]] = {}
         self._rows: dict[str, list[Row]] = {}  # a request's rows, one per choice
-        self._draining: set[str] = set()
-        self._model_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     @classmethod
-    def from_config(cls, config: EngineConfig, worker: Executor | None = None) -> Engine:
-        """Load the model and the adapters the config names (blocking; seconds to minutes).
+    def from_config(
+        cls, config: EngineConfig, worker: Executor | None = None, preload: Iterable[str] | None = None,
+    ) -> Engine:
+        """Load the model, and into host memory the adapters `preload` names (default: every one
+        of `config.adapters`) and the pinned ones (blocking; seconds to minutes).
 
         Everything runs on the engine's own worker thread, which later runs every step: when
         more threads than CPUs have ever run OpenMP regions, libgomp cuts its spin-waiting and
@@ -95,9 +116,12 @@ class Engine:
         16 tok/s with one torch thread of our own, 11.5 when the model loaded elsewhere).
         `worker` replaces that thread (a benchmark that steps the core on its own thread)."""
         worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        engine = cls(worker.submit(load_model, config).result(), config, worker)
+        engine = cls(worker.submit(load_model, config).result(), config, worker, stores=open_stores(config))
         for name, source in config.adapters.items():
-            worker.submit(engine.adapters.load, name, source).result()
+            engine.adapters.register(name, source)
+        preload = config.adapters if preload is None else preload
+        for name in dict.fromkeys([*preload, *config.pinned_adapters]):
+            engine.adapters.preload(name, pinned=name in config.pinned_adapters)
         return engine
 
     # ----- public API -------------------------------------------------------------------
@@ -152,6 +176,7 @@ class Engine:
         self._check_admission(request)
         self._ensure_started()
         rows = self.new_rows(request)
+        self.adapters.acquire(request.adapter)
         self._rows[request.request_id] = rows
         self._queues[request.request_id] = queue = asyncio.Queue()
         for row in rows:
@@ -198,23 +223,43 @@ class Engine:
                 row.cancelled = True
                 self._wakeup.set()
 
+    async def ensure_adapter(self, name: str, source: str | None = None) -> float:
+        """Make adapter `name` resident (from `source`, a folder or hub id, else the stores) while
+        serving; return the seconds waited for its load (0 when it was resident). Steps go on
+        meanwhile. Raises AdapterNotFoundError, InvalidRequestError, AdapterTimeoutError."""
+        return await self.adapters.ensure(name, source)
+
+    @asynccontextmanager
+    async def holding_adapter(self, name: str | None, source: str | None = None) -> AsyncIterator[float]:
+        """`ensure_adapter`, keeping the adapter resident until the block ends: for callers that
+        await something between the load and `submit` (None: the base model, nothing to do)."""
+        if name is None:
+            yield 0.0
+            return
+        waited = await self.adapters.ensure(name, source, hold=True)
+        try:
+            yield waited
+        finally:
+            self.adapters.release(name)
+
     async def load_adapter(self, name: str, source: str) -> None:
-        """Load a LoRA adapter while serving (generation pauses for the load)."""
-        self._ensure_started()
-        async with self._model_lock:
-            await self._run_on_worker(self.adapters.load, name, source)
+        """Load a LoRA adapter from a folder or hub id while serving, pinned in host memory until
+        `unload_adapter` (loading the same name from the same source again is a no-op)."""
+        await self.adapters.ensure(name, source)
+        self.adapters.pin(name)
 
     async def unload_adapter(self, name: str) -> None:
         """Refuse new requests for `name`, wait for its rows to finish, then free its weights."""
-        self.adapters.check(name)
-        self._draining.add(name)
-        try:
-            while any(row.request.adapter == name for rows in self._rows.values() for row in rows):
-                await asyncio.sleep(0.01)
-            async with self._model_lock:
-                await self._run_on_worker(self.adapters.unload, name)
-        finally:
-            self._draining.discard(name)
+        self._wakeup.set()
+        await self.adapters.unload(name, lambda: self._uses_adapter(name))
+
+    def adapter_report(self) -> AdapterReport:
+        """Which adapters are resident in which tier, and the tiers' budgets."""
+        return self.adapters.report()
+
+    def adapter_events(self) -> list[AdapterEvent]:
+        """Adapter loads, evictions, (de)activations since the last call."""
+        return self.adapters.drain_events()
 
     def stats(self) -> EngineStats:
         """A snapshot; read between steps, so consistent up to the step that may be running."""
@@ -226,6 +271,7 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await asyncio.to_thread(self._worker.shutdown, True)  # a step still running ends first
+        self.adapters.close()
         self._dispatch(self.core.abort_all("the engine was shut down"))
 
     # ----- validation and streaming -----------------------------------------------------
@@ -235,15 +281,14 @@ class Engine:
         return request
 
     def _check_admission(self, request: GenerationRequest) -> None:
-        """What may change between requests: the engine alive, the adapter loaded and not being
-        unloaded, the id free, room in the queue. For the server the adapter is an invariant:
-        its replica loads the adapter before it submits (deployments/llm.py), so only direct
-        engine users (tests, benchmarks) meet UnknownAdapterError."""
+        """What may change between requests: the engine alive, the adapter resident (and not being
+        unloaded: `acquire` checks that), the id free, room in the queue. For the server the
+        adapter is an invariant: its replica ensures the adapter before it submits
+        (deployments/llm.py), so only direct engine users (tests, benchmarks) meet
+        UnknownAdapterError."""
         if not self.alive:
             raise EngineDeadError("the engine loop has stopped")
         self.adapters.check(request.adapter)
-        if request.adapter in self._draining:
-            raise InvalidRequestError(f"adapter {request.adapter!r} is being unloaded")
         if request.request_id in self._rows:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         if self.core.num_waiting >= self.config.max_waiting:
@@ -298,8 +343,7 @@ class Engine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                async with self._model_lock:
-                    events = await self._run_on_worker(self.core.step)
+                events = await self._run_on_worker(self.core.step)
                 self._dispatch(events)
         except asyncio.CancelledError:
             raise
@@ -317,11 +361,17 @@ class Engine:
             if queue is not None:
                 queue.put_nowait(delta)
             if delta.finish_reason:
-                rows = [row for row in self._rows.get(request_id, ()) if row.choice != delta.index]
-                self._rows[request_id] = rows
-                if not rows:  # the request's last choice has finished
+                rows = self._rows.get(request_id, [])
+                left = [row for row in rows if row.choice != delta.index]
+                self._rows[request_id] = left
+                if not left:  # the request's last choice has finished
                     self._queues.pop(request_id, None)
                     self._rows.pop(request_id, None)
+                    if rows:
+                        self.adapters.release(rows[0].request.adapter)
+
+    def _uses_adapter(self, name: str) -> bool:
+        return any(row.request.adapter == name for rows in self._rows.values() for row in rows)
 
 
 def _no_pause() -> float:

@@ -27,6 +27,7 @@ class GenerationRequest:
     extra_stop: list[str] = field(default_factory=list)
     dropped_messages: int = 0
     tenant: str | None = None  # who asked (an API key's id): fair share counts per adapter and tenant
+    adapter_load_s: float = 0.0  # seconds the caller waited for the adapter before submitting (cold start)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -52,7 +53,7 @@ class RequestStats:
     tokens_per_second: float | None
     replica: str = ""  # where the request ran, filled in by the serving layer ("" in the engine)
     stop_reason: str | None = None  # a guard that stopped the row ("repetition"), beyond finish_reason
-    adapter_load_s: float = 0.0  # time this request waited for its adapter to be fetched and read (0: warm)
+    adapter_load_s: float = 0.0  # of latency and time_to_first_token: waiting for the adapter's load (0: warm)
 
 
 @dataclass

@@ -179,14 +179,16 @@ class Row:
     def stats(self) -> RequestStats:
         now = time.monotonic()
         completion = len(self.sampler.output_ids)
-        ttft = self.first_token_at - self.arrival if self.first_token_at else None
+        loading = self.request.adapter_load_s  # before `arrival`: the caller awaited the adapter first
+        ttft = self.first_token_at - self.arrival + loading if self.first_token_at else None
         decode_time = now - self.first_token_at if self.first_token_at else 0.0
         return RequestStats(
             prompt_tokens=len(self.request.prompt_ids),
             completion_tokens=completion,
             dropped_messages=self.request.dropped_messages,
-            latency=now - self.arrival,
+            latency=now - self.arrival + loading,
             time_to_first_token=ttft,
             tokens_per_second=(completion - 1) / decode_time if completion > 1 and decode_time else None,
             stop_reason=self.stop_reason,
+            adapter_load_s=loading,
         )

@@ -6,13 +6,14 @@ import pytest
 
 from deployments.chat_state import Conversation
 from deployments.llm import LLMServer, UnlistedAdapterError
-from deployments.messages import ApiError
+from deployments.messages import ApiError, GenerateCall
 from deployments.runtime_adapters import InMemoryAdapters
 from deployments.served_models import ServedModel, ServedModels
 from deployments.service import RequestService
 from deployments.settings import AppArgs
 from deployments.ui import stream_reply
 from engine.config import SamplingOverrides
+from engine.errors import AdapterNotFoundError, AdapterTimeoutError
 from engine.request import Delta
 from tests.fakes import STATS, ScriptedBackend
 
@@ -41,18 +42,31 @@ async def test_the_page_resolves_names_as_the_api_does():
     assert len(backend.calls) == 1 and "`ghost` does not exist" in refused[-1].exchanges[-1].footer
 
 
-async def test_the_replica_never_hands_an_unlisted_name_to_the_multiplexer():
-    """An internal invariant (a 500 when a caller skipped resolution), not a second 404."""
+def test_the_replica_never_loads_an_unlisted_name_without_stores():
+    """An internal invariant (a 500 when a caller skipped resolution), not a second 404; with
+    adapter stores any name goes to the stores, which answer the 404."""
     server = LLMServer.__new__(LLMServer)  # no engine, no Serve: only the adapter guard
-    server.args, server.runtime_sources, loads = AppArgs(adapters={"lora": "/adapters/lora"}), {}, []
-
-    async def multiplexer(name: str) -> None:
-        loads.append(name)
-
-    server.adapter = multiplexer
+    server.args = AppArgs(adapters={"lora": "/adapters/lora"})
+    params = SamplingOverrides()
     with pytest.raises(UnlistedAdapterError):
-        await server._hold_adapter("ghost", None)
+        server._check_adapter(GenerateCall(params, adapter="ghost", prompt="x"))
     assert ApiError.from_error(UnlistedAdapterError("x")).status == 500
-    await server._hold_adapter("lora", None)
-    await server._hold_adapter("runtime:new:1", "/adapters/new")
-    assert loads == ["lora", "runtime:new:1"] and server.runtime_sources == {"runtime:new:1": "/adapters/new"}
+    server._check_adapter(GenerateCall(params, adapter="lora", prompt="x"))
+    server._check_adapter(GenerateCall(params, adapter="runtime:new:1", adapter_source="/adapters/new", prompt="x"))
+    server.args = AppArgs(adapter_stores=["/adapters"])
+    server._check_adapter(GenerateCall(params, adapter="ghost", prompt="x"))
+
+
+async def test_with_stores_any_valid_name_goes_to_the_replica_and_listing_merges():
+    async def stored() -> list[str]:
+        return ["team/a", "lora"]
+
+    models = ServedModels("base", adapters=("lora",), stored=stored)
+    assert (await models.resolve("team/a")).adapter == "team/a"
+    assert (await models.resolve("not/in/listing")).adapter == "not/in/listing"  # the replica decides
+    with pytest.raises(ApiError) as bad:
+        await models.resolve("../escape")
+    assert bad.value.status == 404
+    assert await models.names() == ["base", "lora", "team/a"]
+    assert ApiError.from_error(AdapterNotFoundError("adapter 'x' is in no store")).body().error.code == "model_not_found"
+    assert ApiError.from_error(AdapterTimeoutError("slow")).status == 504
