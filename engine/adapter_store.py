@@ -388,3 +388,8 @@ class StoreSet:
                     return list(found)
                 found.setdefault(name)
         return list(found)
+
+
+def open_stores(config: EngineConfig) -> StoreSet | None:
+    """The config's stores, or None when it names none."""
+    return StoreSet.from_config(config) if config.adapter_stores else None

@@ -53,7 +53,8 @@ import torch
 
 from engine.adapter_report import AdapterEvent, AdapterReport, EventKind, ResidentAdapter
 from engine.errors import AdapterNotFoundError, AdapterTimeoutError, InvalidRequestError, UnknownAdapterError
-from engine.lora import ADAPTER_NAME, LoraLayers, Placement
+from engine.adapter_store import check_name
+from engine.lora import LoraLayers, Placement
 from engine.lora_weights import HostAdapter, read_adapter
 
 log = logging.getLogger(__name__)
@@ -370,9 +371,3 @@ class AdapterManager:
 
     def _event(self, kind: EventKind, name: str, seconds: float = 0.0) -> None:
         self._events.append(AdapterEvent(kind, name, seconds))
-
-
-def check_name(name: str) -> None:
-    """InvalidRequestError unless `name` is a valid adapter name."""
-    if not ADAPTER_NAME.match(name):
-        raise InvalidRequestError(f"invalid adapter name {name!r}")
