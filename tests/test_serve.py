@@ -207,35 +207,33 @@ def test_reconfigure_changes_defaults_without_a_restart(server, client):
         handle.reconfigure.remote({"batch_size": 4, "stream_interval_s": 0.0, "defaults": {"temperature": 0.0}}).result()
 
 
-def test_adapters_beyond_the_per_replica_cap_are_evicted_lru(server, tiny_model_dir, adapter_dirs, expected_chat):
+def test_store_adapters_load_on_first_use_within_the_tiers(server, tiny_model_dir, adapter_dirs, expected_chat):
+    """Adapters found by name in a store folder: listed, loaded on first use over HTTP (one
+    active slot, a host budget for none: each use evicts the other), a missing name a 404."""
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.messages import GenerateCall
-    from engine.config import SamplingOverrides
 
     args = {
         "model": str(tiny_model_dir), "served_model_name": MODEL, "dtype": "float32", "num_cpus": 0,
-        "adapters": {"alpha": str(adapter_dirs["alpha"]), "beta": str(adapter_dirs["beta"])},
-        "max_adapters_per_replica": 1,
+        "adapter_stores": [str(adapter_dirs["alpha"].parent)], "max_active_adapters": 1, "adapter_host_memory": 1,
     }
-    serve.run(build_app(args), name="lru", route_prefix="/lru")
+    serve.run(build_app(args), name="stores", route_prefix="/stores")
     try:
-        handle = serve.get_deployment_handle("LLMServer", app_name="lru")
-        assert handle.diagnostics.remote().result()["adapters"] == ["alpha"]  # preloaded, up to the cap
-        ids = PromptBuilder(build_tokenizer(), "auto", 2048).chat([ChatMessage("user", "Hello there")], 12).token_ids
-        params = SamplingOverrides(temperature=0, max_tokens=12)
+        client = openai.OpenAI(base_url=f"{server}/stores/v1", api_key="unused", max_retries=0, timeout=60)
+        assert {"alpha", "beta", "broken"} <= {model.id for model in client.models.list()}
+        handle = serve.get_deployment_handle("LLMServer", app_name="stores")
         for name in ("beta", "alpha", "beta"):
-            stream = handle.options(stream=True, multiplexed_model_id=name).stream.remote(
-                GenerateCall(params, adapter=name, prompt=ids)
+            reply = client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "Hello there"}], max_tokens=12, temperature=0
             )
-            items = list(stream)
-            text = "".join(item.text for item in items)
-            assert items[-1].finish_reason in ("stop", "length"), items
-            assert text == expected_chat("Hello there", 12, adapter_dirs[name])
-            assert handle.diagnostics.remote().result()["adapters"] == [name]
+            assert reply.choices[0].message.content == expected_chat("Hello there", 12, adapter_dirs[name])
+            assert handle.diagnostics.remote().result()["adapters"] == [name]  # the host budget holds one
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert "'nope'" in missing.value.message and missing.value.code == "model_not_found"
     finally:
-        serve.delete("lru")
+        serve.delete("stores")
 
 
 def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(served, tiny_model_dir, adapter_dirs):
