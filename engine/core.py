@@ -91,7 +91,7 @@ class EngineCore:
         num_blocks = kv_cache_blocks(loaded, config)
         self.blocks = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.cache = PagedKVCache.for_model(loaded.model.config, num_blocks, self.block_size, loaded.dtype, loaded.device)
-        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_step_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_step_tokens, config.fair_share)
         self.runner = ModelRunner(loaded.model, self.cache, adapters)
         self.logprobs = LogprobMaker(loaded.tokenizer)
         self._incoming: deque[Row] = deque()
