@@ -23,11 +23,12 @@ key cannot starve the others.
   than where they left: a client cannot shed what it was served by pausing a moment). An idle
   counter at or below the floor is dropped: the lift would give the same value.
 
-Weights: generated 4, prompt 1. The paper takes 1 and 2 from 2023 API prices. The cost that
-fair share should spread is the step time, and here a generated token costs about 3.5 to 6
-prompt tokens of it (the design notes' measurements, bf16 on this 2-core CPU: a decode step
-computes 32 rows in about 62 ms and 16 in 51 ms, while prefill runs at about 0.55 ms per
-token), more on long contexts. 4 sits in that range, and today's API prices (4-5x) agree.
+Weights: generated 4, prompt 1 (the paper's experiments use 1 and 2). What fair share should
+spread here is step time, and a generated token costs about 3.5 to 6 prompt tokens of it
+(the design notes' measurements, bf16 on this 2-core CPU: a decode step computes 32 rows in
+about 62 ms and 16 in 51 ms, while prefill runs at about 0.55 ms per token), more on long
+contexts; 4 sits in that range. The weights only set the exchange rate between the two
+kinds of service: the rules and their bounds are the same for any positive pair.
 
 `FairShare` applies the rules to the scheduler's rows (engine/scheduler.py): it learns
 arrivals by `sync`ing with the waiting queue each step, orders the waiting rows (preempted
