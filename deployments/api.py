@@ -98,28 +98,28 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=guarded, response_model=ChatCompletion,
               responses=GENERATION_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, tenant: str | None = Depends(service.tenant)):
         meta = ResponseMeta("chat", body.model, tool_calls=body.uses_tools)
         log_ignored(body, meta.id)
         call = GenerateCall(body.to_overrides(), messages=body.chat_messages(), tools=body.prompt_tools(),
-                            request_id=meta.id, **await service.call_fields(body.model))
+                            request_id=meta.id, tenant=tenant, **await service.call_fields(body.model))
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, tenant: str | None = Depends(service.tenant)):
         meta = ResponseMeta("completion", body.model)
         log_ignored(body, meta.id)
-        call = GenerateCall(body.to_overrides(), prompt=body.prompt, request_id=meta.id,
+        call = GenerateCall(body.to_overrides(), prompt=body.prompt, request_id=meta.id, tenant=tenant,
                             **await service.call_fields(body.model))
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
 
     @app.post("/generate", dependencies=guarded, response_model=GenerateResponse, responses=ERRORS)
-    async def generate(body: GenerateRequest) -> GenerateResponse:
+    async def generate(body: GenerateRequest, tenant: str | None = Depends(service.tenant)) -> GenerateResponse:
         """The seed REST API: Alpaca instruction prompt in, {"output": text} out."""
         model = body.model or settings.model_name
         prompt = Instruction(body.prompt_config.instruction, body.prompt_config.input)
         meta = ResponseMeta("completion", model)
-        call = GenerateCall(body.generation_config.to_overrides(), prompt=prompt, request_id=meta.id,
+        call = GenerateCall(body.generation_config.to_overrides(), prompt=prompt, request_id=meta.id, tenant=tenant,
                             **await service.call_fields(model))
         choices = await service.complete(call, meta, "generate")
         return GenerateResponse(output=choices.states[0].text.strip())
@@ -194,6 +194,11 @@ class ApiService:
         if self.limiter and (wait := self.limiter.retry_after(client_id(key))):
             raise ApiError(429, "Rate limit reached for this API key; retry later.", "rate_limit_error",
                            code="rate_limit_exceeded", retry_after=wait)
+
+    async def tenant(self, authorization: str | None = Header(None)) -> str | None:
+        """Who asks, for the engine's fair share: the key's `client_id` (a short hash, never the
+        key itself: calls cross processes and are logged); None when the API has no keys."""
+        return client_id(bearer_token(authorization)) if self.settings.api_keys else None
 
     async def call_fields(self, model: str) -> dict[str, str | None]:
         """A GenerateCall's `adapter` and `adapter_source` for `model`; 404 for an unknown model."""

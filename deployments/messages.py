@@ -27,7 +27,8 @@ class GenerateCall:
     adapter (a runtime adapter with its folder, so any replica can load it): the whole
     ingress-to-replica contract (no HTTP types). `overrides` holds what the
     caller set; the replica fills the rest from its current defaults. `request_id` is the id
-    the client sees, the engine uses and the logs show."""
+    the client sees, the engine uses and the logs show. `tenant` is who asked, for the
+    engine's fair share (engine/fairness.py): None when the API has no keys."""
 
     overrides: SamplingOverrides
     adapter: str | None = None
@@ -36,6 +37,7 @@ class GenerateCall:
     tools: list[dict] = field(default_factory=list)  # offered to a chat (engine/tools.py)
     request_id: str = ""
     adapter_source: str | None = None  # a runtime adapter's folder (deployments/runtime_adapters.py)
+    tenant: str | None = None  # the caller's API key as `guard.client_id` (never the key); fair share counts by it
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

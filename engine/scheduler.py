@@ -1,6 +1,6 @@
 """Which tokens the next forward pass computes: admission, chunked prefill, preemption.
 
-State: `waiting` (a deque, first come first served; preempted rows go back to its front) and
+State: `waiting` (a deque in arrival order; preempted rows go back to its front) and
 `running` (every row that holds KV blocks, in admission order). Each step has a token budget
 (`max_step_tokens`), spent in this order:
 
@@ -8,7 +8,9 @@ State: `waiting` (a deque, first come first served; preempted rows go back to it
    whose next token starts a new block takes one; when none is left, the newest running row
    gives its blocks back and waits to be recomputed (preemption), never an out-of-memory;
 2. rows still prefilling get the next chunk of their prompt, oldest first;
-3. waiting rows are admitted while rows, budget and blocks last. A newcomer reuses the
+3. waiting rows are admitted, in admission order (below), while rows, budget and blocks
+   last; the first row that does not get its blocks ends admission for the step (no row
+   jumps ahead of it for memory). A newcomer reuses the
    blocks of its longest cached prefix (same tokens, same adapter), takes blocks for the rest
    of its tokens at once (so its prefill never stalls for memory halfway), and gets its
    first chunk. A long prompt is thus prefilled over several steps while streams go on.
@@ -27,17 +29,31 @@ first tokens after 330, 660, 990 and 1,320 tokens of work instead of 512, 1,024,
 
 A chunk that reaches the end of a row's known tokens asks for a sample.
 
+Admission order (`admission_order()`): preempted rows first, as they stand at the queue's
+front; then, with fair share on (`fair_share`, engine/fairness.py), the others by least
+service received per client (adapter, tenant): FIFO within a client, a flood on one adapter
+or API key cannot starve the others. Every scheduled chunk is charged to its row's client.
+With fair share off the order is the queue's: first come, first served.
+
+Admission gate (`can_admit`): a waiting row for which `can_admit(row)` is False (say, its
+adapter is not on the device yet) is skipped this step: the rows behind it are tried as if
+it were not there, and it keeps its place in the queue and its client's counter. Whoever
+brings adapters in reads `admission_order()` before a step to know which rows come first;
+that list ignores the gate and the limits of rows and blocks. Read it on the core's thread,
+between steps: rows given to `EngineCore.add` join the waiting queue at a step's start.
+
 Thread: the engine core's worker thread; plain Python, no tensors.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 
 from engine.blocks import BlockManager, prefix_keys
+from engine.fairness import FairShare
 from engine.row import Row
 
 
@@ -64,18 +80,25 @@ class PrefixCacheStats:
 class Scheduler:
     """Waiting and running rows, and the plan of each step (see the module docstring)."""
 
-    def __init__(self, blocks: BlockManager, max_rows: int, max_step_tokens: int):
+    def __init__(self, blocks: BlockManager, max_rows: int, max_step_tokens: int, fair_share: bool = True,
+                 can_admit: Callable[[Row], bool] | None = None):
+        """`fair_share`: admit by least service per client (else first come, first served);
+        `can_admit`: the admission gate (None: every row may be admitted)."""
         if max_step_tokens < max_rows:
             raise ValueError("max_step_tokens must be at least max_batch_size (one token per row)")
         self.blocks = blocks
         self.max_rows = max_rows
         self.max_step_tokens = max_step_tokens
+        self.can_admit = can_admit
+        self.fair = FairShare() if fair_share else None
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []
         self.stats = PrefixCacheStats()
 
     def schedule(self) -> list[ScheduledChunk]:
         """The chunks of the next step; empty when there is nothing to compute."""
+        if self.fair:
+            self.fair.sync(self.waiting)
         chunks = self._decode_chunks()
         budget = self.max_step_tokens - len(chunks)
         first = True
@@ -86,12 +109,35 @@ class Scheduler:
             chunks.append(ScheduledChunk(row, row.num_computed, min(remaining, budget)))
             budget -= chunks[-1].length
             first = False
+        if self.fair:
+            for chunk in chunks:
+                self.fair.charge(chunk.row, chunk.start, chunk.length, chunk.sample)
         return chunks
 
+    def admission_order(self) -> list[Row]:
+        """The waiting rows in the order `schedule()` would try to admit them now (see the
+        module docstring); the gate and the limits of rows and blocks are not applied."""
+        if self.fair:
+            self.fair.sync(self.waiting)
+        return list(self._order())
+
+    def _order(self) -> Iterator[Row]:
+        if self.fair is None:
+            return iter(list(self.waiting))
+        return self.fair.order(self.waiting)
+
     def _admitted(self) -> Iterator[Row]:
-        """Waiting rows, each admitted when the caller asks for the next (rows and blocks permitting)."""
-        while self.waiting and len(self.running) < self.max_rows and self._admit(self.waiting[0]):
-            yield self.waiting.popleft()
+        """Waiting rows in admission order past the gate, each admitted when the caller asks
+        for the next (rows and blocks permitting)."""
+        candidates = (row for row in self._order() if self.can_admit is None or self.can_admit(row))
+        while len(self.running) < self.max_rows:
+            row = next(candidates, None)
+            if row is None or not self._admit(row):
+                return
+            self.waiting.remove(row)
+            if self.fair:
+                self.fair.started(row)
+            yield row
 
     def remove(self, row: Row) -> None:
         """Take a finished or cancelled row out, giving its blocks back (they stay cached)."""
@@ -99,6 +145,8 @@ class Scheduler:
             self.running.remove(row)
         elif row in self.waiting:
             self.waiting.remove(row)
+        if self.fair:
+            self.fair.removed(row)
         self.blocks.release(row.table.clear())
 
     # ----- decode ------------------------------------------------------------------------
@@ -132,6 +180,8 @@ class Scheduler:
         row.num_computed = 0
         row.block_keys.clear()
         self.waiting.appendleft(row)
+        if self.fair:
+            self.fair.preempted(row)
         self.stats.preemptions += 1
 
     # ----- prefill -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from client.stream import event_data
 from deployments.api import ApiSettings, Finished, build_api
+from deployments.guard import client_id
 from deployments.messages import ApiError, GenerateCall
 from deployments.openai_format import ErrorResponse
 from deployments.protocol import ChatCompletionRequest
@@ -77,6 +78,21 @@ def test_success_is_logged_with_stats_and_model_resolution():
     assert [c.adapter for c in backend.calls] == ["lora", None]
     # one id: the response's, the engine request's (the call's) and the request log's
     assert finished[0] == Finished(reply["id"], "lora", "chat", 200, STATS) and backend.calls[0].request_id == reply["id"]
+
+
+def test_a_call_carries_its_api_keys_hash_as_tenant_never_the_key():
+    backend = ScriptedBackend([Delta("ok", finish_reason="stop", stats=STATS)])
+    client = TestClient(build_api(backend, ApiSettings("base", (), (), api_keys=("sk-one", "sk-two"))))
+    generate = {"prompt_config": {"instruction": "Greet", "input": ""}, "generation_config": {"max_new_tokens": 2}}
+    for key, path, body in [("sk-one", "/v1/chat/completions", CHAT), ("sk-two", "/v1/completions", {"model": "base", "prompt": "x"}),
+                            ("sk-one", "/generate", generate)]:
+        response = client.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 200
+    assert [call.tenant for call in backend.calls] == [client_id("sk-one"), client_id("sk-two"), client_id("sk-one")]
+    assert not any("sk-" in repr(call) or b"sk-" in pickle.dumps(call) for call in backend.calls)
+    open_api, open_backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    assert open_api.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-one"}).status_code == 200
+    assert open_backend.calls[0].tenant is None  # no keys: everyone is one tenant
 
 
 def test_generate_returns_stripped_output():
