@@ -248,9 +248,10 @@ class AdapterManager:
 
     # ----- the worker thread's side ---------------------------------------------------------
 
-    def is_active(self, name: str | None) -> bool:
-        """The scheduler's gate: a row may run once its adapter is in the pool."""
-        return name is None or name in self.placements
+    def is_active(self, name: str | None, identity: bytes = b"") -> bool:
+        """The scheduler's gate: a row may run once its adapter is in the pool (with the weights
+        of `identity`, the row's: a name loaded again from other weights is another adapter)."""
+        return name is None or (name in self.placements and self._placed[name] == identity)
 
     def prepare_step(self, running: Iterable[str | None], waiting: Iterable[str | None]) -> None:
         """Bring the adapters of the first waiting rows into the pool, in order, as far as slots

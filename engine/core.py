@@ -94,7 +94,7 @@ class EngineCore:
         self.adapters = adapters
         self.scheduler = Scheduler(
             self.blocks, config.max_batch_size, config.max_step_tokens, fair_share=config.fair_share,
-            can_admit=lambda row: adapters.is_active(row.request.adapter),
+            can_admit=lambda row: adapters.is_active(row.request.adapter, row.adapter_identity),
         )
         self.runner = ModelRunner(loaded.model, self.cache, adapters.layers, adapters.placements)
         self.logprobs = LogprobMaker(loaded.tokenizer)
