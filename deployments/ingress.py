@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from deployments.adapter_metrics import app_labels
 from deployments.api import ApiSettings, Item, build_api
 from deployments.guard import KEYS_ENV, resolve_keys
 from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
@@ -76,7 +77,7 @@ class Ingress:
 
     def __init__(self, llm: DeploymentHandle, args: AppArgs):
         self.llm, self.args = llm, args
-        self.recorder = RequestRecorder(args.request_log_file)
+        self.recorder = RequestRecorder(args.request_log_file, app_labels(args))
         self.api_keys = resolve_keys(args.api_keys)
         self.runtime_adapters = ActorAdapters(registry_actor()) if args.allow_runtime_adapters else None
         if not self.api_keys:
