@@ -51,4 +51,5 @@ def conversation_routing(args: AppArgs) -> RequestRouterConfig:
     return RequestRouterConfig(
         request_router_class=ConversationRouter,
         request_router_kwargs={"max_imbalance": max(1, args.max_batch_size // 2)},
+        request_routing_stats_period_s=2.0,  # adapter residency (record_routing_stats) ages at most this
     )

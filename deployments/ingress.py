@@ -1,8 +1,8 @@
 """The HTTP ingress deployment: the FastAPI app of deployments/api.py over a handle to the LLM.
 
 Ray glue only. Each request streams from the LLM deployment through a streaming
-DeploymentHandle whose multiplexed model id is the adapter, so requests for an adapter
-prefer replicas that already hold it. One log line and metrics per finished request
+DeploymentHandle; the LLM deployment's router (deployments/routing.py) reads the call's adapter
+and conversation from the call itself. One log line and metrics per finished request
 (request_log.py).
 """
 
@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from deployments.adapter_metrics import app_labels
 from deployments.api import ApiSettings, Item, build_api
 from deployments.guard import KEYS_ENV, resolve_keys
 from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
@@ -34,7 +35,7 @@ class HandleBackend:
         self.handle = handle.options(stream=True)
 
     def stream(self, call: GenerateCall) -> AsyncIterator[Item]:
-        return ShedWhenFull(self.handle.options(multiplexed_model_id=call.adapter or "").stream.remote(call))
+        return ShedWhenFull(self.handle.stream.remote(call))
 
     async def tokenize(self, call: TokenizeCall) -> Tokenized | ApiError:
         return await self.calls.tokenize.remote(call)
@@ -43,7 +44,7 @@ class HandleBackend:
         return await self.calls.detokenize.remote(tokens)
 
     async def load_adapter(self, adapter: RuntimeAdapter) -> ApiError | None:
-        return await self.calls.options(multiplexed_model_id=adapter.id).load_runtime_adapter.remote(adapter)
+        return await self.calls.load_runtime_adapter.remote(adapter)  # routed like a call for adapter.id
 
 
 class ShedWhenFull:
@@ -77,7 +78,7 @@ class Ingress:
 
     def __init__(self, llm: DeploymentHandle, args: AppArgs):
         self.llm, self.args = llm, args
-        self.recorder = RequestRecorder(args.request_log_file)
+        self.recorder = RequestRecorder(args.request_log_file, app_labels(args))
         self.api_keys = resolve_keys(args.api_keys)
         self.runtime_adapters = ActorAdapters(registry_actor()) if args.allow_runtime_adapters else None
         if not self.api_keys:

@@ -26,7 +26,8 @@ from engine.engine import Engine, EngineStats
 from engine.errors import EngineError
 from engine.request import Delta, GenerationRequest
 
-from deployments.load_report import RecentTTFT, load_report
+from deployments.adapter_metrics import app_labels
+from deployments.load_report import RecentTTFT, load_report, routing_stats
 from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
 from deployments.metrics import LLMMetrics
 from deployments.runtime_adapters import RuntimeAdapter, folder_problem
@@ -41,7 +42,7 @@ class UnlistedAdapterError(RuntimeError):
     """An internal invariant broken, not a user error: a call named an adapter the config does
     not list, without a runtime adapter's folder. Front ends resolve model names first
     (deployments/served_models.py, the one 404), so this is a caller's bug, answered 500; it is
-    raised before Serve's multiplexer could try to load the name."""
+    raised before the engine could try to load the name."""
 
 
 def replica_name() -> str:
@@ -65,7 +66,7 @@ class LLMServer:
         self.args = args
         self.replica = replica_name()
         self.engine = await asyncio.to_thread(Engine.from_config, args.engine_config(), preload=args.preloaded())
-        self.metrics = LLMMetrics(args.model_name)
+        self.metrics = LLMMetrics(args.model_name, app_labels(args))
         self.recent_ttft = RecentTTFT()
         self._apply(args.batch)
         self._gauges: asyncio.Task | None = None
@@ -104,6 +105,10 @@ class LLMServer:
         """The adapters the stores hold (at most `limit`; the store caches its listing)."""
         stores = self.engine.stores
         return await asyncio.to_thread(stores.names, limit) if stores is not None else []
+
+    def record_routing_stats(self) -> dict:
+        """What the router reads (deployments/routing.py): which adapters are resident here, by tier."""
+        return routing_stats(self.engine.adapter_report())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What Serve's autoscaler averages for deployments/autoscaling_policy.py: rows, KV, TTFT."""

@@ -1,4 +1,5 @@
-"""What an LLM replica reports to Serve's autoscaler (deployments/autoscaling_policy.py reads it)."""
+"""What an LLM replica reports to Serve: load to its autoscaler (deployments/autoscaling_policy.py
+reads it), adapter residency to the routers (deployments/placement.py reads it)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import statistics
 import time
 from collections import deque
 
+from engine.adapter_report import AdapterReport
 from engine.engine import EngineStats
 
 from deployments.autoscaling_policy import KV_BLOCKS, KV_BLOCKS_USED, ROWS, ROWS_WANTED, TTFT_S
+from deployments.placement import ADAPTERS, TIERS
 
 
 class RecentTTFT:
@@ -39,3 +42,15 @@ def load_report(stats: EngineStats, max_batch_size: int, ttft_s: float) -> dict[
         KV_BLOCKS: float(stats.kv_blocks_total),
         TTFT_S: ttft_s,
     }
+
+
+def routing_stats(report: AdapterReport) -> dict[str, dict[str, list[str]]]:
+    """The replica's routing stats (`record_routing_stats`): the adapters it holds, by tier,
+    `{"adapters": {"active": [...], "host": [...], "loading": [...]}}`, names sorted.
+
+    Residency only, no load figures: Serve's controller polls this every
+    `request_routing_stats_period_s` and, whenever any replica's dict differs from its last one,
+    sends every replica's info to every handle; a figure that moved every period (running
+    requests) would make that a broadcast per replica per period. The routers take load from
+    their queue-length cache, fresher anyway."""
+    return {ADAPTERS: {tier: sorted(report.names(tier)) for tier in TIERS}}

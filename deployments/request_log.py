@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 
+from deployments.adapter_metrics import AdapterLabels
 from deployments.metrics import RequestMetrics
 from deployments.service import Finished
 
 
 class RequestRecorder:
-    """`record(finished)`: the request log line (like the seed chatbot's app.log) and metrics.
-    The request id in the line is the response's `id`."""
+    """`record(finished)`: the request log line (like the seed chatbot's app.log) and metrics
+    (model names as `labels` tags them). The request id in the line is the response's `id`."""
 
-    def __init__(self, path: str | None = None):
-        self.metrics = RequestMetrics()
+    def __init__(self, path: str | None, labels: AdapterLabels):
+        self.metrics = RequestMetrics(labels)
         self.log = request_logger(path)
 
     def record(self, finished: Finished) -> None:

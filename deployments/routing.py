@@ -1,119 +1,98 @@
-"""ConversationRouter: Serve's request router for the LLM deployment, conversation- and adapter-aware.
+"""ConversationRouter: Serve's request router for the LLM deployment, adapter- and conversation-aware.
 
-Prefix caching (engine/blocks.py) pays only when a chat's next turn reaches the replica that
-holds its earlier turns; Serve's default router (the less loaded of two random replicas) does
-that about 1/N of the time with N replicas. The routing rule, for a call with prefix keys
-(deployments/prefix_keys.py):
+Two things make a replica the right one for a call. Its adapter: a replica that holds it
+(engine/adapter_report.py: active on the compute device, in host memory, or loading) serves at
+once, any other first loads it (about 0.7 s here, more from a remote store) and spends memory on
+it. Its conversation: prefix caching (engine/blocks.py) pays only when a chat's next turn reaches
+the replica that holds its earlier turns; Serve's default router (the less loaded of two random
+replicas) does that about 1/N of the time with N replicas. The rule, for one call (plain
+functions in deployments/placement.py; loads are ongoing requests from Serve's queue-length
+cache, probed when stale; "clearly busier" means more than `max_imbalance` requests above the
+least loaded, default half of `max_batch_size`, set by deployments/app.py):
 
-1. Candidates: Serve's multiplexing first (`apply_multiplex_routing`: replicas that hold the
-   call's adapter, then those with the fewest adapters, then all), so adapter affinity is kept.
-2. Preferred replica among the candidates: the one that last served the call's longest known
-   key (this router's LRU table); for a key nobody here has seen, rendezvous hashing of the
-   call's shortest key over the candidates, so every router in the cluster picks the same
-   replica for a new conversation without shared state.
-3. Clearly busier: the preferred replica is skipped when its ongoing requests (Serve's queue
-   length cache, probed when stale) exceed the least loaded candidate's by more than
-   `max_imbalance` (default: half of `max_batch_size`, set by deployments/app.py). Up to that, a
-   prefix hit (no prefill of the history) is worth more than joining a smaller batch; beyond
-   it, the new request would likely wait for a row. Then the least loaded candidate serves.
-4. Ranks `[[preferred], others]`: Serve tries the preferred replica first and, if its queue
-   is full, the least loaded of the others.
+1. Residency: where the call's adapter is, from each replica's routing stats
+   (`record_routing_stats`, deployments/load_report.py: adapters by tier) and from the
+   replicas this router sent it to in the last `placement_ttl_s` (counted as loading: the stats
+   arrive every `request_routing_stats_period_s`, a load takes about a second).
+2. Candidates: no adapter (the base model): every replica. An adapter held somewhere: its
+   holders, active first, then host, then loading; if every holder is clearly busier than the
+   least loaded replica, also the least loaded replica without it. So an adapter whose traffic
+   exceeds what its replicas serve spreads to one more replica at a time, and a lukewarm one
+   stays on one. An adapter held nowhere: one replica, chosen by rendezvous hashing of its
+   name among the replicas within `max_imbalance / 2` of the least loaded, so concurrent cold
+   calls (from every router) meet on one replica and wait on one load instead of loading it
+   everywhere, and its next calls have room there before it counts as clearly busier.
+3. Preferred replica among the candidates: the one that last served the call's longest known
+   prefix key (deployments/prefix_keys.py; this router's LRU table); for a key nobody here has
+   seen, rendezvous hashing of the call's shortest key over the candidates of the best tier, so
+   every router places a new conversation on the same replica without shared state.
+4. Clearly busier: the preferred replica is skipped when clearly busier than the least loaded
+   other candidate. Up to that, a prefix hit (no prefill of the history) is worth more than
+   joining a smaller batch; beyond it, the new request would likely wait for a row.
+5. Ranks `[[preferred], other candidates]`: Serve tries the preferred replica first and, if
+   its queue is full, the least loaded of the others; when all are full, the call backs off
+   and the rule runs again with fresh loads (once its holders' queues exceed the least loaded
+   replica's by `max_imbalance`, step 2 adds a replica).
 
 Calls without keys (info(), diagnostics(), prompts shorter than one chunk) go to the least
-loaded candidate, ties broken at random.
+loaded candidate.
 
-Compared with Ray's PrefixCacheAffinityRouter (ray/llm/_internal/serve/routing_policies):
-that one keeps a character prefix tree in a detached actor and calls `ray.get` on it from
-the router's event loop for every request (blocking every other request's routing), and
-matches any shared text, so every conversation with the same system prompt lands on one
-replica. Here the state is local (a hash lookup per message), bounded, and consistent across
-routers by hashing instead of by a shared actor.
+Compared with Serve's multiplexing (used before, for adapters): it knew only which replica had
+loaded which model id (kept LRU by count, not by bytes or tier), sent a model held nowhere to
+the least loaded of the replicas with the fewest models (so concurrent cold calls could load it
+on several), and spread a hot model only once its replicas' queues were full. Compared with Ray's
+PrefixCacheAffinityRouter (ray/llm/_internal/serve/routing_policies): that one keeps a
+character prefix tree in a detached actor and calls `ray.get` on it from the router's event
+loop for every request (blocking every other request's routing), and matches any shared text,
+so every conversation with the same system prompt lands on one replica. Here the state is local
+(a hash lookup per message), bounded, and consistent across routers by hashing instead of by a
+shared actor.
 
-State: a `PrefixTable` (key -> replica id), owned by the router's event loop (Serve calls
-`choose_replicas`, `on_request_routed` and `update_replicas` there): no locks. Entries of
-replicas that left are skipped and dropped on lookup; the table survives replicas coming and
+State: a `RoutingPolicy` (prefix table, residency), owned by the router's event loop (Serve
+calls `choose_replicas`, `on_request_routed` and `update_replicas` there): no locks. Entries of
+replicas that left are skipped and dropped on lookup; the state survives replicas coming and
 going.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 from ray.serve._private.common import ReplicaID
 from ray.serve._private.replica_result import ReplicaResult
 from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.replica_wrapper import RunningReplica
-from ray.serve._private.request_router.request_router import MultiplexMixin, RequestRouter
+from ray.serve._private.request_router.request_router import RequestRouter
 
-from deployments.prefix_keys import Key, PrefixTable, call_keys, rendezvous
-
-
-@dataclass(frozen=True)
-class RoutingSettings:
-    """The router's kwargs (`request_router_config.request_router_kwargs`)."""
-
-    max_imbalance: int = 16  # see rule 3 in the module docstring
-    max_prefixes: int = 100_000  # keys remembered (about 100 bytes each)
-    prompt_chunk_chars: int = 512  # completion prompts are keyed per chunk of this many characters
+from deployments.placement import RoutingPolicy, RoutingSettings
 
 
-def clearly_busier(preferred: int | None, least: int | None, max_imbalance: int) -> bool:
-    """Rule 3: the preferred replica's queue exceeds the least loaded's by more than
-    `max_imbalance`. Unknown lengths (None) never make it busier."""
-    return preferred is not None and least is not None and preferred - least > max_imbalance
+class ConversationRouter(RequestRouter):
+    """Sends a call to a replica holding its adapter and its conversation's prefix (module docstring)."""
 
+    def initialize_state(self, **kwargs: float) -> None:
+        self.policy = RoutingPolicy(RoutingSettings(**kwargs))
 
-class ConversationRouter(MultiplexMixin, RequestRouter):
-    """Sends a conversation's turns to the replica holding its prefix (module docstring)."""
-
-    def initialize_state(self, **kwargs: int) -> None:
-        self.settings = RoutingSettings(**kwargs)
-        self.table = PrefixTable(self.settings.max_prefixes)
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """New replicas or new routing stats (Serve sends every replica's info when one changes)."""
+        super().update_replicas(replicas)
+        self.policy.update({r.replica_id.unique_id: r.routing_stats for r in replicas})
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        candidates = self._candidates(candidate_replicas, pending_request)
-        if not candidates:
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # the ranks are all the rule allows
+        if not candidate_replicas:
             return []
-        keys = self._keys(pending_request)
-        if not keys:
-            return [random.sample(candidates, len(candidates))]
-        preferred = self._preferred(keys, candidates)
-        others = [r for r in candidates if r is not preferred]
-        lengths = await self._queue_lengths(candidates)
-        known = [lengths[r.replica_id] for r in others if lengths[r.replica_id] is not None]
-        if others and clearly_busier(lengths[preferred.replica_id], min(known, default=None),
-                                     self.settings.max_imbalance):
-            return [others]
-        return [[preferred], others]
+        lengths = await self._queue_lengths(candidate_replicas)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = {r.replica_id.unique_id: lengths[r.replica_id] for r in candidate_replicas}
+        alive = {r.unique_id for r in self._replica_id_set}
+        ranks = self.policy.rank(_call(pending_request), loads, alive, self._get_curr_time_s())
+        return [[by_id[replica] for replica in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
-        """The replica accepted the call: it now holds the call's prefixes."""
-        self.table.record(self._keys(pending_request), replica_id.unique_id)
-
-    def _candidates(self, replicas: list[RunningReplica], pending: PendingRequest | None) -> list[RunningReplica]:
-        """Rule 1: the replicas multiplexing allows (all of them for the base model)."""
-        if pending is not None and pending.metadata.multiplexed_model_id:
-            allowed = self.apply_multiplex_routing(pending_request=pending)
-            return [r for r in replicas if r.replica_id in allowed]
-        if pending is not None:
-            pending.routing_context.should_backoff = True  # all are candidates: back off when all are full
-        return list(replicas)
-
-    def _keys(self, pending: PendingRequest | None) -> list[Key]:
-        if pending is None or not pending.args:
-            return []
-        return call_keys(pending.args[0], self.settings.prompt_chunk_chars)
-
-    def _preferred(self, keys: Sequence[Key], candidates: list[RunningReplica]) -> RunningReplica:
-        """Rule 2: the replica of the longest known key, else the rendezvous choice."""
-        by_id = {r.replica_id.unique_id: r for r in candidates}
-        alive = {r.unique_id for r in self._replica_id_set}
-        known = self.table.lookup(keys, set(by_id), alive)
-        return by_id[known if known is not None else rendezvous(keys[0], by_id)]
+        """The replica accepted the call: it now holds the call's prefixes and adapter."""
+        self.policy.routed(_call(pending_request), replica_id.unique_id, self._get_curr_time_s())
 
     async def _queue_lengths(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int | None]:
         """Ongoing requests per replica: Serve's cache, or a probe (with its short deadline)."""
@@ -123,3 +102,8 @@ class ConversationRouter(MultiplexMixin, RequestRouter):
             for replica, length in await self._probe_queue_lens(stale, 0):
                 lengths[replica.replica_id] = length
         return lengths
+
+
+def _call(pending: PendingRequest | None) -> object:
+    """The call a handle method was given (its first argument), or None."""
+    return pending.args[0] if pending is not None and pending.args else None

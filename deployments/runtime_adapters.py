@@ -7,15 +7,14 @@ the first ingress replica that needs it, found by name by the others). Every ing
 looks a model name up there when it is neither the base model nor a configured adapter, and a
 request for a runtime adapter carries its source folder and its id in the GenerateCall. So an
 LLM replica needs no registry of its own: any replica, one that autoscaling started after the
-load included, loads the adapter on first use through Serve's multiplexer, exactly as it loads
-a configured adapter (counted in `max_adapters_per_replica`, evicted LRU).
+load included, loads the adapter on first use into its tiers (engine/adapters.py), exactly as it
+loads a configured adapter or one from a store (evicted least recently used, by bytes).
 
-Each load gets a new id, `runtime:<name>:<n>` (the multiplexed model id and the engine's adapter
-name), so an adapter unloaded and loaded again under the same name from other weights is never
+Each load gets a new id, `runtime:<name>:<n>` (the engine's adapter name), so an adapter unloaded and loaded again under the same name from other weights is never
 served from a replica's old copy, and the prefix cache (keyed by adapter name and weights,
 engine/lora.py) cannot give it the old adapter's KV. Unloading takes the name out of the table:
-every ingress answers 404 for it at once, and replicas free its weights when the multiplexer
-evicts it (no request asks for its id again). The table is in memory: a restart of the Ray
+every ingress answers 404 for it at once, and replicas free its weights when their tiers evict
+it (no request asks for its id again). The table is in memory: a restart of the Ray
 cluster forgets it, as vLLM forgets its runtime adapters on restart.
 
 No Ray in `AdapterTable` (the API's tests use it in memory); `RegistryActor` wraps it.

@@ -24,6 +24,7 @@ from engine.config import GenerationDefaults, SamplingOverrides, SamplingParams
 from engine.prompt import ALPACA_CHAT_CONTEXT
 from engine.request import Delta
 
+from deployments.adapter_metrics import AdapterLabels
 from deployments.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
 from deployments.guard import resolve_keys
 from deployments.http_errors import internal_error, public
@@ -289,7 +290,7 @@ class ChatUI:
         self.limit = PageLimit(per_minute, self.logins)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        recorder = RequestRecorder(self.info.request_log_file)
+        recorder = RequestRecorder(self.info.request_log_file, AdapterLabels.of(self.info.models))
         service = RequestService(HandleBackend(self.llm), recorder.record, self.info.max_messages)
         return page_app(build_ui(service, self.info, self.current_defaults, self.limit), self.logins)
 

@@ -1,7 +1,9 @@
-"""The conversation router's pieces: prefix keys, the LRU table, rendezvous placement, the busier rule.
+"""The router's pieces: prefix keys, the LRU table, rendezvous placement, the busier rule, and
+the adapter rule (deployments/placement.py) with the routing stats it reads.
 
-The router on a live cluster (turns stick to one replica, a replica leaving) is tested in
-tests/test_autoscaling.py.
+The whole router over simulated replicas (a hot adapter, cold ones, conversations) is tested in
+tests/test_routing_simulation.py; on a live cluster (turns stick to one replica, a replica
+leaving) in tests/test_autoscaling.py.
 """
 
 from __future__ import annotations
@@ -10,12 +12,18 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from typing import get_args
 
 import pytest
 
+from deployments.load_report import routing_stats
 from deployments.messages import GenerateCall
+from deployments.placement import (
+    TIERS, Residency, adapter_candidates, call_adapter, clearly_busier, conversation_ranks, home,
+)
 from deployments.prefix_keys import PrefixTable, call_keys, chat_keys, rendezvous
-from deployments.routing import clearly_busier
+from deployments.runtime_adapters import RuntimeAdapter
+from engine.adapter_report import AdapterReport, ResidentAdapter, Tier
 from engine.config import SamplingOverrides
 from engine.prompt import ChatMessage, Instruction
 from tests.serve_fixtures import ROOT
@@ -111,3 +119,98 @@ def test_rendezvous_spreads_keys_and_moves_only_the_keys_of_a_replica_that_leave
 ])
 def test_the_preferred_replica_is_skipped_only_when_clearly_busier(preferred, least, busier):
     assert clearly_busier(preferred, least, max_imbalance=16) is busier
+
+
+REPLICAS = ["r1", "r2", "r3", "r4"]
+
+
+def candidates(adapter, loads, holders, max_imbalance=8):
+    return adapter_candidates(adapter, REPLICAS, loads, holders, max_imbalance)
+
+
+def test_base_model_calls_may_go_anywhere():
+    assert candidates(None, dict.fromkeys(REPLICAS, 0), {}) == REPLICAS
+
+
+def test_an_adapter_held_nowhere_goes_to_one_replica_by_its_name_among_the_least_loaded():
+    """Every router with the same view picks the same replica, so concurrent cold calls meet;
+    "least loaded": within half of max_imbalance of the least."""
+    idle = dict.fromkeys(REPLICAS, 0)
+    homes = {name: candidates(name, idle, {}) for name in (f"a{i}" for i in range(40))}
+    assert all(len(h) == 1 for h in homes.values())
+    assert len({h[0] for h in homes.values()}) == 4  # different adapters, different homes
+    busy = {**idle, homes["a0"][0]: 5}  # more than half of max_imbalance above the least loaded
+    assert candidates("a0", busy, {}) != homes["a0"]
+    assert candidates("a0", {**idle, homes["a0"][0]: 4}, {}) == homes["a0"]  # 4 more: still its home
+
+
+def test_holders_come_best_tier_first_and_a_lukewarm_adapter_stays_on_them():
+    loads = {"r1": 8, "r2": 3, "r3": 0, "r4": 0}
+    holders = {"r1": 2, "r2": 1}  # loading on r1, in host memory on r2
+    assert candidates("a", loads, holders) == ["r2", "r1"]
+    assert candidates("a", loads, {"r1": 0}) == ["r1"]  # 8 above the least loaded: not clearly busier
+
+
+def test_an_adapter_whose_holders_are_all_clearly_busier_adds_the_least_loaded_other_replica():
+    loads = {"r1": 20, "r2": 12, "r3": 3, "r4": 5}
+    assert candidates("a", loads, {"r1": 0, "r2": 0}) == ["r1", "r2", "r3"]
+    assert candidates("a", loads, {"r1": 0, "r3": 0}) == ["r1", "r3"]  # r3 holds it and is the least loaded
+    tied = {"r1": 20, "r2": 0, "r3": 0, "r4": 0}  # ties: by the adapter's name, the same everywhere
+    added = {candidates(name, tied, {"r1": 0})[1] for name in (f"a{i}" for i in range(40))}
+    assert added == {"r2", "r3", "r4"}
+
+
+def test_unknown_loads_never_make_a_replica_busier():
+    loads = {"r1": None, "r2": 0, "r3": 0, "r4": 0}
+    assert candidates("a", loads, {"r1": 0}) == ["r1"]
+    assert home("a", ["r1"], {"r1": None}, 8) == "r1"
+
+
+def test_a_known_conversation_keeps_its_replica_unless_it_is_clearly_busier():
+    loads = {"r1": 10, "r2": 3, "r3": 0}
+    keys = [b"k1", b"k2"]
+    assert conversation_ranks(keys, ["r1", "r2"], loads, "r1", {}, 8) == [["r1"], ["r2"]]
+    assert conversation_ranks(keys, ["r1", "r3"], loads, "r1", {}, 8) == [["r3"]]  # 10 > 0 + 8
+    assert conversation_ranks([], ["r1", "r2"], loads, None, {}, 8) == [["r1", "r2"]]  # no keys: one rank
+
+
+def test_a_new_conversation_prefers_the_adapters_best_tier():
+    loads = dict.fromkeys(REPLICAS, 0)
+    holders = {"r1": 1, "r2": 0, "r3": 0}  # host on r1, active on r2 and r3
+    preferred = {conversation_ranks([bytes([i])], ["r2", "r3", "r1"], loads, None, holders, 8)[0][0]
+                 for i in range(40)}
+    assert preferred == {"r2", "r3"}
+
+
+def test_the_routing_stats_carry_residency_by_tier_and_the_router_reads_them():
+    assert set(TIERS) == set(get_args(Tier))
+    report = AdapterReport([ResidentAdapter("b", "active"), ResidentAdapter("a", "active"),
+                            ResidentAdapter("c", "host"), ResidentAdapter("d", "loading")])
+    stats = routing_stats(report)
+    assert stats == {"adapters": {"active": ["a", "b"], "host": ["c"], "loading": ["d"]}}
+    residency = Residency(ttl_s=10, capacity=100)
+    residency.update({"r1": stats, "r2": routing_stats(AdapterReport([ResidentAdapter("a", "host")])),
+                      "r3": {}})  # r3: no stats yet
+    assert residency.holders("a", now=0) == {"r1": 0, "r2": 1}
+    assert residency.holders("d", now=0) == {"r1": 2}
+    assert residency.holders("zzz", now=0) == {}
+
+
+def test_where_the_router_sent_an_adapter_counts_as_loading_until_the_stats_catch_up_or_it_expires():
+    residency = Residency(ttl_s=10, capacity=2)
+    residency.update({"r1": {"adapters": {"host": ["a"]}}})
+    residency.placed("a", "r1", now=0)
+    residency.placed("a", "r2", now=0)
+    assert residency.holders("a", now=5) == {"r1": 1, "r2": 2}  # the reported tier wins where better
+    assert residency.holders("a", now=11) == {"r1": 1}
+    residency.placed("b", "r1", now=0)
+    residency.placed("c", "r1", now=0)
+    residency.placed("d", "r1", now=0)  # at most 2 adapters remembered
+    assert residency.holders("b", now=1) == {}
+
+
+def test_the_adapter_of_a_call():
+    assert call_adapter(chat("hi", adapter="pirate")) == "pirate"
+    assert call_adapter(chat("hi")) is None
+    assert call_adapter(RuntimeAdapter("mine", "/tmp/x", "runtime:mine:1")) == "runtime:mine:1"
+    assert call_adapter(None) is None and call_adapter([1, 2]) is None
