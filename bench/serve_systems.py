@@ -68,9 +68,7 @@ async def measure_engine(values: dict[str, Any], args: argparse.Namespace, syste
     app = AppArgs.model_validate(values)
     config = app.engine_config()
     log.info("engine: loading %s", config.model)
-    engine = Engine.from_config(config)
-    for name in app.preloaded():
-        await engine.load_adapter(name, app.adapter_source(name))
+    engine = Engine.from_config(config, preload=app.preloaded())
     try:
         return await run_levels(partial(engine_stream, engine), system, args, partial(engine_stats, engine))
     finally:

@@ -245,7 +245,7 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(served, tiny_mo
 
     args = {"model": str(tiny_model_dir), "served_model_name": MODEL, "dtype": "float32", "num_cpus": 0,
             "adapters": {"alpha": str(adapter_dirs["alpha"]), "beta": str(adapter_dirs["beta"])},
-            "preload_adapters": [], "max_adapters_per_replica": 1}
+            "preload_adapters": []}
     serve.run(build_app_with(args, llm_options={"num_replicas": 2}), name="multiplex", route_prefix="/multiplex")
     try:
         handle = serve.get_deployment_handle("LLMServer", app_name="multiplex")
@@ -253,15 +253,15 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(served, tiny_mo
 
         def replica_for(adapter: str, call: GenerateCall | None = None) -> str:
             call = call or GenerateCall(params, adapter=adapter, prompt="Hi")
-            items = list(handle.options(stream=True, multiplexed_model_id=adapter).stream.remote(call))
+            items = list(handle.options(stream=True).stream.remote(call))
             return items[-1].stats.replica
 
         holder = replica_for("alpha")
-        time.sleep(2)  # replicas report the adapters they hold to the routers periodically
+        time.sleep(2.5)  # replicas report the adapters they hold to the routers every 2 s
         assert {replica_for("alpha") for _ in range(8)} == {holder}
         # Chats have prefix keys: the conversation router places each new one by hashing, which
-        # would spread 8 conversations over both replicas, but only among the replicas that
-        # multiplexing allows (the one holding the adapter).
+        # would spread 8 conversations over both replicas, but only among the replicas where
+        # the adapter is resident (the one holding it).
         chats = [GenerateCall(params, adapter="alpha", messages=[ChatMessage("user", f"Conversation {i}")])
                  for i in range(8)]
         assert {replica_for("alpha", call) for call in chats} == {holder}
