@@ -60,7 +60,7 @@ from bench.cli import (
 )
 from bench.client import Endpoint, RequestResult, measure, stream_chat
 from bench.cpu import CpuSnapshot
-from bench.load import safe_percentile
+from bench.percentiles import safe_percentile
 from bench.systems import (
     SERVE_CONFIG,
     TransformersServe,

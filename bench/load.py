@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from bench.client import Chunk, RequestResult, measure
 from bench.cpu import CpuSnapshot
-from bench.engine import QUESTIONS, percentile
+from bench.engine import QUESTIONS
+from bench.percentiles import safe_percentile
 from engine.engine import EngineStats
 
 log = logging.getLogger("bench.serve")
@@ -103,11 +104,6 @@ class LevelResult:
     def chunks_per_token(self) -> float:
         tokens = sum(r.tokens for r in self.ok)
         return sum(r.chunks for r in self.ok) / tokens if tokens else math.nan
-
-
-def safe_percentile(values: Sequence[float], q: float) -> float:
-    """percentile(), or NaN for no values."""
-    return percentile(values, q) if values else math.nan
 
 
 def requests_per_level(args: argparse.Namespace, concurrency: int) -> int:

@@ -18,7 +18,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench.load import safe_percentile
+from bench.percentiles import safe_percentile
 from bench.lora_outcomes import Outcome, PhaseResult
 
 SLO_FACTOR = 5.0  # a request meets the SLO with TTFT and TPOT at most this times the unloaded p50
