@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from bench.lora_outcomes import EngineSteps, Job, Outcome
-from bench.lora_systems import WARMUP_TOKENS, Clock
+from bench.lora_phases import WARMUP_TOKENS, Clock
 from bench.lora_workload import TraceRequest
 from engine.config import EngineConfig
 from engine.loader import LoadedModel, load_model

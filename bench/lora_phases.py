@@ -17,15 +17,36 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from bench.cpu import CpuSnapshot
 from bench.lora_outcomes import EngineSteps, Outcome, Phase, PhaseResult
-from bench.lora_systems import Clock, ServedSystem
 from bench.lora_workload import TraceRequest
 
 log = logging.getLogger("bench.lora_serving")
 
 MAX_LOGGED_ERRORS = 3
+WARMUP_TOKENS = 8  # tokens of each untimed warm-up request
+
+Clock = Callable[[], float]
+"""Seconds since the current phase started."""
+
+
+class ServedSystem(Protocol):
+    """What the phase drivers call: `warm_up` (untimed base-model requests), `warm` (make an
+    adapter resident, untimed), `serve` (one request, filling in its Outcome as it goes), `cut`
+    (after a phase's cutoff: nothing may still write to an Outcome once it returns), the
+    adapter counters ((loads, evictions) so far, None where unknown), the engine's step
+    counters (None without an engine), `close`."""
+
+    async def warm_up(self, prompt: list[int]) -> None: ...
+    async def warm(self, adapter: str) -> None: ...
+    async def serve(self, request: TraceRequest, prompt: list[int], outcome: Outcome, clock: Clock) -> None: ...
+    async def cut(self) -> None: ...
+    def adapter_counters(self) -> tuple[int | None, int | None]: ...
+    def steps(self) -> EngineSteps | None: ...
+    async def close(self) -> None: ...
 
 
 async def run_phase(system: ServedSystem, phase: Phase) -> PhaseResult:

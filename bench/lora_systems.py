@@ -1,9 +1,5 @@
-"""The systems bench.lora_serving measures, inside a worker process (bench/lora_worker.py).
-
-Every system offers the ServedSystem calls: `warm_up` (untimed base-model requests), `warm` (make
-an adapter resident, untimed), `serve` (one request, filling in its Outcome as it goes), `cut`
-(after a phase's cutoff: nothing may still write to an Outcome once it returns), the adapter
-counters and the engine's step counters, and `close`.
+"""The engine systems bench.lora_serving measures, inside a worker process (bench/lora_worker.py);
+each is a ServedSystem (bench/lora_phases.py).
 
 - ours: the current engine with an adapter store: per request `engine.ensure_adapter(name)`
   (returns the seconds it waited for a load, 0.0 when the adapter was in memory), then
@@ -22,35 +18,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from bench.lora_outcomes import EngineSteps, Job, Outcome
+from bench.lora_phases import WARMUP_TOKENS, Clock
 from bench.lora_workload import TraceRequest
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.request import GenerationRequest
 
-Clock = Callable[[], float]
-"""Seconds since the current phase started."""
-
 WARMUP_REQUESTS = 2
-WARMUP_TOKENS = 8
-
-
-class ServedSystem(Protocol):
-    """What the phase drivers (bench/lora_phases.py) call; see the module docstring."""
-
-    async def warm_up(self, prompt: list[int]) -> None: ...
-    async def warm(self, adapter: str) -> None: ...
-    async def serve(self, request: TraceRequest, prompt: list[int], outcome: Outcome, clock: Clock) -> None: ...
-    async def cut(self) -> None: ...
-    def adapter_counters(self) -> tuple[int | None, int | None]: ...
-    def steps(self) -> EngineSteps | None: ...
-    async def close(self) -> None: ...
 
 
 def greedy(tokens: int) -> SamplingParams:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.cli import setup_logging
 from bench.lora_outcomes import Job, WorkerResult
+from bench.lora_phases import ServedSystem, run_phase
 
 log = logging.getLogger("bench.lora_serving")
 
@@ -35,18 +36,21 @@ def use_engine_from(root: Path) -> Path:
     return package
 
 
-async def run_job(job: Job) -> WorkerResult:
-    """Open the job's system, warm it up (untimed), run every phase, close it."""
-    from bench.lora_phases import run_phase  # imports `engine`: only after use_engine_from
-    from bench.lora_systems import ServedSystem, open_engine_system
-
-    system: ServedSystem
+def open_system(job: Job) -> ServedSystem:
+    """The job's system, loaded (blocking: nothing else runs yet). Imports the engine code it
+    needs here, after use_engine_from, and only that (peft needs no engine module but the loader)."""
     if job.system == "peft":
         from bench.lora_peft import PeftSystem
 
-        system = PeftSystem.open(job)  # blocking, as Engine.from_config: nothing else runs yet
-    else:
-        system = open_engine_system(job)
+        return PeftSystem.open(job)
+    from bench.lora_systems import open_engine_system
+
+    return open_engine_system(job)
+
+
+async def run_job(job: Job) -> WorkerResult:
+    """Open the job's system, warm it up (untimed), run every phase, close it."""
+    system = open_system(job)
     result = WorkerResult(job.system, str(Path(sys.modules["engine"].__file__).parent))
     try:
         await system.warm_up(job.warmup_prompt)
