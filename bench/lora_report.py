@@ -84,8 +84,8 @@ def header(args: argparse.Namespace, store: Path, results: Results) -> list[str]
         "- per point: TTFT and TPOT over the requests done; goodput = requests done within both SLOs / arrival "
         "window; cold = waited for its adapter's load (TTFT cold/warm over the requests done); cold requests and "
         "hit rate (warm share) over the requests whose adapter was ready before the cutoff; loads, evictions: the "
-        "system's own (ours: the engine's adapter events, into and out of host memory); rows/step, ms/step: the engine's steps; CPU others: cores busy "
-        "in other processes (other work skews the figures)",
+        "system's own (ours: the engine's adapter events, into and out of host memory); rows/step, ms/step: the "
+        "engine's steps; CPU others: cores busy in other processes (other work skews the figures)",
     ]
 
 

@@ -71,7 +71,7 @@ WORKER_TIMEOUT_S = 3600.0  # beyond the phases' own bounds: a worker that hangs
 FULL_DEFAULTS = {
     "adapters": [32], "alpha": [1.0], "arrivals": ["poisson"], "rates": [0.5, 0.75, 1.0], "duration": 60.0,
     "unloaded_requests": 8, "saturation_requests": 64, "concurrency": 32,
-    "output": Path("bench/lora-serving-results.md"), "plot": Path("bench/lora-serving.png"),
+    "output": ROOT / "bench" / "lora-serving-results.md", "plot": ROOT / "bench" / "lora-serving.png",
 }
 QUICK_DEFAULTS = {
     "adapters": [4], "alpha": [1.0], "arrivals": ["poisson"], "rates": [0.5], "duration": 10.0, "drain": 5.0,
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", type=int, nargs="+", help="adapter counts N (one sweep each)")
     p.add_argument("--alpha", type=float, nargs="+", help="power-law exponents of adapter popularity")
     p.add_argument("--arrivals", nargs="+", choices=ARRIVAL_KINDS, help="Poisson, or gamma gaps with cv 4")
-    p.add_argument("--rates", type=float, nargs="+", help="offered rates as multiples of ours' saturation")
+    p.add_argument("--rates", type=float, nargs="+",
+                   help="offered rates as multiples of ours' saturation (the first system's without ours)")
     p.add_argument("--duration", type=float, help="seconds of arrivals per point")
     p.add_argument("--drain", type=float, help="seconds after the arrivals end before unfinished requests are "
                                                "cut off (default: --duration)")
@@ -105,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-dir", type=Path, default=default_cache_dir() / "bench-adapters",
                    help="where the adapters are made once and kept")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name, hub id or folder")
-    p.add_argument("--output", type=Path, help="also write the report as markdown to this file")
-    p.add_argument("--plot", type=Path, help="PNG plot of goodput and TTFT p99 against the offered rate")
+    p.add_argument("--output", type=Path, help="also write the report as markdown to this file "
+                                               "(default bench/lora-serving-results.md; none with --quick)")
+    p.add_argument("--plot", type=Path, help="PNG plot of goodput and TTFT p99 against the offered rate "
+                                             "(default bench/lora-serving.png; none with --quick)")
     p.set_defaults(**FULL_DEFAULTS)
     return p
 
@@ -219,6 +222,11 @@ def run_point(runner: Runner, key: PointKey, phase: Phase, results: Results) -> 
 # ----- setup ----------------------------------------------------------------------------------
 
 
+def groups(args: argparse.Namespace) -> list[Group]:
+    """Every (N, alpha) of the grid, once: with one adapter alpha changes nothing (the first is kept)."""
+    return list(dict.fromkeys(Group(n, a if n > 1 else args.alpha[0]) for n in args.adapters for a in args.alpha))
+
+
 def engine_roots(args: argparse.Namespace) -> dict[System, Path]:
     """This checkout for ours and peft, the --before-root worktree (checked) for before."""
     roots: dict[System, Path] = {"ours": ROOT, "peft": ROOT}
@@ -254,7 +262,7 @@ def run(args: argparse.Namespace) -> str:
     results = Results(engines={s: describe_checkout(roots[s]) for s in args.systems})
     with tempfile.TemporaryDirectory(prefix="lora-serving-") as workdir:
         runner = Runner(args, roots, store, corpus, Path(workdir))
-        for group in [Group(n, a) for n in args.adapters for a in args.alpha]:
+        for group in groups(args):
             calibrate(runner, group, results)
             sweep(runner, group, results)
     if args.plot and results.points:
