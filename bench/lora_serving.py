@@ -20,7 +20,7 @@ an open loop per system, in alternating order over --rounds. See bench/README.md
 many adapters".
 
     python -m bench.lora_serving --quick               # 1-2 minutes: N=4, one short point
-    python -m bench.lora_serving                       # about 20 minutes: N=32, alpha 1, Poisson, 3 rates
+    python -m bench.lora_serving                       # 15-25 minutes (estimated): N=32, alpha 1, Poisson, 3 rates
     python -m bench.lora_serving --adapters 8 32 --alpha 1.0 --arrivals poisson --rates 0.5 1.0 \\
         --duration 60 --systems ours before peft
 
