@@ -59,7 +59,8 @@ from bench.cli import (
     setup_logging,
 )
 from bench.client import Endpoint, RequestResult, measure, stream_chat
-from bench.load import CpuSnapshot, safe_percentile
+from bench.cpu import CpuSnapshot
+from bench.percentiles import safe_percentile
 from bench.systems import (
     SERVE_CONFIG,
     TransformersServe,

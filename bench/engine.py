@@ -38,6 +38,7 @@ from typing import get_args
 import torch
 
 from bench.cli import parse_with_quick, publish, setup_logging
+from bench.percentiles import percentile
 from engine.config import Dtype, EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.loader import LoadedModel
@@ -322,15 +323,6 @@ def run_batch_mode(loaded: LoadedModel, requests: Sequence[BenchRequest], batch_
 
 
 # ----- measurements -----------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between order statistics."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def tokens_per_second(outcomes: Sequence[Outcome]) -> float:

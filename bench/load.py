@@ -16,10 +16,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import psutil
-
 from bench.client import Chunk, RequestResult, measure
-from bench.engine import QUESTIONS, percentile
+from bench.cpu import CpuSnapshot
+from bench.engine import QUESTIONS
+from bench.percentiles import safe_percentile
 from engine.engine import EngineStats
 
 log = logging.getLogger("bench.serve")
@@ -104,39 +104,6 @@ class LevelResult:
     def chunks_per_token(self) -> float:
         tokens = sum(r.tokens for r in self.ok)
         return sum(r.chunks for r in self.ok) / tokens if tokens else math.nan
-
-
-@dataclass(frozen=True)
-class CpuSnapshot:
-    """Busy CPU seconds of the whole machine and of this process tree (Ray's processes included)."""
-
-    machine: float
-    own: dict[int, float]
-
-    @classmethod
-    def take(cls) -> CpuSnapshot:
-        """Now; processes that end between two snapshots lose their last moments (rare here)."""
-        t = psutil.cpu_times()
-        own: dict[int, float] = {}
-        me = psutil.Process()
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                times = proc.cpu_times()
-            except psutil.Error:  # ended meanwhile
-                continue
-            own[proc.pid] = times.user + times.system
-        return cls(t.user + t.nice + t.system + t.irq + t.softirq, own)
-
-    def cores_since(self, earlier: CpuSnapshot, wall: float) -> tuple[float, float]:
-        """(cores used by this process tree, cores used by everything else) on average since `earlier`."""
-        own = sum(seconds - earlier.own.get(pid, 0.0) for pid, seconds in self.own.items())
-        other = self.machine - earlier.machine - own
-        return own / wall, max(other, 0.0) / wall
-
-
-def safe_percentile(values: Sequence[float], q: float) -> float:
-    """percentile(), or NaN for no values."""
-    return percentile(values, q) if values else math.nan
 
 
 def requests_per_level(args: argparse.Namespace, concurrency: int) -> int:

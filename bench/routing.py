@@ -46,7 +46,7 @@ from bench.cli import (
     round_orders,
     setup_logging,
 )
-from bench.load import safe_percentile
+from bench.percentiles import safe_percentile
 from bench.systems import SERVE_CONFIG, config_app_args, our_endpoint
 from deployments.app import conversation_routing
 from deployments.local import every_replica_diagnostics, local_app, local_ray

@@ -50,8 +50,8 @@ import httpx
 import torch
 
 from bench.cli import fmt, publish, setup_logging
+from bench.cpu import CpuSnapshot
 from bench.engine import QUESTIONS
-from bench.load import CpuSnapshot
 from bench.systems import SERVE_CONFIG, config_app_args, diagnostics, serve_app
 from client import bodies
 from client.stream import ErrorEvent, StreamError, aevent_data, decode_chunk
