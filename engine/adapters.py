@@ -6,7 +6,8 @@ Tiers (engine/adapter_report.py names them):
   within `adapter_device_memory` bytes.
 - **host**: read and converted (`HostAdapter`, engine/lora_weights.py) in host memory, one copy
   into the pool away from active. Least recently used first out beyond `adapter_host_memory`.
-  An active adapter keeps its host copy, so it can leave the pool and come back by a copy.
+  An active adapter keeps its host copy (counted in the pool's budget, not this one), so it can
+  leave the pool and come back by a copy.
 - **disk**: in its store or the local disk cache (engine/adapter_store.py), a fetch and a read
   away.
 
@@ -225,7 +226,8 @@ class AdapterManager:
     def report(self) -> AdapterReport:
         with self._lock:
             adapters = [self._resident_adapter(entry) for entry in self._entries.values()]
-            host_used = sum(e.host.nbytes for e in self._entries.values() if e.host is not None)
+            host_used = sum(e.host.nbytes for e in self._entries.values()
+                            if e.host is not None and e.name not in self.placements)
         layers = self.layers
         return AdapterReport(
             adapters=adapters,
@@ -268,7 +270,7 @@ class AdapterManager:
                         protected.add(name)
                     continue
                 entry = self._entries.get(name)
-                if entry is None or entry.host is None or entry.draining:
+                if entry is None or entry.host is None:  # (a draining adapter still serves its rows)
                     continue
                 if not self._place(entry, protected):
                     break  # the pool is full of adapters in use: later rows wait too
@@ -339,13 +341,14 @@ class AdapterManager:
 
     def _evict_host(self, keep: str) -> None:
         """Least recently used adapters out of host memory until the tier fits its budget,
-        skipping pinned, needed and active ones, and `keep` (just loaded) (under `_lock`)."""
-        resident = [e for e in self._entries.values() if e.host is not None]
+        skipping pinned and needed ones and `keep` (just loaded) (under `_lock`). Active adapters
+        count in the device pool's budget instead: their host copy stays while they are active."""
+        resident = [e for e in self._entries.values() if e.host is not None and e.name not in self.placements]
         used = sum(e.host.nbytes for e in resident)
         for entry in sorted(resident, key=lambda e: e.last_used):
             if used <= self.limits.host_bytes:
                 return
-            if entry.pinned or entry.users or entry.name in self.placements or entry.name == keep:
+            if entry.pinned or entry.users or entry.name == keep:
                 continue
             used -= entry.host.nbytes
             del self._entries[entry.name]

@@ -189,7 +189,7 @@ async def test_prepacked_bf16_weights_give_the_same_tokens(engine_config, adapte
     for prepack in (False, True):
         config = engine_config.model_copy(update={"dtype": "bfloat16", "prepack_weights": prepack, "kv_block_size": 4})
         engine = Engine.from_config(config)
-        layers = engine.adapters._layers
+        layers = engine.lora.layers
         assert all((layer.packed is not None or layer.fused is not None) == prepack for layer in layers.values())
         fused = {name.rsplit(".", 1)[-1] for name, layer in layers.items() if layer.fused is not None}
         assert fused == ({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} if prepack else set())
