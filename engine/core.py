@@ -92,7 +92,7 @@ class EngineCore:
         self.blocks = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.cache = PagedKVCache.for_model(loaded.model.config, num_blocks, self.block_size, loaded.dtype, loaded.device)
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_step_tokens)
-        self.runner = ModelRunner(loaded.model, self.cache, adapters)
+        self.runner = ModelRunner(loaded.model, self.cache, adapters.layers, adapters.placements)
         self.logprobs = LogprobMaker(loaded.tokenizer)
         self._incoming: deque[Row] = deque()
         self._last_rows = 0

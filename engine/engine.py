@@ -6,7 +6,7 @@ Layers (each module's docstring says more):
       EngineCore (engine/core.py, worker thread)  step() = schedule -> run -> postprocess
         Scheduler (scheduler.py)                  waiting/running rows, chunked prefill, preemption
         BlockManager (blocks.py)                  blocks, reference counts, prefix keys, LRU
-        ModelRunner (runner.py)                   packed forward with per-segment LoRA (lora.py)
+        ModelRunner (runner.py)                   packed forward, LoRA from a row pool (lora.py)
         PagedKVCache (kv_cache.py)                KV tensors written in place, paged attention
 
 Contract:
@@ -71,7 +71,8 @@ class Engine:
         self.loaded = loaded
         self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.adapters = self._worker.submit(
-            AdapterRegistry, loaded.model, config.hf_token, prepack=uses_packed_weights(loaded, config)
+            AdapterRegistry, loaded.model, config.hf_token, prepack=uses_packed_weights(loaded, config),
+            pool_bytes=config.adapter_device_memory, max_adapters=config.max_active_adapters,
         ).result()
         self.prompts = PromptBuilder(
             loaded.tokenizer, config.prompt_template, loaded.context_window, config.max_input_tokens
