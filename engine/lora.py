@@ -52,6 +52,7 @@ __all__ = ["AdapterRegistry", "LoraLayers", "LoraLinear", "Placement", "RowAlloc
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 DEFAULT_POOL_BYTES = 256 * 2**20
 DEFAULT_MAX_ADAPTERS = 32
+EMBEDDING_BAG_SUM = 0  # torch.embedding_bag's mode
 
 
 class LoraContext:
@@ -172,7 +173,10 @@ class LoraLinear(PackedLinear):
         for seg, shrunk in zip(step.segments, parts):
             out[seg.start : seg.stop].addmm_(shrunk, self.b_rows[seg.first_row : seg.first_row + seg.rank])
         for g, shrunk in zip(step.gathers, parts):
-            out[g.start : g.stop] += F.embedding_bag(g.token_rows, self.b_rows, per_sample_weights=shrunk, mode="sum")
+            expanded, *_ = torch.embedding_bag(  # F.embedding_bag's own call, without its per-call checks
+                self.b_rows, g.token_rows, g.offsets, False, EMBEDDING_BAG_SUM, False, shrunk.reshape(-1), False, -1
+            )
+            out[g.start : g.stop].add_(expanded)
 
     def write_rows(self, start: int, rank: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Rows [start, start + rank): the module's (A, B^T * scaling), zeros past its rank (or all)."""

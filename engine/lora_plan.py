@@ -84,7 +84,8 @@ class LoraGather:
     pieces: int
     length: int
     rows: torch.Tensor  # [pieces * width] pool rows of each piece's adapter, then row 0
-    token_rows: torch.Tensor  # [stop - start, width] pool rows of each token, likewise
+    token_rows: torch.Tensor  # [(stop - start) * width] pool rows of each token, likewise
+    offsets: torch.Tensor  # [stop - start] where each token's rows begin in `token_rows` (embedding_bag's bags)
     gather: torch.Tensor | None  # [pieces * length] token (from start) in each slot; None: slot i = token i
     scatter: torch.Tensor | None  # [stop - start] slot of each token; None when `gather` is
 
@@ -94,12 +95,12 @@ class LoraGather:
         start, stop = spans[0][0], spans[-1][1]
         length = min(LONG_RUN, _next_power_of_two(-(-(stop - start) // len(spans))))
         rows: list[int] = []
-        token_rows: list[list[int]] = []
+        token_rows: list[int] = []
         gather: list[int] = []
         scatter: list[int] = []
         for first, last, placement in spans:
             own = list(range(placement.start, placement.start + placement.rank)) + [0] * (width - placement.rank)
-            token_rows += [own] * (last - first)
+            token_rows += own * (last - first)
             for piece in range(first, last, length):
                 tokens = range(piece - start, min(piece + length, last) - start)
                 scatter += range(len(gather), len(gather) + len(tokens))
@@ -110,6 +111,7 @@ class LoraGather:
             start, stop, width, len(rows) // width, length,
             rows=torch.tensor(rows, device=device),
             token_rows=torch.tensor(token_rows, device=device),
+            offsets=torch.arange(0, len(token_rows), width, device=device),
             gather=torch.tensor(gather, device=device) if padded else None,
             scatter=torch.tensor(scatter, device=device) if padded else None,
         )
