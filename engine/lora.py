@@ -3,10 +3,12 @@
 Data structures (the Punica BGMV / S-LoRA idea in plain torch, on any device):
 
 - `LoraLayers` puts a `LoraLinear` in the place of every `nn.Linear` of the model but the
-  LM head. Each holds a **row pool**: `a_rows [P + 1, in]` and `b_rows [P + 1, out]` on the
+  LM head. Each has a **row pool**: `a_rows [P + 1, in]` and `b_rows [P + 1, out]` on the
   model's device and dtype, P = `capacity_rows` = `pool_bytes // bytes_per_row` (bytes_per_row
   = the sum over the wrapped layers of (in + out) * element size). Row 0 is all zeros, the
-  target of every padding index.
+  target of every padding index. Siblings that read one input (q/k/v, gate/up) keep their
+  A rows side by side in one `LoraShrink` (`[P + 1, members, in]`), which shrinks the input
+  once for all of them; B rows are each layer's own.
 - An adapter of rank r occupies r contiguous rows, the same in every layer (one allocator,
   `RowAllocator`, for all layers): its `Placement`. Row i holds A[i] and B[:, i] * scaling (B
   transposed, the scaling folded in), so a layer's LoRA output for the adapter at rows
@@ -126,7 +128,10 @@ class LoraShrink:
             tokens = x[g.start : g.stop]
             if g.gather is not None:
                 tokens = tokens.index_select(0, g.gather)
-            a = self.a_rows.index_select(0, g.rows).view(g.pieces, g.width * self.members, self.in_features)
+            rows = self.a_rows[g.first_row : g.first_row + g.pieces * g.width] if g.rows is None else (
+                self.a_rows.index_select(0, g.rows)
+            )
+            a = rows.view(g.pieces, g.width * self.members, self.in_features)
             shrunk = torch.bmm(tokens.view(g.pieces, g.length, self.in_features), a.transpose(1, 2))
             shrunk = shrunk.view(-1, g.width * self.members)
             if g.scatter is not None:

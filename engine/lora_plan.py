@@ -19,8 +19,10 @@ every layer then reads:
 A gathered class is cut into **pieces** of `length` tokens of one adapter each (an adapter's
 tokens, split; the last piece padded by repeating a token whose result is then dropped).
 The shrink is one `bmm` of the pieces' tokens [pieces, length, in] with their adapters' A
-rows gathered once per piece [pieces, width, in]; the expand is one `embedding_bag` over the
-B rows of every token, weighted by its shrink (each B row read in place, nothing gathered).
+rows gathered once per piece [pieces, width, in] (a view instead when the pieces' rows lie
+end to end in the pool: adapters of the class's rank placed side by side, no piece padded);
+the expand is one `embedding_bag` over the B rows of every token, weighted by its shrink
+(each B row read in place, nothing gathered).
 So the number of ops per layer depends on the number of rank classes present, not on the
 number of adapters. `length` is the mean number of tokens per adapter rounded up to a power
 of two: decode steps have pieces of single tokens, prefill chunks pieces of whole chunks.
@@ -83,7 +85,8 @@ class LoraGather:
     width: int
     pieces: int
     length: int
-    rows: torch.Tensor  # [pieces * width] pool rows of each piece's adapter, then row 0
+    rows: torch.Tensor | None  # [pieces * width] pool rows of each piece's adapter, then row 0; None: first_row on
+    first_row: int  # with `rows` None, the pieces' rows are [first_row, first_row + pieces * width): a view
     token_rows: torch.Tensor  # [(stop - start) * width] pool rows of each token, likewise
     offsets: torch.Tensor  # [stop - start] where each token's rows begin in `token_rows` (embedding_bag's bags)
     gather: torch.Tensor | None  # [pieces * length] token (from start) in each slot; None: slot i = token i
@@ -107,9 +110,10 @@ class LoraGather:
                 gather += [*tokens] + [tokens[0]] * (length - len(tokens))
                 rows += own
         padded = len(gather) != stop - start
+        adjacent = rows == list(range(rows[0], rows[0] + len(rows)))  # no gaps, no padding rows
         return cls(
             start, stop, width, len(rows) // width, length,
-            rows=torch.tensor(rows, device=device),
+            rows=None if adjacent else torch.tensor(rows, device=device), first_row=rows[0],
             token_rows=torch.tensor(token_rows, device=device),
             offsets=torch.arange(0, len(token_rows), width, device=device),
             gather=torch.tensor(gather, device=device) if padded else None,

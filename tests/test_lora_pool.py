@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from engine.config import SamplingParams
 from engine.errors import InvalidRequestError
 from engine.lora import LoraLayers
-from engine.lora_plan import LONG_RUN, LoraStep, rank_class
+from engine.lora_plan import LONG_RUN, LoraStep, Placement, rank_class
 from engine.lora_weights import read_adapter
 from engine.request import GenerationRequest
 from tests.tiny_models import LONG_TEXT, ids, save_tiny_adapter
@@ -238,3 +238,24 @@ def test_identity_changes_with_weights_and_name(tiny_model_dir, adapter_dirs):
     assert alpha.identity != read_adapter("alpha", adapter_dirs["beta"], layers.linear_shapes, torch.float32).identity
     assert alpha.identity != read_adapter("other", adapter_dirs["alpha"], layers.linear_shapes, torch.float32).identity
     assert alpha.identity.startswith(b"alpha#")
+
+
+def test_the_plan_cuts_classes_into_pieces_and_views_rows_that_lie_end_to_end():
+    cpu = torch.device("cpu")
+    a, b, c = Placement(1, 8, 8), Placement(9, 8, 8), Placement(17, 12, 16)
+    # decode tokens of a and b (one each), a 40-token run of c: a and b gathered, c a segment
+    plan = LoraStep.build([(0, 1, a), (1, 2, b), (2, 42, c)], cpu)
+    assert [(s.start, s.stop, s.first_row, s.rank) for s in plan.segments] == [(2, 42, 17, 12)]
+    (gather,) = plan.gathers
+    assert (gather.width, gather.pieces, gather.length, gather.rows, gather.first_row) == (8, 2, 1, None, 1)
+    assert gather.gather is None and gather.scatter is None  # one token per piece: no padding
+    assert gather.token_rows.view(2, 8).tolist() == [list(range(1, 9)), list(range(9, 17))]
+    # 3 tokens of a, 1 of b: pieces of 2 tokens (a's cut in two), padded by repeating a token;
+    # 1 of c (class 16, rank 12): its rows padded with row 0
+    plan = LoraStep.build([(0, 3, a), (3, 4, b), (4, 5, c)], cpu)
+    first, second = plan.gathers
+    assert (first.pieces, first.length) == (3, 2)
+    assert first.rows.tolist() == [*range(1, 9), *range(1, 9), *range(9, 17)]  # a twice: gathered
+    assert first.gather.tolist() == [0, 1, 2, 2, 3, 3] and first.scatter.tolist() == [0, 1, 2, 4]
+    assert (second.start, second.width) == (4, 16) and second.rows.tolist() == list(range(17, 29)) + [0] * 4
+    assert not LoraStep.build([], cpu) and not LoraStep()  # empty: the base model only
