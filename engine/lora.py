@@ -1,114 +1,360 @@
-"""LoRA adapters on one base model, applied per token segment of a packed forward.
+"""LoRA adapters on one base model: a row pool per Linear layer, computed per step's plan.
 
-The engine runs every scheduled token of every request as one packed row, sorted so that
-the tokens of each adapter are contiguous (`LoraContext.segments`). PEFT does the reading:
-config, target modules, rank and alpha patterns, weights. After PEFT injects an adapter, the
-registry takes each target layer's A and B matrices and scaling, removes PEFT's wrappers again
-(`unload()`), and puts a `LoraLinear` in the place of each targeted `nn.Linear`. It computes the
-base layer for all tokens, then adds `B(A(x)) * scaling` to each adapter's segment only, as
-S-LoRA and Punica do (with a loop over segments instead of their fused kernels). A step of
-base-model rows pays one Python call per wrapped layer, not PEFT's per-row bookkeeping.
+Data structures (the Punica BGMV / S-LoRA idea in plain torch, on any device):
 
-Adapters whose output is not a per-token function of a Linear layer's input are refused:
-DoRA and other LoRA variants, LoRA biases, embedding or lm_head targets, `modules_to_save`.
+- `LoraLayers` puts a `LoraLinear` in the place of every `nn.Linear` of the model but the
+  LM head. Each has a **row pool**: `a_rows [P + 1, in]` and `b_rows [P + 1, out]` on the
+  model's device and dtype, P = `capacity_rows` = `pool_bytes // bytes_per_row` (bytes_per_row
+  = the sum over the wrapped layers of (in + out) * element size). Row 0 is all zeros, the
+  target of every padding index. Siblings that read one input (q/k/v, gate/up) keep their
+  A rows side by side in one `LoraShrink` (`[P + 1, members, in]`), which shrinks the input
+  once for all of them; B rows are each layer's own.
+- An adapter of rank r occupies r contiguous rows, the same in every layer (one allocator,
+  `RowAllocator`, for all layers): its `Placement`. Row i holds A[i] and B[:, i] * scaling (B
+  transposed, the scaling folded in), so a layer's LoRA output for the adapter at rows
+  [s, s + r) is `x @ a_rows[s:s+r].T @ b_rows[s:s+r]`. A module of lower rank fills its first
+  rows and zeros the rest; a layer the adapter does not target gets zeros. At most
+  `max_adapters` are placed at once.
+- Per step the runner sets `context.step`, one `LoraStep` plan (engine/lora_plan.py) that every
+  layer follows: segments (long runs of one adapter: matmuls on views of its rows) and
+  gathered rank classes (one batched shrink and one `embedding_bag` expand per class, however
+  many adapters it mixes). An empty plan (a base-model step) costs nothing beyond the base
+  matmul.
 
-Each adapter has an identity (its name and a hash of its weights) that the prefix cache puts
-into its block keys, so KV computed under one adapter is never reused under another, nor
-under a reload of the same name with other weights.
+The base matmul is the layer's own (`PackedLinear`): with `prepack`, a oneDNN-packed copy of
+the weight, and siblings that read one input (q/k/v, gate/up) share one packed matmul
+(engine/fused_linear.py); LoRA adds in place into each member's columns of it.
 
-Thread: the engine calls `load`/`unload` on its worker thread between steps, and the runner
-sets `context.segments` before each forward on the same thread.
+`AdapterRegistry` keeps the older by-name API (load, unload, identity, check) on top: load =
+`read_adapter` (engine/lora_weights.py) + `place`; its `placements` is what the runner reads.
+
+One step end to end: the runner orders chunks by `order_key`, builds the plan from each
+chunk's token range and its adapter's Placement, sets `context.step`, runs the model (each
+LoraLinear: base output, then the plan's LoRA added in place), and clears `context.step`.
+
+Threads: `place` and `remove` (and AdapterRegistry's load/unload) run on the engine's worker
+thread between steps, as does every forward; `read_adapter` may run on any thread.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from engine.errors import InvalidRequestError, UnknownAdapterError
 from engine.fused_linear import FUSABLE_GROUPS, FusedProjection
+from engine.lora_plan import LoraStep, Placement, rank_class
+from engine.lora_weights import HostAdapter, read_adapter
+
+__all__ = ["AdapterRegistry", "LoraLayers", "LoraLinear", "Placement", "RowAllocator", "fuse_siblings"]
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-PEFT_PREFIX = "base_model.model."
+DEFAULT_POOL_BYTES = 256 * 2**20
+DEFAULT_MAX_ADAPTERS = 32
+EMBEDDING_BAG_SUM = 0  # torch.embedding_bag's mode
+# Segments of at most this many tokens are computed in float32: on this CPU a bf16 matmul
+# (oneDNN) costs about 40-60 us however small, a float32 one (MKL) about 5; the conversions
+# of such a segment's tokens and rows are small. Measured: 32 decode rows of one adapter,
+# 9-10 ms less per step (of about 100). Longer segments (prefill) stay in the model dtype.
+SHORT_SEGMENT = 64
 
 
-@dataclass
 class LoraContext:
-    """What the LoRA layers need to know about the current forward: (adapter, start, stop)
-    token ranges of the packed row; tokens outside every segment use the base model."""
+    """What the LoRA layers need to know about the current forward: the step's plan."""
 
-    segments: list[tuple[str, int, int]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class LoraWeights:
-    a: torch.Tensor  # [rank, in_features]
-    b: torch.Tensor  # [out_features, rank]
-    scaling: float
+    def __init__(self) -> None:
+        self.step = LoraStep()
 
 
-class LoraLinear(torch.nn.Linear):
-    """A Linear layer (sharing the base layer's parameters) that adds each segment's LoRA.
+class PackedLinear(torch.nn.Linear):
+    """A Linear layer sharing the base layer's parameters, optionally on a packed weight.
 
-    With `prepack`, the base matmul uses a copy of the weight in oneDNN's blocked layout:
-    on this CPU (bf16) 1.6-1.9x faster than `F.linear` on weights that are not in cache, and
-    bitwise equal to it. It costs the weight's memory again. Sibling layers that read the same
-    input share one packed matmul (`fused`, engine/fused_linear.py)."""
+    With `prepack`, the matmul uses a copy of the weight in oneDNN's blocked layout: on this
+    CPU (bf16) 1.6-1.9x faster than `F.linear` on weights that are not in cache, and bitwise
+    equal to it. It costs the weight's memory again. Sibling layers that read the same input
+    share one packed matmul (`fused`, engine/fused_linear.py)."""
 
-    def __init__(self, base: torch.nn.Linear, context: LoraContext, prepack: bool = False):
+    def __init__(self, base: torch.nn.Linear, prepack: bool = False):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.context = context
-        self.adapters: dict[str, LoraWeights] = {}
         self.packed = torch.ops.mkldnn._reorder_linear_weight(base.weight.detach(), 16) if prepack else None
         self.fused: tuple[FusedProjection, int] | None = None  # (group, member index): see fuse_siblings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
             group, member = self.fused
-            out = group.output(member, x)
-        elif self.packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        else:
-            out = F.linear(x, self.weight, self.bias)
-        for name, start, stop in self.context.segments:
-            lora = self.adapters.get(name)
-            if lora is not None:
-                out[:, start:stop] += F.linear(F.linear(x[:, start:stop], lora.a), lora.b) * lora.scaling
+            return group.output(member, x)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class LoraShrink:
+    """The A rows of sibling layers that read one input (q/k/v, gate/up, or a layer alone),
+    and their shrink, computed once per input for all of them.
+
+    `a_rows [P + 1, members, in]`: row p holds every member's A row p, so one gather (or one
+    view, for a segment) and one matmul serve the whole group: on this CPU (bf16, 32 decode
+    tokens of 32 adapters) the q/k/v shrink as one batched matmul took about as long as one
+    member's alone, since each call's fixed cost dominates. The first member called with a
+    new input computes every member's part; each member then takes its own, and once all
+    have, the group drops them (as engine/fused_linear.py does with the base output)."""
+
+    def __init__(self, members: int, in_features: int, rows: int, dtype: torch.dtype, device: torch.device):
+        self.members, self.in_features = members, in_features
+        self.a_rows = torch.empty(rows + 1, members, in_features, dtype=dtype, device=device)
+        self.a_rows[0].zero_()  # rows past 0 are written whole when placed (empty: untouched pages stay free)
+        self._input: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
+        self._taken: set[int] = set()
+
+    def parts(self, member: int, x: torch.Tensor, step: LoraStep) -> list[torch.Tensor]:
+        """Member `member`'s shrink of `x` [tokens, in]: one [n, rank] part per segment, then
+        one [n, width] part per gather, as `step` lists them (each contiguous)."""
+        if self._input is not x or member in self._taken:  # `x` as the model passed it: siblings share it
+            self._parts, self._input, self._taken = self._shrink(x.reshape(-1, self.in_features), step), x, set()
+        parts = self._parts
+        self._taken.add(member)
+        if len(self._taken) == self.members:
+            self._input, self._parts = None, []
+        return [part[member] for part in parts]
+
+    def _shrink(self, x: torch.Tensor, step: LoraStep) -> list[torch.Tensor]:
+        """Every member's shrink, [members, n, rank or width] per segment and gather."""
+        parts = []
+        for seg in step.segments:
+            tokens = x[seg.start : seg.stop]
+            a = self.a_rows[seg.first_row : seg.first_row + seg.rank].view(-1, self.in_features)
+            if seg.stop - seg.start <= SHORT_SEGMENT:
+                tokens, a = tokens.float(), a.float()
+            parts.append(self._by_member(tokens @ a.T, seg.rank))
+        for g in step.gathers:
+            tokens = x[g.start : g.stop]
+            if g.gather is not None:
+                tokens = tokens.index_select(0, g.gather)
+            rows = self.a_rows[g.first_row : g.first_row + g.pieces * g.width] if g.rows is None else (
+                self.a_rows.index_select(0, g.rows)
+            )
+            a = rows.view(g.pieces, g.width * self.members, self.in_features)
+            shrunk = torch.bmm(tokens.view(g.pieces, g.length, self.in_features), a.transpose(1, 2))
+            shrunk = shrunk.view(-1, g.width * self.members)
+            if g.scatter is not None:
+                shrunk = shrunk.index_select(0, g.scatter)
+            parts.append(self._by_member(shrunk, g.width))
+        return parts
+
+    def _by_member(self, shrunk: torch.Tensor, width: int) -> torch.Tensor:
+        """[n, width * members] (row j of member m in column j * members + m) -> [members, n, width]."""
+        if self.members == 1:
+            return shrunk.view(1, -1, width)
+        return shrunk.view(-1, width, self.members).permute(2, 0, 1).contiguous()
+
+
+class LoraLinear(PackedLinear):
+    """A PackedLinear with B rows (`b_rows [P + 1, out]`) and a member's place in a LoraShrink,
+    adding the LoRA of the step's plan (`context.step`) to its output in place."""
+
+    def __init__(self, base: torch.nn.Linear, context: LoraContext, shrink: LoraShrink, member: int,
+                 prepack: bool = False):
+        super().__init__(base, prepack)
+        self.context, self.shrink, self.member = context, shrink, member
+        rows = shrink.a_rows.shape[0]
+        self.b_rows = torch.empty(rows, self.out_features, dtype=base.weight.dtype, device=base.weight.device)
+        self.b_rows[0].zero_()
+
+    @property
+    def a_rows(self) -> torch.Tensor:
+        """This layer's A rows [P + 1, in] (a view into its shrink group's)."""
+        return self.shrink.a_rows[:, self.member]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        step = self.context.step
+        if step:
+            self.add_lora(x, out.view(-1, self.out_features), step)
         return out
 
-    def as_linear(self) -> torch.nn.Linear:
-        """A plain Linear with the same parameters (what PEFT expects to wrap)."""
-        linear = torch.nn.Linear(0, 0, bias=False, device="meta")
-        linear.in_features, linear.out_features = self.in_features, self.out_features
-        linear.weight, linear.bias = self.weight, self.bias
-        return linear
+    def add_lora(self, x: torch.Tensor, out: torch.Tensor, step: LoraStep) -> None:
+        """out[t] += LoRA of token t (`x` [..., tokens, in], `out` [tokens, out], in place), as
+        `step` says: a segment's expand is one matmul on a view of its B rows (`addmm_`, or in
+        float32 for a short one), a gather's one `embedding_bag` reading each token's B rows
+        where they lie, weighted by its shrink."""
+        parts = iter(self.shrink.parts(self.member, x, step))
+        for seg, shrunk in zip(step.segments, parts):
+            b = self.b_rows[seg.first_row : seg.first_row + seg.rank]
+            if shrunk.dtype == b.dtype:
+                out[seg.start : seg.stop].addmm_(shrunk, b)
+            else:  # a short segment, in float32 (SHORT_SEGMENT)
+                out[seg.start : seg.stop].add_(shrunk @ b.float())
+        for g, shrunk in zip(step.gathers, parts):
+            expanded, *_ = torch.embedding_bag(  # F.embedding_bag's own call, without its per-call checks
+                self.b_rows, g.token_rows, g.offsets, False, EMBEDDING_BAG_SUM, False, shrunk.reshape(-1), False, -1
+            )
+            out[g.start : g.stop].add_(expanded)
+
+    def write_rows(self, start: int, rank: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Rows [start, start + rank): the module's (A, B^T * scaling), zeros past its rank (or all)."""
+        filled = 0
+        a_rows = self.a_rows
+        if weights is not None:
+            a, b = weights
+            filled = a.shape[0]
+            a_rows[start : start + filled].copy_(a, non_blocking=True)
+            self.b_rows[start : start + filled].copy_(b, non_blocking=True)
+        a_rows[start + filled : start + rank].zero_()
+        self.b_rows[start + filled : start + rank].zero_()
+
+
+class RowAllocator:
+    """First-fit allocation of contiguous runs among rows 1..capacity (row 0 stays zero)."""
+
+    def __init__(self, capacity: int):
+        self._runs: list[tuple[int, int]] = [(1, capacity)] if capacity > 0 else []  # free (start, count), sorted
+
+    @property
+    def free(self) -> int:
+        return sum(count for _, count in self._runs)
+
+    def take(self, count: int) -> int | None:
+        """The start of `count` contiguous free rows, now taken; None when no run is long enough."""
+        for i, (start, free) in enumerate(self._runs):
+            if free >= count:
+                self._runs[i : i + 1] = [(start + count, free - count)] if free > count else []
+                return start
+        return None
+
+    def give(self, start: int, count: int) -> None:
+        """Free rows [start, start + count), merged with free neighbours."""
+        runs = sorted([*self._runs, (start, count)])
+        merged = [runs[0]]
+        for run_start, run_count in runs[1:]:
+            last_start, last_count = merged[-1]
+            if last_start + last_count == run_start:
+                merged[-1] = (last_start, last_count + run_count)
+            else:
+                merged.append((run_start, run_count))
+        self._runs = merged
+
+
+class LoraLayers:
+    """The model's LoRA layers and their shared row pool (module docstring).
+
+    Thread rule: `place` and `remove` on the engine's worker thread, between steps."""
+
+    def __init__(self, model: PreTrainedModel, pool_bytes: int, max_adapters: int, prepack: bool = False):
+        self.context = LoraContext()
+        self.max_adapters = max_adapters
+        targets, heads = _linear_layers(model)
+        self.linear_shapes = {name: (m.in_features, m.out_features) for name, m in targets.items()}
+        self.bytes_per_row = sum((m.in_features + m.out_features) * m.weight.element_size() for m in targets.values())
+        self.capacity_rows = pool_bytes // self.bytes_per_row if self.bytes_per_row else 0
+        self.layers: dict[str, LoraLinear] = {}
+        for names in _shrink_groups(model, targets):
+            first = targets[names[0]].weight
+            shrink = LoraShrink(len(names), targets[names[0]].in_features, self.capacity_rows, first.dtype, first.device)
+            for member, name in enumerate(names):
+                self.layers[name] = LoraLinear(targets[name], self.context, shrink, member, prepack)
+                model.set_submodule(name, self.layers[name])
+        if prepack:
+            for name, base in heads.items():
+                model.set_submodule(name, PackedLinear(base, prepack))
+            fuse_siblings(model)
+        self._rows = RowAllocator(self.capacity_rows)
+        self._placed: set[Placement] = set()
+
+    @property
+    def free_rows(self) -> int:
+        return self._rows.free
+
+    def place(self, adapter: HostAdapter) -> Placement | None:
+        """Copy the adapter into a contiguous run of free rows; None when no run or no slot is
+        free (the caller evicts another adapter and retries; nothing is evicted here)."""
+        if unknown := adapter.weights.keys() - self.layers.keys():
+            raise ValueError(f"adapter {adapter.name!r} has weights for layers this model lacks: {sorted(unknown)[:3]}")
+        if len(self._placed) >= self.max_adapters:
+            return None
+        start = self._rows.take(adapter.rank)
+        if start is None:
+            return None
+        for name, layer in self.layers.items():
+            layer.write_rows(start, adapter.rank, adapter.weights.get(name))
+        placement = Placement(start, adapter.rank, rank_class(adapter.rank))
+        self._placed.add(placement)
+        return placement
+
+    def remove(self, placement: Placement) -> None:
+        """Free the adapter's rows; no step may use them after this. They keep their values
+        until a later `place` writes all of them (nothing reads rows outside a placement)."""
+        self._placed.remove(placement)
+        self._rows.give(placement.start, placement.rank)
+
+
+def _linear_layers(model: PreTrainedModel) -> tuple[dict[str, torch.nn.Linear], dict[str, torch.nn.Linear]]:
+    """({name: layer} of the plain Linear layers that take LoRA, {name: layer} of the LM heads)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets, heads = {}, {}
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear:
+            is_head = module is head or name.rsplit(".", 1)[-1] == "lm_head"
+            (heads if is_head else targets)[name] = module
+    return targets, heads
+
+
+def _shrink_groups(model: torch.nn.Module, targets: dict[str, torch.nn.Linear]) -> list[list[str]]:
+    """Names of the target layers, grouped as siblings that read one input (FUSABLE_GROUPS,
+    alike in input size, dtype and device); every other layer alone."""
+    groups, grouped = [], set()
+    for parent_name, parent in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        for names in FUSABLE_GROUPS:
+            full = [prefix + name for name in names]
+            members = [targets.get(name) for name in full]
+            if all(m is not None for m in members) and FusedProjection.can_fuse(members):
+                groups.append(full)
+                grouped.update(full)
+    return groups + [[name] for name in targets if name not in grouped]
+
+
+def fuse_siblings(model: torch.nn.Module) -> None:
+    """Give each group of packed sibling layers (q/k/v, gate/up: FUSABLE_GROUPS) one matmul
+    (engine/fused_linear.py); the members' own packed copies are dropped."""
+    for parent in model.modules():
+        for names in FUSABLE_GROUPS:
+            members = [getattr(parent, name, None) for name in names]
+            if not all(isinstance(m, PackedLinear) and m.packed is not None for m in members):
+                continue
+            if not FusedProjection.can_fuse(members):
+                continue
+            group = FusedProjection([m.weight for m in members], [m.bias for m in members])
+            for index, member in enumerate(members):
+                member.fused, member.packed = (group, index), None
 
 
 class AdapterRegistry:
-    """The LoRA adapters loaded on a base model, by name."""
+    """The LoRA adapters loaded on a base model, by name: `read_adapter` + `LoraLayers.place`.
 
-    def __init__(self, model: PreTrainedModel, hf_token: str | None = None, prepack: bool = False):
-        """Wraps every Linear layer of `model` (see LoraLinear); `prepack` as there."""
-        self._model = model
-        self._hf_token = hf_token
-        self.context = LoraContext()
+    The runner reads `layers` and `placements` (name -> Placement)."""
+
+    def __init__(
+        self, model: PreTrainedModel, hf_token: str | None = None, prepack: bool = False,
+        pool_bytes: int = DEFAULT_POOL_BYTES, max_adapters: int = DEFAULT_MAX_ADAPTERS,
+    ):
+        """Wraps every Linear layer of `model` but the LM head (LoraLayers); `prepack` as there.
+        `hf_token` is kept for callers; adapters are read from local folders."""
+        self.layers = LoraLayers(model, pool_bytes, max_adapters, prepack)
+        self.context = self.layers.context
+        self.placements: dict[str, Placement] = {}
+        self._dtype = next(model.parameters()).dtype
         self._sources: dict[str, str] = {}
-        self._identities: dict[str, bytes] = {}
-        self._layers: dict[str, LoraLinear] = {}  # module name -> wrapper
-        linears = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear]
-        for name in linears:
-            self._wrapper(name, prepack)
-        if prepack:
-            fuse_siblings(model)
+        self._identities: dict[str, bytes] = {}  # the weights stay only in the pool
+
+    @property
+    def _layers(self) -> dict[str, LoraLinear]:
+        return self.layers.layers
 
     @property
     def names(self) -> list[str]:
@@ -128,104 +374,25 @@ class AdapterRegistry:
             raise UnknownAdapterError(f"adapter {name!r} is not loaded (loaded: {loaded})")
 
     def load(self, name: str, source: str) -> None:
-        """Load a PEFT LoRA adapter from a folder or hub id under `name` (same source: no-op)."""
+        """Load a PEFT LoRA adapter from a folder under `name` (same source: no-op)."""
         if not ADAPTER_NAME.match(name):
             raise InvalidRequestError(f"invalid adapter name {name!r}")
         if name in self._sources:
             if self._sources[name] == source:
                 return
             raise InvalidRequestError(f"adapter {name!r} is already loaded from {self._sources[name]}")
-        weights = self._read_with_peft(name, source)
-        for module_name, lora in weights.items():
-            self._wrapper(module_name).adapters[name] = lora
-        self._sources[name] = source
-        self._identities[name] = adapter_identity(name, weights)
+        adapter = read_adapter(name, source, self.layers.linear_shapes, self._dtype)
+        placement = self.layers.place(adapter)
+        if placement is None:
+            raise InvalidRequestError(
+                f"no room for adapter {name!r} (rank {adapter.rank}): {len(self.placements)} adapters hold the "
+                f"pool ({self.layers.free_rows} of {self.layers.capacity_rows} rows free); unload one first"
+            )
+        self.placements[name] = placement
+        self._sources[name], self._identities[name] = source, adapter.identity
 
     def unload(self, name: str) -> None:
         """Forget a loaded adapter's weights; the caller ensures no row still uses it."""
         self.check(name)
-        for layer in self._layers.values():
-            layer.adapters.pop(name, None)
+        self.layers.remove(self.placements.pop(name))
         del self._sources[name], self._identities[name]
-
-    def _read_with_peft(self, name: str, source: str) -> dict[str, LoraWeights]:
-        """Let PEFT inject the adapter into the plain model, take its weights, remove PEFT."""
-        self._swap_wrappers(to_plain=True)
-        try:
-            try:
-                peft_model = PeftModel.from_pretrained(self._model, source, adapter_name=name, token=self._hf_token)
-            except (OSError, ValueError) as err:
-                raise InvalidRequestError(f"cannot load adapter {name!r} from {source!r}: {err}") from err
-            try:
-                return extract_lora_weights(peft_model, name, self._model.dtype)
-            finally:
-                peft_model.unload()
-        finally:
-            self._swap_wrappers(to_plain=False)
-
-    def _wrapper(self, module_name: str, prepack: bool = False) -> LoraLinear:
-        layer = self._layers.get(module_name)
-        if layer is None:
-            base = self._model.get_submodule(module_name)
-            layer = self._layers[module_name] = LoraLinear(base, self.context, prepack)
-            self._model.set_submodule(module_name, layer)
-        return layer
-
-    def _swap_wrappers(self, to_plain: bool) -> None:
-        """Put plain Linear layers (for PEFT to wrap) or our wrappers in the targeted places."""
-        for module_name, layer in self._layers.items():
-            self._model.set_submodule(module_name, layer.as_linear() if to_plain else layer)
-
-
-def fuse_siblings(model: torch.nn.Module) -> None:
-    """Give each group of packed sibling layers (q/k/v, gate/up: FUSABLE_GROUPS) one matmul
-    (engine/fused_linear.py); the members' own packed copies are dropped."""
-    for parent in model.modules():
-        for names in FUSABLE_GROUPS:
-            members = [getattr(parent, name, None) for name in names]
-            if not all(isinstance(m, LoraLinear) and m.packed is not None for m in members):
-                continue
-            if not FusedProjection.can_fuse(members):
-                continue
-            group = FusedProjection([m.weight for m in members], [m.bias for m in members])
-            for index, member in enumerate(members):
-                member.fused, member.packed = (group, index), None
-
-
-def extract_lora_weights(peft_model: PeftModel, name: str, dtype: torch.dtype) -> dict[str, LoraWeights]:
-    """{base module name: weights} of adapter `name`, refusing what is not plain per-token LoRA."""
-    config = peft_model.peft_config[name]
-    for unsupported in ("modules_to_save", "trainable_token_indices"):
-        if getattr(config, unsupported, None):
-            raise InvalidRequestError(f"adapter {name!r}: {unsupported} is not supported")
-    weights = {}
-    for module_name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or name not in module.scaling:
-            continue
-        base_name = module_name.removeprefix(PEFT_PREFIX)
-        if (
-            name not in module.lora_A or name in module.lora_variant or module.lora_bias.get(name)
-            or not isinstance(module.get_base_layer(), torch.nn.Linear) or base_name.endswith("lm_head")
-        ):
-            raise InvalidRequestError(
-                f"adapter {name!r}: only plain LoRA on Linear layers inside the model is supported "
-                f"(not DoRA, LoRA bias, embeddings or lm_head; found {base_name})"
-            )
-        a = module.lora_A[name].weight.detach().to(dtype).contiguous()
-        b = module.lora_B[name].weight.detach().to(dtype).contiguous()
-        weights[base_name] = LoraWeights(a, b, float(module.scaling[name]))
-    if not weights:
-        raise InvalidRequestError(f"adapter {name!r} has no LoRA layers")
-    return weights
-
-
-def adapter_identity(name: str, weights: dict[str, LoraWeights]) -> bytes:
-    """Name plus a hash of every weight: a reload under the same name with new weights differs."""
-    digest = hashlib.blake2b(name.encode(), digest_size=16)
-    for module_name in sorted(weights):
-        lora = weights[module_name]
-        digest.update(module_name.encode())
-        digest.update(repr(lora.scaling).encode())
-        for tensor in (lora.a, lora.b):
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return name.encode() + b"#" + digest.digest()

@@ -1,7 +1,11 @@
 """One forward pass over a step's chunks: packed inputs, adapters per segment, logits to sample.
 
 Every chunk of the step (decode tokens and prompt chunks alike) goes into one packed row
-`[1, T]`, ordered by adapter so that each adapter's tokens form one segment (engine/lora.py).
+`[1, T]`, ordered by `order_key` (engine/lora_plan.py): base-model chunks first, then long
+runs of one adapter, then the other adapters' chunks by rank class, each adapter's chunks
+together. The step's LoRA plan (`LoraStep`) says which pool rows each token uses; every LoRA
+layer reads it from `LoraLayers.context` (engine/lora.py). The runner needs only the layers
+and each adapter's `Placement` (a mapping name -> Placement that its owner keeps current).
 The row's positions are the tokens' positions in their own sequences, and `StepLayout` tells
 the attention layers which slots to write and which runs to read (engine/kv_cache.py). Only
 the last position of each chunk that samples reaches the LM head (`logits_to_keep`), plus,
@@ -12,8 +16,9 @@ Thread: the engine core's worker thread.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from itertools import groupby
 
 import torch
 from transformers import PreTrainedModel
@@ -21,7 +26,8 @@ from transformers import PreTrainedModel
 from engine.attention import SHORT_CONTEXT, use_paged_attention
 from engine.kv_cache import PagedKVCache, SequenceLayout, ShortDecodes, StepLayout
 from engine.logprobs import PromptSpan, prompt_positions
-from engine.lora import AdapterRegistry
+from engine.lora import LoraLayers
+from engine.lora_plan import LoraStep, Placement, order_key
 from engine.row import Row
 from engine.scheduler import ScheduledChunk
 
@@ -34,7 +40,7 @@ class PackedStep:
     position_ids: torch.Tensor  # [1, T]
     keep: torch.Tensor  # [S] positions in the row whose logits are sampled
     layout: StepLayout
-    segments: list[tuple[str, int, int]]  # (adapter, start, stop) in the row
+    lora: LoraStep  # which pool rows each token uses (empty: base model only)
     sampled_rows: list[Row]
     prompt_spans: list[PromptSpan] = field(default_factory=list)  # kept after the sampled positions
 
@@ -52,11 +58,16 @@ class StepLogits:
 class ModelRunner:
     """Runs the model on packed steps over the engine's KV cache."""
 
-    def __init__(self, model: PreTrainedModel, cache: PagedKVCache, adapters: AdapterRegistry):
+    def __init__(
+        self, model: PreTrainedModel, cache: PagedKVCache, lora: LoraLayers, placements: Mapping[str, Placement]
+    ):
+        """`placements`: each loaded adapter's rows, read at every step (its owner updates it
+        between steps)."""
         use_paged_attention(model)
         self.model = model
         self.cache = cache
-        self.adapters = adapters
+        self.lora = lora
+        self.placements = placements
         self.device = next(model.parameters()).device
 
     def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
@@ -65,7 +76,7 @@ class ModelRunner:
         Call under `torch.inference_mode()`."""
         step = self.pack(chunks)
         self.cache.layout = step.layout
-        self.adapters.context.segments = step.segments
+        self.lora.context.step = step.lora
         try:
             out = self.model(
                 input_ids=step.input_ids, position_ids=step.position_ids, past_key_values=self.cache,
@@ -73,13 +84,32 @@ class ModelRunner:
             )
         finally:
             self.cache.layout = None
-            self.adapters.context.segments = []
+            self.lora.context.step = LoraStep()
         logits, sampled = out.logits[0], len(step.sampled_rows)
         return StepLogits(step.sampled_rows, logits[:sampled], step.prompt_spans, logits[sampled:])
 
+    def ordered(self, chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
+        """The chunks in `order_key` order (stable: base-model chunks keep theirs)."""
+        tokens = Counter()
+        for chunk in chunks:
+            tokens[chunk.row.request.adapter] += chunk.length
+
+        def key(chunk: ScheduledChunk) -> tuple[int, int, int]:
+            adapter = chunk.row.request.adapter
+            return order_key(None if adapter is None else self.placements[adapter], tokens[adapter])
+        return sorted(chunks, key=key)
+
+    def lora_step(self, chunks: list[ScheduledChunk], sequences: list[SequenceLayout]) -> LoraStep:
+        """The plan of the chunks that use an adapter, laid out as `sequences` say."""
+        runs = [
+            (seq.q_start, seq.q_start + seq.q_len, self.placements[chunk.row.request.adapter])
+            for chunk, seq in zip(chunks, sequences) if chunk.row.request.adapter is not None
+        ]
+        return LoraStep.build(runs, self.device) if runs else LoraStep()
+
     def pack(self, chunks: list[ScheduledChunk]) -> PackedStep:
-        """Lay the chunks out in one row, grouped by adapter (base-model chunks first)."""
-        chunks = sorted(chunks, key=lambda c: c.row.request.adapter or "")
+        """Lay the chunks out in one row, in `order_key` order (see the module docstring)."""
+        chunks = self.ordered(chunks)
         size = self.cache.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -112,19 +142,7 @@ class ModelRunner:
             position_ids=torch.tensor([positions], device=device),
             keep=torch.tensor(keep + scoring, dtype=torch.long, device=device),
             layout=layout,
-            segments=adapter_segments(chunks, sequences),
+            lora=self.lora_step(chunks, sequences),
             sampled_rows=sampled,
             prompt_spans=spans,
         )
-
-
-def adapter_segments(chunks: list[ScheduledChunk], sequences: list[SequenceLayout]) -> list[tuple[str, int, int]]:
-    """(adapter, start, stop) of each run of consecutive chunks that use the same adapter."""
-    segments = []
-    pairs = list(zip(chunks, sequences))
-    for adapter, group in groupby(pairs, key=lambda pair: pair[0].row.request.adapter):
-        group = list(group)
-        if adapter is not None:
-            first, last = group[0][1], group[-1][1]
-            segments.append((adapter, first.q_start, last.q_start + last.q_len))
-    return segments

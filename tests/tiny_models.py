@@ -98,10 +98,13 @@ def save_tiny_adapter(
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
     rank: int = 8,
     fill: float | None = None,
+    **options,
 ) -> Path:
-    """A random LoRA adapter strong enough to change greedy output; `fill` sets every weight."""
+    """A random LoRA adapter strong enough to change greedy output; `fill` sets every weight;
+    `options` go to LoraConfig (lora_alpha defaults to 2 * rank)."""
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
+    options = {"lora_alpha": 2 * rank, "init_lora_weights": False, **options}
+    config = LoraConfig(r=rank, target_modules=list(targets), **options)
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
