@@ -321,7 +321,13 @@ class AdapterManager:
             if self._fetch is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded and no adapter store is configured")
             source = str(self._fetch(name))
-        return read_adapter(name, source, self.layers.linear_shapes, self._dtype, pin_memory=self._pin)
+        host = read_adapter(name, source, self.layers.linear_shapes, self._dtype, pin_memory=self._pin)
+        if host.rank > self.layers.capacity_rows:
+            raise InvalidRequestError(
+                f"adapter {name!r} has rank {host.rank}, more than the {self.layers.capacity_rows} rows of the "
+                "device's adapter pool (raise adapter_device_memory)"
+            )
+        return host
 
     def _loaded(self, entry: _Entry, done: asyncio.Future[HostAdapter], seconds: float) -> None:
         with self._lock:

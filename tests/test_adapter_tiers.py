@@ -173,6 +173,21 @@ async def test_host_memory_budget_evicts_least_recently_used_but_never_a_needed_
         await engine.close()
 
 
+async def test_an_adapter_larger_than_the_device_pool_is_refused(store_config):
+    engine = Engine.from_config(store_config)
+    rows = engine.lora.capacity_rows
+    await engine.close()
+    small = store_config.model_copy(update={"adapter_device_memory": (20 * engine.lora.bytes_per_row)})
+    engine = Engine.from_config(small)  # 20 rows: a rank-32 adapter can never be placed
+    try:
+        assert rows > 20
+        with pytest.raises(InvalidRequestError, match="'d32' has rank 32, more than the 20 rows"):
+            await engine.ensure_adapter("d32")
+        assert await engine.ensure_adapter("b16") > 0
+    finally:
+        await engine.close()
+
+
 async def test_pinned_and_configured_adapters(engine_config, store, adapter_dirs):
     config = engine_config.model_copy(update={
         "adapters": {"alpha": str(adapter_dirs["alpha"])}, "adapter_stores": [str(store)],
