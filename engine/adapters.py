@@ -293,10 +293,12 @@ class AdapterManager:
             self._deactivate(min(idle, key=lambda name: self._active_used.get(name, 0.0)))
 
     def _deactivate(self, name: str) -> None:
+        """Free `name`'s pool rows; its host copy now counts in the host budget (under `_lock`)."""
         self.layers.remove(self.placements.pop(name))
         del self._placed[name]
         self._active_used.pop(name, None)
         self._event("deactivate", name)
+        self._evict_host()
 
     def _drop_unloaded(self) -> None:
         """Pool copies of adapters unloaded since (or loaded again from other weights) leave the pool."""
@@ -345,7 +347,7 @@ class AdapterManager:
             log.warning("adapter %r failed to load: %s", entry.name, error)
         self._event("load_failed" if failed else "load", entry.name, seconds)
 
-    def _evict_host(self, keep: str) -> None:
+    def _evict_host(self, keep: str | None = None) -> None:
         """Least recently used adapters out of host memory until the tier fits its budget,
         skipping pinned and needed ones and `keep` (just loaded) (under `_lock`). Active adapters
         count in the device pool's budget instead: their host copy stays while they are active."""

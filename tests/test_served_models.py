@@ -68,5 +68,5 @@ async def test_with_stores_any_valid_name_goes_to_the_replica_and_listing_merges
         await models.resolve("../escape")
     assert bad.value.status == 404
     assert await models.names() == ["base", "lora", "team/a"]
-    assert ApiError.from_error(AdapterNotFoundError("adapter 'x' is in no store")).body().error.code == "model_not_found"
+    assert ApiError.from_error(AdapterNotFoundError("adapter 'x' is in no store")).code == "model_not_found"
     assert ApiError.from_error(AdapterTimeoutError("slow")).status == 504
