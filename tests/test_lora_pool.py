@@ -104,10 +104,14 @@ def test_rank_classes_are_powers_of_two_from_eight():
     assert [rank_class(r) for r in (1, 8, 9, 12, 16, 17, 64, 65)] == [8, 8, 16, 16, 16, 32, 64, 128]
 
 
+# q, o: 64 -> 64; k, v: 64 -> 32; gate, up: 64 -> 128; down: 128 -> 64; two layers, fp32
+TINY_BYTES_PER_ROW = 2 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3) * 4
+
+
 def tiny_layers(tiny_model_dir, rows: int, max_adapters: int = 8) -> tuple[LlamaForCausalLM, LoraLayers]:
+    """The tiny model with its LoRA layers, a pool of `rows` rows."""
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    probe = LoraLayers(LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), 1 << 20, 1)
-    return model, LoraLayers(model, rows * probe.bytes_per_row, max_adapters)
+    return model, LoraLayers(model, rows * TINY_BYTES_PER_ROW, max_adapters)
 
 
 def test_layers_wrap_every_linear_but_the_lm_head(tiny_model_dir):
@@ -116,8 +120,7 @@ def test_layers_wrap_every_linear_but_the_lm_head(tiny_model_dir):
                                          for kind, names in (("self_attn", ALL_LINEAR[:4]), ("mlp", ALL_LINEAR[4:]))
                                          for name in names}
     assert type(model.lm_head) is torch.nn.Linear
-    per_layer = (64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3  # q, o; k, v; gate, up, down
-    assert layers.bytes_per_row == 2 * per_layer * 4
+    assert layers.bytes_per_row == TINY_BYTES_PER_ROW
     assert layers.capacity_rows == layers.free_rows == 10
 
 
