@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from engine.lora import ADAPTER_NAME
+from engine.adapter_store import ADAPTER_NAME
 
 from deployments.messages import ApiError
 from deployments.runtime_adapters import RuntimeAdapters

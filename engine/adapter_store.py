@@ -9,7 +9,7 @@ relative to the store's root with "/" separators ("team-a/support-v2"); on the h
 - any other fsspec URL (s3://bucket/prefix, gs://bucket/prefix, memory://...): `FsspecStore`,
   downloaded into the disk cache (engine/adapter_cache.py), keyed by the remote files' version.
 
-Names never leave a store: `check_name` refuses names that are not ADAPTER_NAME (engine/lora.py)
+Names never leave a store: `check_name` refuses names that are not ADAPTER_NAME
 or have empty, "." or ".." components, and `LocalStore` refuses a folder whose real path (symlinks
 resolved) is outside the store's real root. Errors: a bad name or a broken adapter folder
 (no config or no weights) raise InvalidRequestError (400); a valid name no store holds raises
@@ -45,7 +45,6 @@ from fsspec.core import split_protocol, url_to_fs
 from engine.adapter_cache import CacheKey, DiskCache
 from engine.errors import AdapterNotFoundError, InvalidRequestError
 from engine.loader import default_cache_dir
-from engine.lora import ADAPTER_NAME
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -79,6 +78,8 @@ class AdapterStore(Protocol):
     def contains(self, name: str) -> bool:
         """Whether the store holds an adapter `name` (False for bad names)."""
 
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")  # what may name an adapter, anywhere
 
 def check_name(name: str) -> str:
     """`name` if it can name an adapter inside a store, else InvalidRequestError naming it."""

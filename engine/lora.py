@@ -25,35 +25,30 @@ The base matmul is the layer's own (`PackedLinear`): with `prepack`, a oneDNN-pa
 the weight, and siblings that read one input (q/k/v, gate/up) share one packed matmul
 (engine/fused_linear.py); LoRA adds in place into each member's columns of it.
 
-`AdapterRegistry` keeps the older by-name API (load, unload, identity, check) on top: load =
-`read_adapter` (engine/lora_weights.py) + `place`; its `placements` is what the runner reads.
+Which adapters are placed, and when, is the adapter manager's business (engine/adapters.py: it
+reads adapters with `read_adapter`, engine/lora_weights.py, and keeps the `placements` the
+runner reads).
 
 One step end to end: the runner orders chunks by `order_key`, builds the plan from each
 chunk's token range and its adapter's Placement, sets `context.step`, runs the model (each
 LoraLinear: base output, then the plan's LoRA added in place), and clears `context.step`.
 
-Threads: `place` and `remove` (and AdapterRegistry's load/unload) run on the engine's worker
+Threads: `place` and `remove` run on the engine's worker
 thread between steps, as does every forward; `read_adapter` may run on any thread.
 """
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from engine.errors import InvalidRequestError, UnknownAdapterError
 from engine.fused_linear import FUSABLE_GROUPS, FusedProjection
 from engine.lora_plan import LoraStep, Placement, rank_class
-from engine.lora_weights import HostAdapter, read_adapter
+from engine.lora_weights import HostAdapter
 
-__all__ = ["AdapterRegistry", "LoraLayers", "LoraLinear", "Placement", "RowAllocator", "fuse_siblings"]
+__all__ = ["LoraLayers", "LoraLinear", "Placement", "RowAllocator", "fuse_siblings"]
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-DEFAULT_POOL_BYTES = 256 * 2**20
-DEFAULT_MAX_ADAPTERS = 32
 EMBEDDING_BAG_SUM = 0  # torch.embedding_bag's mode
 # Segments of at most this many tokens are computed in float32: on this CPU a bf16 matmul
 # (oneDNN) costs about 40-60 us however small, a float32 one (MKL) about 5; the conversions
@@ -332,67 +327,3 @@ def fuse_siblings(model: torch.nn.Module) -> None:
             group = FusedProjection([m.weight for m in members], [m.bias for m in members])
             for index, member in enumerate(members):
                 member.fused, member.packed = (group, index), None
-
-
-class AdapterRegistry:
-    """The LoRA adapters loaded on a base model, by name: `read_adapter` + `LoraLayers.place`.
-
-    The runner reads `layers` and `placements` (name -> Placement)."""
-
-    def __init__(
-        self, model: PreTrainedModel, hf_token: str | None = None, prepack: bool = False,
-        pool_bytes: int = DEFAULT_POOL_BYTES, max_adapters: int = DEFAULT_MAX_ADAPTERS,
-    ):
-        """Wraps every Linear layer of `model` but the LM head (LoraLayers); `prepack` as there.
-        `hf_token` is kept for callers; adapters are read from local folders."""
-        self.layers = LoraLayers(model, pool_bytes, max_adapters, prepack)
-        self.context = self.layers.context
-        self.placements: dict[str, Placement] = {}
-        self._dtype = next(model.parameters()).dtype
-        self._sources: dict[str, str] = {}
-        self._identities: dict[str, bytes] = {}  # the weights stay only in the pool
-
-    @property
-    def _layers(self) -> dict[str, LoraLinear]:
-        return self.layers.layers
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._sources)
-
-    def source(self, name: str) -> str:
-        return self._sources[name]
-
-    def identity(self, name: str | None) -> bytes:
-        """What the prefix cache keys on: b"" for the base model, else name and weights hash."""
-        return b"" if name is None else self._identities[name]
-
-    def check(self, name: str | None) -> None:
-        """Raise UnknownAdapterError unless `name` is None (the base model) or loaded."""
-        if name is not None and name not in self._sources:
-            loaded = ", ".join(self._sources) or "none"
-            raise UnknownAdapterError(f"adapter {name!r} is not loaded (loaded: {loaded})")
-
-    def load(self, name: str, source: str) -> None:
-        """Load a PEFT LoRA adapter from a folder under `name` (same source: no-op)."""
-        if not ADAPTER_NAME.match(name):
-            raise InvalidRequestError(f"invalid adapter name {name!r}")
-        if name in self._sources:
-            if self._sources[name] == source:
-                return
-            raise InvalidRequestError(f"adapter {name!r} is already loaded from {self._sources[name]}")
-        adapter = read_adapter(name, source, self.layers.linear_shapes, self._dtype)
-        placement = self.layers.place(adapter)
-        if placement is None:
-            raise InvalidRequestError(
-                f"no room for adapter {name!r} (rank {adapter.rank}): {len(self.placements)} adapters hold the "
-                f"pool ({self.layers.free_rows} of {self.layers.capacity_rows} rows free); unload one first"
-            )
-        self.placements[name] = placement
-        self._sources[name], self._identities[name] = source, adapter.identity
-
-    def unload(self, name: str) -> None:
-        """Forget a loaded adapter's weights; the caller ensures no row still uses it."""
-        self.check(name)
-        self.layers.remove(self.placements.pop(name))
-        del self._sources[name], self._identities[name]
