@@ -360,8 +360,8 @@ class StoreSet:
                 return store.fetch(name)
             except AdapterNotFoundError:
                 continue
-        searched = ", ".join(self.urls) or "none configured"
-        raise AdapterNotFoundError(f"adapter {name!r} is not in any adapter store (searched: {searched})")
+        logger.info("adapter %r is in none of the stores %s", name, ", ".join(self.urls) or "(none configured)")
+        raise AdapterNotFoundError(f"adapter {name!r} is not in any adapter store")  # clients see no paths
 
     def contains(self, name: str) -> bool:
         """Whether a store holds `name` (a stat per local store; remote stores ask the remote)."""

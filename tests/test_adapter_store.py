@@ -129,14 +129,15 @@ def test_symlink_out_of_the_store_is_refused(tmp_path, store_root, adapter_files
     assert store.fetch("alias") == (store_root / "team-b/y").resolve()
 
 
-def test_missing_adapter_is_404_naming_it_and_the_stores(store_root, memory_store):
+def test_missing_adapter_is_404_naming_it_but_not_the_stores(store_root, memory_store):
+    """The message reaches clients: it names the adapter, never the server's paths or buckets."""
     stores = StoreSet([open_store(str(store_root), None), memory_store])
     for name in ("nope", "team-a/nope", "team/nope"):
         with pytest.raises(AdapterNotFoundError) as error:
             stores.fetch(name)
         assert repr(name) in str(error.value)
-        assert str(store_root) in str(error.value) and memory_store.url in str(error.value)
-    with pytest.raises(AdapterNotFoundError, match="none configured"):
+        assert str(store_root) not in str(error.value) and memory_store.url not in str(error.value)
+    with pytest.raises(AdapterNotFoundError, match="'alpha' is not in any adapter store"):
         StoreSet([]).fetch("alpha")
 
 
