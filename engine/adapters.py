@@ -208,14 +208,14 @@ class AdapterManager:
         with self._lock:
             return [name for name, entry in self._entries.items() if entry.host is not None]
 
-    async def unload(self, name: str, wait: Callable[[], bool]) -> None:
-        """Refuse new requests for `name`, wait until `wait()` says its rows are gone, then drop it
+    async def unload(self, name: str) -> None:
+        """Refuse new requests for `name`, wait until the requests holding it have ended, then drop it
         from every tier (the pool copy at the next step) and forget its source."""
         with self._lock:
             entry = self._resident(name)
             entry.draining = True
         try:
-            while entry.users > 0 or wait():
+            while entry.users > 0:
                 await asyncio.sleep(0.01)
         finally:
             with self._lock:

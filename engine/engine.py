@@ -251,7 +251,7 @@ class Engine:
     async def unload_adapter(self, name: str) -> None:
         """Refuse new requests for `name`, wait for its rows to finish, then free its weights."""
         self._wakeup.set()
-        await self.adapters.unload(name, lambda: self._uses_adapter(name))
+        await self.adapters.unload(name)
 
     def adapter_report(self) -> AdapterReport:
         """Which adapters are resident in which tier, and the tiers' budgets."""
@@ -369,9 +369,6 @@ class Engine:
                     self._rows.pop(request_id, None)
                     if rows:
                         self.adapters.release(rows[0].request.adapter)
-
-    def _uses_adapter(self, name: str) -> bool:
-        return any(row.request.adapter == name for rows in self._rows.values() for row in rows)
 
 
 def _no_pause() -> float:
