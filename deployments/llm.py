@@ -1,10 +1,10 @@
 """The LLM deployment: one engine per replica, @serve.batch admission, adapters on demand.
 
 Ray glue only. One request, end to end: the ingress calls `stream(call)` through a streaming
-DeploymentHandle; `_prepare` makes the call's adapter resident (resolved by the ingress or the
-chat page: deployments/served_models.py; a configured one, a runtime one from its folder, or one
-found by name in the adapter stores; the engine's tiers keep it, engine/adapters.py) and builds
-the engine request; `_admit`
+DeploymentHandle; `stream` holds the call's adapter resident until the request is submitted
+(`Engine.holding_adapter`; resolved by the ingress or the chat page: deployments/served_models.py;
+a configured one, a runtime one from its folder, or one found by name in the adapter stores; the
+engine's tiers keep it, engine/adapters.py); `_prepare` builds the engine request; `_admit`
 (`@serve.batch`, admission only) hands the requests that arrived together to the engine as one
 group, which it prefills together, and returns each request its own delta stream; `stream`
 then reads that stream and yields each delta back over the handle. Deltas are paced (see
