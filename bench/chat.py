@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from bench.chat_text import SYSTEM_PROMPT
+from bench.chat_text import SHARED_SYSTEM_PROMPT, SYSTEM_PROMPT, shared_message
 from bench.chat_text import user_message as corpus_message
 from bench.cli import (
     add_report_options,
@@ -84,6 +84,8 @@ VS_TRANSFORMERS_TARGET = 0.3  # serve / transformers-serve TTFT p50 at the last 
 LAST_VS_FIRST_TARGET = 2.0  # serve's TTFT p50 at the last turn / at the first: at most
 WARMUP_TOKENS = 8
 MAX_LOGGED_ERRORS = 3
+
+WORKLOADS = {"corpus": (corpus_message, SYSTEM_PROMPT), "shared-prefix": (shared_message, SHARED_SYSTEM_PROMPT)}
 
 StatsReader = Callable[[], Awaitable[Any | None]]
 """Reads a system's engine stats (an object with optional prefix_cache_* fields), or None."""
@@ -156,14 +158,30 @@ class Workload:
 
     messages: tuple[tuple[str, ...], ...]  # [user][turn]
     tokenizer: PreTrainedTokenizerBase
+    system_prompt: str = SYSTEM_PROMPT
+    kind: str = "corpus"
 
     @classmethod
-    def build(cls, tokenizer: PreTrainedTokenizerBase, users: int, turns: int, message_tokens: int) -> Workload:
+    def build(cls, tokenizer: PreTrainedTokenizerBase, users: int, turns: int, message_tokens: int,
+              kind: str = "corpus") -> Workload:
+        """`kind` "corpus": messages of their own per user and turn; "shared-prefix": the same
+        background text in every message, then a line naming the user and turn (chat_text.py)."""
         def count(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        return cls(tuple(tuple(corpus_message(u, t, message_tokens, count) for t in range(turns))
-                         for u in range(users)), tokenizer)
+        message, system = WORKLOADS[kind]
+        return cls(tuple(tuple(message(u, t, message_tokens, count) for t in range(turns))
+                         for u in range(users)), tokenizer, system, kind)
+
+    def describe(self) -> str:
+        """The messages, for the report header."""
+        sizes = self.message_tokens()
+        if self.kind == "shared-prefix":
+            return (f"a new user message of {min(sizes)}-{max(sizes)} tokens: the same background text in every "
+                    "message of every user, then a line naming the user and turn (users share a long prefix); "
+                    f"system prompt \"{self.system_prompt}\"")
+        return (f"a new user message of {min(sizes)}-{max(sizes)} tokens (corpus sentences in an order of its own "
+                "per user and turn: no shared prefix across users beyond the system prompt)")
 
     def prompt_tokens(self, chat: Sequence[dict[str, str]]) -> int:
         """Tokens of the chat as the model's chat template renders it, ready for the reply."""
@@ -190,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_workload_options(p: argparse.ArgumentParser) -> None:
-    """--quick, --users, --turns, --message-tokens, --max-tokens (bench.routing uses them too)."""
+    """--quick, --workload, --users, --turns, --message-tokens, --max-tokens (bench.routing uses them too)."""
     p.add_argument("--quick", action="store_true", help="tiny sizes (explicit options still win)")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="corpus",
+                   help="corpus: messages of their own per user; shared-prefix: one background text in every message")
     p.add_argument("--users", type=int, help="users chatting at once")
     p.add_argument("--turns", type=int, help="turns per user")
     p.add_argument("--message-tokens", type=int, help="about this many tokens in each new user message")
@@ -215,7 +235,7 @@ async def chat_user(client: httpx.AsyncClient, endpoint: Endpoint, system: str, 
     """One user's turns in order, each sending the whole conversation so far; a failed turn ends the chat."""
     # A plain list, not client/conversation.py's Conversation: an empty reply is sent back as an
     # empty assistant message, and a Conversation cannot hold one (its "" reply means "not yet").
-    chat = [{"role": "system", "content": SYSTEM_PROMPT}]
+    chat = [{"role": "system", "content": workload.system_prompt}]
     turns: list[Turn] = []
     for turn, message in enumerate(workload.messages[user]):
         chat.append({"role": "user", "content": message})
@@ -303,16 +323,14 @@ def ratio(numerator: float, denominator: float) -> float:
 
 def header(values: dict[str, Any], args: argparse.Namespace, workload: Workload, spec: TransformersServe) -> list[str]:
     """Markdown lines describing what was measured where."""
-    sizes = workload.message_tokens()
     return [
         f"# Multi-turn chat benchmark ({datetime.datetime.now().isoformat(timespec='seconds')})",
         "",
         f"- model: {values.get('model')}, dtype {spec.dtype}, {spec.device}; host "
         f"{platform.processor() or platform.machine()}",
         f"- workload: {args.users} users at once, {args.turns} turns each; every turn sends the system prompt, "
-        f"the whole history (earlier user messages and the assistant's actual replies) and a new user message of "
-        f"{min(sizes)}-{max(sizes)} tokens (corpus sentences in an order of its own per user and turn: no shared "
-        f"prefix across users beyond the system prompt); streaming, temperature 0, max_tokens {args.max_tokens} "
+        f"the whole history (earlier user messages and the assistant's actual replies) and "
+        f"{workload.describe()}; streaming, temperature 0, max_tokens {args.max_tokens} "
         "(replies end at EOS or there); one untimed warm-up request per system",
         "- TTFT: request sent -> first content chunk, p50 and max over the users; prompt and reply tokens: the "
         "server's usage counts (our tokenizer's count of the chat template when absent), mean over the users",
@@ -400,7 +418,7 @@ def run(args: argparse.Namespace) -> str:
     """Build the conversations, run them on each chosen system in turn; return the markdown report."""
     values = config_app_args(args.config)
     spec = TransformersServe.of(values)
-    workload = Workload.build(load_tokenizer(values), args.users, args.turns, args.message_tokens)
+    workload = Workload.build(load_tokenizer(values), args.users, args.turns, args.message_tokens, args.workload)
     rounds: list[dict[str, SystemRun]] = []
     for order in round_orders(args.systems, args.rounds):
         runs = {}

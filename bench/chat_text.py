@@ -4,12 +4,19 @@ Each user message opens with its user and turn numbers, then takes whole sentenc
 corpus in an order of its own (seeded by user and turn) until it reaches a token budget,
 and closes with a question. Deterministic, varied, and no two users share a prefix beyond
 the system prompt.
+
+The shared-prefix workload (`shared_message`) is the opposite case, as a user reported it in
+issue #25: every message of every user is the same background text of about target_tokens,
+then one line naming the user and the turn, so users share a long prefix and each turn adds
+a copy of it to the history.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+
+SHARED_SYSTEM_PROMPT = "You are a helpful assistant."
 
 SYSTEM_PROMPT = (
     "You are a helpful reading assistant. The user shares passages from their reading list; "
@@ -100,3 +107,14 @@ def user_message(user: int, turn: int, target_tokens: int, count_tokens: Callabl
         if index >= 4 * len(pool):  # a budget far beyond the corpus: stop repeating it
             break
     return " ".join([*parts, ask])
+
+
+def shared_message(user: int, turn: int, target_tokens: int, count_tokens: Callable[[str], int]) -> str:
+    """The shared-prefix workload's message: the corpus' paragraphs, in corpus order, while they
+    stay within about target_tokens (at least one), then a line naming the user and the turn."""
+    background = [PARAGRAPHS[0]]
+    for paragraph in PARAGRAPHS[1:]:
+        if count_tokens(" ".join([*background, paragraph])) > target_tokens:
+            break
+        background.append(paragraph)
+    return " ".join(background) + f"\nI am user {user + 1}; this is my turn {turn + 1}. What stands out to you?"

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> str:
     values = config_app_args(args.config) | {"num_cpus": 1}  # two replicas share the two cores
-    workload = Workload.build(load_tokenizer(values), args.users, args.turns, args.message_tokens)
+    workload = Workload.build(load_tokenizer(values), args.users, args.turns, args.message_tokens, args.workload)
     rounds = []
     for order in round_orders(args.routers, args.rounds):
         runs = {router: run_router(router, values, workload, args) for router in order}

@@ -112,6 +112,12 @@ class RequestMetrics:
             "llm_time_to_first_token_seconds", "Time to first token, cold (the adapter was loaded for it) or warm.",
             LATENCY_BUCKETS, ("model", "adapter_load"),
         )
+        self.text_held = metrics.Histogram(
+            "llm_first_text_held_seconds",
+            "From the first token to the first visible text: held back as part of a UTF-8 character or a "
+            "possible stop string. Time to first token as a user sees it is the sum of the two.",
+            LATENCY_BUCKETS, ("model",),
+        )
         self.tpot = metrics.Histogram(
             "llm_time_per_output_token_seconds", "Time per output token after the first.",
             TOKEN_BUCKETS, ("model",),
@@ -128,6 +134,8 @@ class RequestMetrics:
         self.prompt_tokens.inc(stats.prompt_tokens, tags)
         if stats.time_to_first_token is not None:
             self.ttft.observe(stats.time_to_first_token, {**tags, "adapter_load": adapter_load(stats)})
+        if stats.first_text_held_s is not None:
+            self.text_held.observe(stats.first_text_held_s, tags)
         if stats.tokens_per_second:
             self.tpot.observe(1.0 / stats.tokens_per_second, tags)
 

@@ -167,8 +167,9 @@ class Engine:
         """Queue a request now; iterate the result to read its deltas (closing it cancels).
 
         `pace()`: the stream's deltas go out at most once per `pace()` seconds, on a clock
-        shared by all streams (asked after each delta; default: no pause). The first delta and
-        the last (with `finish_reason`) are never held back; what arrives meanwhile is merged.
+        shared by all streams (asked after each delta; default: no pause). Deltas up to the first
+        with text, and the last (with `finish_reason`), are never held back; what arrives meanwhile
+        is merged.
         Fewer, larger deltas cost a transport with a per-message price (Ray's handles) less CPU.
         A request not made by `chat_request` / `completion_request` has its limits checked here."""
         if not isinstance(request, CheckedRequest):
@@ -313,6 +314,7 @@ class Engine:
     async def _stream(self, request_id: str, queue: asyncio.Queue[Delta], pace: Pace) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         hold_until = 0.0  # the next delta waits until then for more to merge (not a last one)
+        shown = False  # a delta with text went out: pacing starts there, never before the first text
         try:
             while True:
                 delta = _drain(queue, await queue.get())
@@ -326,7 +328,8 @@ class Engine:
                 yield delta
                 if delta.finish_reason:
                     return
-                hold_until = _next_tick(loop.time(), pace())
+                shown = shown or bool(delta.text)
+                hold_until = _next_tick(loop.time(), pace()) if shown else 0.0
         finally:
             self.cancel(request_id)
 

@@ -54,6 +54,9 @@ class RequestStats:
     replica: str = ""  # where the request ran, filled in by the serving layer ("" in the engine)
     stop_reason: str | None = None  # a guard that stopped the row ("repetition"), beyond finish_reason
     adapter_load_s: float = 0.0  # of latency and time_to_first_token: waiting for the adapter's load (0: warm)
+    # From the first token to the first visible text (held back as part of a UTF-8 character or a
+    # possible stop string); None when no text was released. TTFT as a user sees it is the sum.
+    first_text_held_s: float | None = None
 
 
 @dataclass

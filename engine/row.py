@@ -53,6 +53,7 @@ class Row:
     num_computed: int = 0
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    first_text_at: float | None = None  # when the first visible text was released (see advance)
     finish_reason: FinishReason | None = None
     stop_reason: str | None = None
     cancelled: bool = False
@@ -136,9 +137,17 @@ class Row:
         return self.finish_reason is not None
 
     def advance(self, token: int) -> Delta:
-        """Take the row's next token; return what the client sees of it."""
+        """Take the row's next token; return what the client sees of it. The text of a token can
+        be held back (part of a UTF-8 character, maybe the start of a stop string): the first
+        delta with text sets `first_text_at`, the time to first token as a user sees it."""
         now = time.monotonic()
         self.first_token_at = self.first_token_at or now
+        delta = self._take(token, now)
+        if delta.text and self.first_text_at is None:
+            self.first_text_at = now
+        return delta
+
+    def _take(self, token: int, now: float) -> Delta:
         self.sampler.output_ids.append(token)
         if token in self.eos_ids:
             return self.finish("stop", self._flush())
@@ -181,6 +190,7 @@ class Row:
         completion = len(self.sampler.output_ids)
         loading = self.request.adapter_load_s  # before `arrival`: the caller awaited the adapter first
         ttft = self.first_token_at - self.arrival + loading if self.first_token_at else None
+        text_held = self.first_text_at - self.first_token_at if self.first_text_at and self.first_token_at else None
         decode_time = now - self.first_token_at if self.first_token_at else 0.0
         return RequestStats(
             prompt_tokens=len(self.request.prompt_ids),
@@ -188,6 +198,7 @@ class Row:
             dropped_messages=self.request.dropped_messages,
             latency=now - self.arrival + loading,
             time_to_first_token=ttft,
+            first_text_held_s=text_held,
             tokens_per_second=(completion - 1) / decode_time if completion > 1 and decode_time else None,
             stop_reason=self.stop_reason,
             adapter_load_s=loading,

@@ -318,7 +318,7 @@ async def test_a_dead_loop_fails_its_requests_and_reports_not_alive(engine, monk
 async def test_pace_merges_deltas_but_never_holds_the_first_or_last(engine, reference):
     """With a pause far longer than the whole request: the first token at once, the rest
     merged into one delta that leaves as soon as the request finishes."""
-    prompt = encode(engine, PROMPTS[1])
+    prompt = encode(engine, PROMPTS[0])  # its first greedy token has text ("O")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     start = asyncio.get_running_loop().time()
     deltas = [d async for d in engine.submit(GenerationRequest(prompt, params), pace=lambda: 3600.0)]
@@ -326,6 +326,27 @@ async def test_pace_merges_deltas_but_never_holds_the_first_or_last(engine, refe
     assert [len(d.token_ids) for d in deltas] == [1, 7]
     assert deltas[-1].finish_reason == "length"
     assert [t for d in deltas for t in d.token_ids] == reference(prompt, 8)
+
+
+@pytest.mark.parametrize("prompt_index, stop", [(1, None), (0, "O\x00never")], ids=["partial-utf8", "stop-prefix"])
+async def test_pace_starts_at_the_first_text_and_stats_say_how_long_it_was_held(engine, prompt_index, stop):
+    """The first token's text held back (PROMPTS[1]'s greedy first token is part of a UTF-8
+    character; PROMPTS[0]'s, "O", may begin the stop string): the deltas up to the first text go
+    out unpaced, so pacing never delays what the user first sees, and the stats say how long
+    the text was held after the first token."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=[stop] if stop else [])
+    stream = engine.submit(GenerationRequest(encode(engine, PROMPTS[prompt_index]), params), pace=lambda: 3600.0)
+    deltas = [d async for d in stream]
+    assert [d.text != "" for d in deltas] == [False, True, True]
+    assert [len(d.token_ids) for d in deltas] == [1, 1, 6]
+    assert deltas[-1].stats.first_text_held_s > 0
+
+
+async def test_stats_report_no_hold_when_the_first_token_has_text(engine):
+    prompt = encode(engine, PROMPTS[0])
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    *_, final = await collect(engine.submit(GenerationRequest(prompt, params)))
+    assert final.stats.first_text_held_s == 0.0
 
 
 async def test_pace_spaces_the_deltas_of_a_stream(engine):
