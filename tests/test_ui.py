@@ -211,20 +211,33 @@ def test_browser_chat_streams_a_reply_then_continue_and_summarize(page):
     wait_for(lambda: page.get_by_label("Context").input_value() != "" and not bot_texts(page))
 
 
-def test_browser_stop_keeps_the_partial_reply_and_frees_the_row(page, request_log):
-    clear(page)
-    page.get_by_label("Context").fill("")  # a summary left by another test would not fit beside 2000 tokens
-    page.get_by_text("Generation settings").click()
-    set_number(page, "Max new tokens", 2000)
+def stop_at_the_first_text(page):
+    """Send a prompt whose reply runs to max_tokens, click Stop once its first text shows, wait
+    until the engine holds no request; the engine's stats from before the send."""
     before = engine_stats()
-    logged = len(request_log.read_text().splitlines())
     # The tiny model's greedy reply to this prompt runs all 2,000 tokens without an end (HF
     # generate; "Tell me everything" ends at 389), so only Stop can end it before max_tokens.
     send(page, "write write")
     wait_for(lambda: any(text.strip() for text in bot_texts(page)))
     page.locator("#stop-button").click()
     wait_for(lambda: engine_stats().tracked_requests == 0, timeout_s=10)
-    partial = bot_texts(page)
+    return before
+
+
+def test_browser_stop_keeps_the_partial_reply_and_frees_the_row(page, request_log):
+    page.get_by_text("Generation settings").click()
+    # The tiny model writes the 2,000 tokens in about 5 s; on a machine busy with other work the
+    # browser can take longer than that to click Stop, and then there is nothing left to stop.
+    # Such a try says nothing about Stop, so it is made again (at most 3 tries).
+    for _ in range(3):
+        clear(page)
+        page.get_by_label("Context").fill("")  # a summary left by another test would not fit beside 2000 tokens
+        set_number(page, "Max new tokens", 2000)
+        logged = len(request_log.read_text().splitlines())
+        before = stop_at_the_first_text(page)
+        partial = bot_texts(page)
+        if not (partial and "tokens/s" in partial[-1]):
+            break
     assert partial and partial[-1].strip() and "tokens/s" not in partial[-1]  # unfinished reply kept
     assert "⚠" not in partial[-1]  # a reply, not a refusal
     stats = engine_stats()
