@@ -9,20 +9,26 @@
   `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. `auto` lets the model
   choose; `none` leaves the tools out of the prompt; `required` and a named function constrain
   the reply to one such call with a grammar (llguidance's Lark with the arguments' JSON schema
-  embedded). Past turns with assistant `tool_calls` and `role: "tool"` results go to the
-  replica structured (`to_tool_call`), rendered the same way; client data stays data, never
-  control tokens (engine/template.py).
+  embedded, closed as OpenAI's strict mode reads it: deployments/closed_schema.py). `auto` has no
+  grammar, not even after the model opens a call: the reply is free text and its calls are read
+  afterwards (deployments/tool_calls.py), so there a model may still write undeclared keys. Past
+  turns with assistant `tool_calls` and `role: "tool"` results go to the replica structured
+  (`to_tool_call`), rendered the same way; client data stays data, never control tokens
+  (engine/template.py).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from engine.constraints import COMPACT_JSON, Grammar, grammar_error
 from engine.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
+
+from deployments.closed_schema import closed_schema
 
 
 class Strict(BaseModel):
@@ -119,8 +125,28 @@ def response_grammar(response_format: TextFormat | JsonObjectFormat | JsonSchema
     return None
 
 
+@dataclass(frozen=True)
+class OfferedTools:
+    """What a reply's tool calls are read against: the functions it may call, and whether a
+    grammar forces it to be one call from its first token (`required` or a named function)."""
+
+    names: tuple[str, ...]
+    forced: bool
+
+
+def offered_tools(tools: list[ToolDef] | None, choice: ToolChoice) -> OfferedTools | None:
+    """The functions a reply may call under `choice` (None when it may call none)."""
+    if not tools or choice == "none":
+        return None
+    if isinstance(choice, NamedToolChoice):
+        return OfferedTools((choice.function.name,), forced=True)
+    return OfferedTools(tuple(t.function.name for t in tools), forced=choice == "required")
+
+
 def tool_call_grammar(tools: list[ToolDef], choice: ToolChoice) -> Grammar | None:
-    """For `required` or a named function: exactly one call of an offered function."""
+    """For `required` or a named function: exactly one call of an offered function, its
+    arguments following the function's parameters schema closed (`closed_schema`), so the call
+    ends after the declared properties."""
     if choice in ("none", "auto"):
         return None
     names = {t.function.name for t in tools}
@@ -130,7 +156,7 @@ def tool_call_grammar(tools: list[ToolDef], choice: ToolChoice) -> Grammar | Non
         tools = [t for t in tools if t.function.name == choice.function.name]
     calls = [{
         "type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-        "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
+        "properties": {"name": {"const": t.function.name}, "arguments": closed_schema(t.function.parameters)},
     } for t in tools]
     schema = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "x-guidance": COMPACT_JSON}
     lark = f'start: "{TOOL_CALL_OPEN}\\n" call "\\n{TOOL_CALL_CLOSE}"\ncall: %json {json.dumps(schema)}\n'
