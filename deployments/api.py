@@ -99,7 +99,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=guarded, response_model=ChatCompletion,
               responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, tenant: str | None = Depends(service.tenant)):
-        meta = ResponseMeta("chat", body.model, tool_calls=body.uses_tools)
+        meta = ResponseMeta("chat", body.model, tool_calls=body.offered_tools())
         log_ignored(body, meta.id)
         call = GenerateCall(body.to_overrides(), messages=body.chat_messages(), tools=body.prompt_tools(),
                             request_id=meta.id, tenant=tenant, **await service.call_fields(body.model))
@@ -267,7 +267,7 @@ class ApiService:
     def _items(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> AsyncIterator[Item]:
         """The call's items; with tools, its tool calls taken out of the text (deployments/tool_calls.py)."""
         items = self.requests.stream(call, meta.model, endpoint)
-        return with_tool_calls(items) if meta.tool_calls else items
+        return with_tool_calls(items, meta.tool_calls) if meta.tool_calls else items
 
     async def complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> Choices:
         """Run a call to the end (every choice); raise ApiError if it fails."""

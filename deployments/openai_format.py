@@ -9,7 +9,8 @@ and the legacy completions' parallel lists (`tokens`, `token_logprobs`, `top_log
 `text_offset`); deployments/logprob_format.py fills them from the engine's TokenLogprobs.
 
 Tool calls (deployments/tool_calls.py) go into `message.tool_calls`, or into one
-`delta.tool_calls` chunk per call (name and whole arguments at once) at the end of a stream.
+`delta.tool_calls` chunk per call (name and whole arguments at once) at the end of a stream; a
+call cut by max_tokens too, with its arguments so far and finish_reason "length".
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 from engine.request import RequestStats
 
 if TYPE_CHECKING:
+    from deployments.structured import OfferedTools
     from deployments.tool_calls import ParsedToolCall
 
 Kind = Literal["chat", "completion"]
@@ -216,7 +218,7 @@ class ResponseMeta:
     kind: Kind
     model: str
     id: str = ""
-    tool_calls: bool = False  # the reply may hold tool calls (deployments/tool_calls.py)
+    tool_calls: OfferedTools | None = None  # the reply may call these (deployments/tool_calls.py)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:

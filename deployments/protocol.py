@@ -29,7 +29,8 @@ from engine.config import (
 from engine.prompt import ChatMessage, valid_text
 
 from deployments.structured import (
-    ResponseFormat, ToolCallIn, ToolChoice, ToolDef, response_grammar, tool_call_grammar, tool_dicts,
+    OfferedTools, ResponseFormat, ToolCallIn, ToolChoice, ToolDef, offered_tools, response_grammar, tool_call_grammar,
+    tool_dicts,
 )
 from deployments.ignored_fields import IgnoredChatFields
 
@@ -153,7 +154,11 @@ class ChatCompletionRequest(SamplingFields, IgnoredChatFields):
     @property
     def uses_tools(self) -> bool:
         """Tools offered and not switched off: the reply may hold tool calls."""
-        return bool(self.tools) and self.tool_choice != "none"
+        return self.offered_tools() is not None
+
+    def offered_tools(self) -> OfferedTools | None:
+        """The functions the reply may call (deployments/tool_calls.py reads them out of it)."""
+        return offered_tools(self.tools, self.tool_choice or "auto")
 
     def tool_grammar(self):
         return tool_call_grammar(self.tools, self.tool_choice or "auto") if self.tools else None
