@@ -133,7 +133,16 @@ def _location(error: dict) -> str:
 
 
 def _is_union_tag(part: int | str) -> bool:
-    return isinstance(part, str) and (part in _SCALAR_TAGS or "[" in part or "-" in part)
+    """A tag pydantic puts in a union's path, not a field name or a dict key (`-1` is a key)."""
+    return isinstance(part, str) and (part in _SCALAR_TAGS or "[" in part or ("-" in part and not _is_number(part)))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 _SCALAR_TAGS = {"str", "int", "float", "bool"}

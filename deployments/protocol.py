@@ -6,10 +6,12 @@ from the server's generation defaults. The sampling fields themselves (names, ty
 descriptions) are engine/config.py's SamplingParams, taken over by `SamplingFields`; only the
 fields whose HTTP form is wider (`stop`, `top_k`) are declared again here. `logprobs`,
 `top_logprobs` (chat) and `logprobs`, `echo` (completions) become the engine's output options
-(`_output_options`). Fields of the
-OpenAI API that we do not implement are accepted only at their neutral value; anything
-else is a 400, never silently ignored (fields that cannot change the reply are the exception:
-ignored_fields.py). Unknown fields are a 400 too. Every string is `Text`:
+(`_output_options`). `logit_bias` is a sampling field like the others (its ids are checked
+against the vocabulary by the engine). Fields of the OpenAI API that we do not implement, and
+unknown fields, follow one rule, deployments/ignored_fields.py's: accepted and ignored when they
+cannot change the reply, else a 400 naming the field; unknown fields are a 400 (`StrictBody`).
+Fields of the completions API kept only at their neutral value (`best_of`, `suffix`) are
+declared here. Every string is `Text`:
 one that UTF-8 cannot encode (a lone surrogate, or bytes that were not UTF-8) is a 400 naming
 its field. Fields whose per-token cost grows with their size (stop strings, stop token ids)
 are bounded (engine/config.py). `response_format`, `tools` and `tool_choice`, and tool calls
@@ -32,7 +34,9 @@ from deployments.structured import (
     OfferedTools, ResponseFormat, ToolCallIn, ToolChoice, ToolDef, offered_tools, response_grammar, tool_call_grammar,
     tool_dicts,
 )
-from deployments.ignored_fields import IgnoredChatFields
+from deployments.ignored_fields import (
+    IgnoredChatFields, IgnoredCompletionFields, IgnoredContentPartFields, UnsupportedChatFields,
+)
 
 Text = Annotated[str, AfterValidator(valid_text)]
 TextStop = Annotated[StopString, AfterValidator(valid_text)]
@@ -48,7 +52,7 @@ class StrictBody(BaseModel):
 
 
 HttpSampling = fields_model("HttpSampling", SamplingOverrides, set(SamplingOverrides.model_fields) - NOT_SAMPLING,
-                            optional={"stop_token_ids"}, base=StrictBody)
+                            optional={"stop_token_ids", "logit_bias"}, base=StrictBody)
 
 
 class SamplingFields(HttpSampling):
@@ -60,8 +64,6 @@ class SamplingFields(HttpSampling):
     stop: TextStop | Annotated[list[TextStop], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} strings of up to {MAX_STOP_CHARS} characters."
     )
-    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
-    user: Text | None = None
 
     def to_overrides(self) -> SamplingOverrides:
         """What this request sets (the replica fills the rest from the server defaults)."""
@@ -87,7 +89,7 @@ class StreamOptions(StrictBody):
     include_obfuscation: bool | None = Field(None, description="Ignored: no obfuscation padding is sent.")
 
 
-class TextPart(StrictBody):
+class TextPart(StrictBody, IgnoredContentPartFields):
     type: Literal["text"]
     text: Text
 
@@ -114,7 +116,7 @@ class ChatMessageIn(StrictBody):
         return ChatMessage(role, text, calls, self.tool_call_id if self.role == "tool" else None)
 
 
-class ChatCompletionRequest(SamplingFields, IgnoredChatFields):
+class ChatCompletionRequest(SamplingFields, IgnoredChatFields, UnsupportedChatFields):
     model: Text
     messages: list[ChatMessageIn] = Field(min_length=1)
     stream: bool = False
@@ -125,7 +127,6 @@ class ChatCompletionRequest(SamplingFields, IgnoredChatFields):
     response_format: ResponseFormat | None = None
     tools: list[ToolDef] | None = Field(None, min_length=1, max_length=128)
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = Field(None, description="Accepted; a forced call is always one call.")
 
     @model_validator(mode="after")
     def _one_constraint(self) -> ChatCompletionRequest:
@@ -171,7 +172,7 @@ class ChatCompletionRequest(SamplingFields, IgnoredChatFields):
         return tool_dicts(self.tools) if self.uses_tools else []
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, IgnoredCompletionFields):
     model: Text
     prompt: Text | list[int] | list[Text] | list[list[int]]
     stream: bool = False

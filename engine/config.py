@@ -6,10 +6,11 @@ so validation errors must be clear and early. Everything inside the engine reads
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, create_model, model_validator
 
 from engine.constraints import Grammar
 
@@ -25,6 +26,7 @@ MAX_STOP_CHARS = 128
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20  # most likely tokens listed per position (OpenAI's top_logprobs limit)
 MAX_CHOICES = 128  # choices per request (OpenAI's limit); the engine also caps n at max_batch_size
+MAX_LOGIT_BIAS = 300  # token ids one request may bias (OpenAI's limit)
 
 
 class RepetitionGuardConfig(BaseModel):
@@ -152,6 +154,22 @@ Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES, description="Choices sample
 Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS, description="Most likely tokens listed beside each token.")]
 
 
+def token_id_key(key: Any) -> Any:
+    """A logit_bias key: an int, or the decimal digits of one (JSON object keys are strings)."""
+    if isinstance(key, str) and not re.fullmatch(r"[0-9]{1,12}", key):
+        raise ValueError("a logit_bias key must be a token id: an integer of decimal digits")
+    return key
+
+
+LogitBias = Annotated[
+    dict[Annotated[int, BeforeValidator(token_id_key), Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]],
+    Field(max_length=MAX_LOGIT_BIAS, description=(
+        f"Token id -> bias in [-100, 100] added to its logit before sampling (at most {MAX_LOGIT_BIAS} "
+        "ids, each in the model's vocabulary): -100 bans a token, +100 forces it."
+    )),
+]
+
+
 class SamplingParams(BaseModel):
     """Per-request generation settings, complete. Temperature 0 means greedy decoding.
 
@@ -174,6 +192,7 @@ class SamplingParams(BaseModel):
     stop: StopStrings = Field(default_factory=list)
     stop_token_ids: StopTokenIds = Field(default_factory=list)
     ignore_eos: bool = False
+    logit_bias: LogitBias = Field(default_factory=dict)
     # output options (engine/logprobs.py): None means no logprobs; k lists the k most likely beside each
     n: Choices = 1
     logprobs: Logprobs | None = None

@@ -11,8 +11,9 @@ Layers (each module's docstring says more):
         PagedKVCache (kv_cache.py)                KV tensors written in place, paged attention
 
 Contract:
-- A request's limits (max_tokens_cap, prompt plus max_tokens within the context window and
-  the KV cache, n choices) are checked once, by `check_limits`: in `chat_request` /
+- A request's limits (max_tokens_cap, logit_bias ids within the model's vocabulary, prompt
+  plus max_tokens within the context window and the KV cache, n choices) are checked once, by
+  `check_limits`: in `chat_request` /
   `completion_request`, which return a CheckedRequest, or else in `submit`. `submit` checks
   admission (engine alive, adapter loaded, queue not full) every time, raising
   InvalidRequestError and subclasses, or EngineOverloadedError when too many wait, and
@@ -141,7 +142,7 @@ class Engine:
     ) -> CheckedRequest:
         """A request for a chat reply offering `tools`, with the history trimmed to the context
         budget; its limits checked (max_tokens first: too many is a 400, not a prompt too long)."""
-        self._check_max_tokens(params)
+        self._check_params(params)
         prompt = self.prompts.chat(messages, params.max_tokens, tools)
         return self._checked(CheckedRequest(
             prompt.token_ids, params, adapter, extra_stop=prompt.stop, dropped_messages=prompt.dropped_messages,
@@ -152,15 +153,15 @@ class Engine:
     ) -> CheckedRequest:
         """A request for a raw prompt, or for the seed API's instruction (its text stays text);
         its limits checked."""
-        self._check_max_tokens(params)
+        self._check_params(params)
         ids = self.prompts.completion(prompt, params.max_tokens).token_ids
         return self._checked(CheckedRequest(ids, params, adapter))
 
     def check_limits(self, request: GenerationRequest) -> None:
         """Raise InvalidRequestError (PromptTooLongError for the context) unless the request
-        fits: max_tokens at most max_tokens_cap, prompt plus max_tokens within the context
+        fits: max_tokens at most max_tokens_cap, logit_bias ids in the vocabulary, prompt plus max_tokens within the context
         window and the KV cache, n choices within the batch and the cache."""
-        self._check_max_tokens(request.params)
+        self._check_params(request.params)
         self._check_fit(request)
 
     def submit(self, request: GenerationRequest, pace: Pace | None = None) -> AsyncIterator[Delta]:
@@ -295,10 +296,18 @@ class Engine:
         if self.core.num_waiting >= self.config.max_waiting:
             raise EngineOverloadedError(f"{self.core.num_waiting} requests are already waiting")
 
-    def _check_max_tokens(self, params: SamplingParams) -> None:
+    def _check_params(self, params: SamplingParams) -> None:
+        """What the request's settings may ask of this model: max_tokens within the cap, and
+        logit_bias ids that the model's logits have (the sampler indexes them)."""
         cap = self.config.max_tokens_cap
         if params.max_tokens > cap:
             raise InvalidRequestError(f"max_tokens is {params.max_tokens}; at most {cap} allowed")
+        vocab = self.loaded.model.config.vocab_size
+        if outside := sorted(t for t in params.logit_bias if t >= vocab):
+            named = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
+            raise InvalidRequestError(
+                f"logit_bias: token id {named} is not in the model's vocabulary (ids 0 to {vocab - 1})"
+            )
 
     def _check_fit(self, request: GenerationRequest) -> None:
         """The prompt plus max_tokens within the context window and the KV cache; n choices too."""

@@ -1,11 +1,13 @@
 """Log-probabilities of sampled and prompt tokens, from the logits of the step's own forward pass.
 
 Which distribution: the model's own, `log_softmax` of the logits the model (with the row's
-adapter) produced, before penalties, temperature and top-k / top-p / min-p. That is vLLM's
-default (`logprobs_mode="raw_logprobs"`) and what OpenAI reports (its logprobs do not change with
-temperature); vLLM's older engine reported the processed distribution instead. So a token's
-logprob does not depend on the request's sampling settings, a greedy request and a sampled one
-see the same numbers, and scoring a prompt (lm-eval) gets the model's likelihoods.
+adapter) produced, before `logit_bias`, penalties, temperature and top-k / top-p / min-p. That
+is vLLM's default (`logprobs_mode="raw_logprobs"`: "before any logit processors") and what OpenAI
+reports (its logprobs do not change with temperature, nor, by its users' reports since early
+2024, with `logit_bias`); vLLM's older engine reported the processed distribution instead. So a
+token's logprob does not depend on the request's sampling settings, a greedy request and a
+sampled one see the same numbers, a token forced by a +100 bias shows the logprob the model gave
+it, and scoring a prompt (lm-eval) gets the model's likelihoods.
 
 Sampled tokens: `SamplingParams.logprobs = k` lists the chosen token's logprob and the k most
 likely tokens beside it, computed before the sampler changes the logits.

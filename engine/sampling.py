@@ -1,5 +1,15 @@
 """Choose the next token of every row from its logits, each row with its own settings.
 
+Order, per step: logit bias, penalties, grammar mask, then the choice (greedy, or temperature,
+top-k, top-p, min-p and a draw). A row's `logit_bias` (OpenAI's: token id -> bias in [-100,
+100]) is added to its raw logits first, as vLLM does, by one scatter-add over every biased
+row's (row, token) pairs, kept as tensors per row (`TokenBias`, built once when the row is
+created: no loop over bias entries per step). The grammar mask comes after it, so a bias never
+lets a token the grammar forbids through: -100 bans a token, +100 forces it where the grammar
+allows it. Logprobs are not taken from here: engine/logprobs.py scores the logits from before
+any of this (vLLM's default `raw_logprobs`), so a bias changes which token is chosen, not the
+logprobs reported for it.
+
 Penalties run per row (only rows that ask for them); temperature, top-k, top-p and min-p run
 vectorized over the rows that sample; each sampling row draws from its own torch.Generator,
 so a seeded request gives the same tokens alone or inside any batch. A row with a grammar
@@ -18,6 +28,22 @@ from engine.config import SamplingParams
 from engine.constraints import TokenConstraint, mask_logits
 
 
+@dataclass(frozen=True)
+class TokenBias:
+    """One row's logit bias as tensors on the logits' device: `values[i]` is added to token `ids[i]`."""
+
+    ids: torch.Tensor  # int64 [k]
+    values: torch.Tensor  # float32 [k]
+
+    @classmethod
+    def create(cls, bias: dict[int, float], device: torch.device) -> TokenBias | None:
+        """The tensors of `bias` (None when it is empty: the row is not biased)."""
+        if not bias:
+            return None
+        return cls(torch.tensor(list(bias), dtype=torch.long, device=device),
+                   torch.tensor(list(bias.values()), dtype=torch.float32, device=device))
+
+
 @dataclass
 class RowSampler:
     """The sampling state of one row: its settings, its generator and the tokens it has seen."""
@@ -27,6 +53,7 @@ class RowSampler:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     constraint: TokenConstraint | None = None
+    bias: TokenBias | None = None
 
     @property
     def constraint_done(self) -> bool:
@@ -41,7 +68,20 @@ class RowSampler:
             generator.seed()
         else:
             generator.manual_seed(params.seed)
-        return cls(params=params, generator=generator, prompt_ids=prompt_ids, constraint=constraint)
+        return cls(params=params, generator=generator, prompt_ids=prompt_ids, constraint=constraint,
+                   bias=TokenBias.create(params.logit_bias, device))
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[RowSampler]) -> None:
+    """Add each row's logit bias to its logits [rows, vocab], in place: one scatter-add for the
+    whole batch. Token ids must be in the vocabulary (the engine checks them per request)."""
+    biased = [(i, row.bias) for i, row in enumerate(rows) if row.bias is not None]
+    if not biased:
+        return
+    row_index = torch.cat([torch.full_like(bias.ids, i) for i, bias in biased])
+    token_index = torch.cat([bias.ids for _, bias in biased])
+    values = torch.cat([bias.values for _, bias in biased]).to(logits.dtype)
+    logits.index_put_((row_index, token_index), values, accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, row: RowSampler) -> torch.Tensor:
@@ -95,6 +135,7 @@ def sample_next_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list
     finite = finite_rows.tolist()
     if not all(finite):
         logits[~finite_rows] = 0.0
+    apply_logit_bias(logits, rows)
     for i, row in enumerate(rows):
         if row.params.uses_penalties:
             apply_penalties(logits[i], row)

@@ -348,6 +348,9 @@ def test_one_model_card_or_openais_404():
 
 HARMLESS = {"store": True, "metadata": {"team": "a"}, "user": "u1", "service_tier": "auto",
             "parallel_tool_calls": False, "prediction": None, "prompt_cache_key": "k", "safety_identifier": "s",
+            "prompt_cache_retention": "24h", "prompt_cache_options": {"mode": "implicit", "ttl": "30m"},
+            "reasoning_effort": "low", "verbosity": "high", "audio": None, "web_search_options": None,
+            "moderation": None, "functions": None, "function_call": None,
             "modalities": ["text"], "stream_options": {"include_usage": True, "include_obfuscation": False}}
 
 
@@ -357,24 +360,57 @@ def test_fields_that_cannot_change_the_reply_are_ignored_with_one_debug_line(cap
         reply = client.post("/v1/chat/completions", json={**CHAT, **HARMLESS})
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "ok"
     lines = [r.getMessage() for r in caplog.records if r.name == "deployments.ignored_fields"]
-    assert len(lines) == 1 and reply.json()["id"] in lines[0] and "store" in lines[0] and "prediction" not in lines[0]
+    assert len(lines) == 1 and reply.json()["id"] in lines[0] and "store" in lines[0] and "verbosity" in lines[0]
+    assert "prediction" not in lines[0]  # null: not a field the request set to anything
     assert backend.calls[0].overrides == ChatCompletionRequest.model_validate(CHAT).to_overrides()
+
+
+def test_a_text_parts_cache_breakpoint_is_ignored():
+    client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    part = {"type": "text", "text": "hi", "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "30m"}}
+    assert client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": [part]}]}).status_code == 200
+    assert backend.calls[0].messages[0].content == "hi"
 
 
 @pytest.mark.parametrize("extra, param", [
     ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
-    ({"prediction": {"type": "content", "content": "x"}}, "prediction"), ({"reasoning_effort": "low"}, "reasoning_effort"),
-    ({"web_search_options": {}}, "web_search_options"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"), ({"web_search_options": {}}, "web_search_options"),
+    ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"), ({"function_call": "auto"}, "function_call"),
+    ({"max_token": 5}, "max_token"), ({"temprature": 0.5}, "temprature"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages.0.content"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
      "messages.0.content"),
 ])
 def test_fields_that_would_change_the_reply_are_still_400_naming_the_field(extra, param):
+    """Work the server does not do, content it cannot read, and unknown (misspelt) fields."""
     client, backend, _ = make_client([])
     response = client.post("/v1/chat/completions", json={**CHAT, **extra})
-    assert response.status_code == 400 and response.json()["error"]["param"].startswith(param)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"].startswith(param)
+    if not param.startswith(("messages", "max_token", "temprature")):
+        assert "not supported" in error["message"]
     assert backend.calls == []
+
+
+@pytest.mark.parametrize("bias, param", [
+    ({"abc": 1}, "logit_bias.abc"), ({"-3": 1}, "logit_bias.-3"), ({"1.5": 1}, "logit_bias.1.5"),
+    ({"7": 100.5}, "logit_bias.7"), ({"7": -101}, "logit_bias.7"), ({str(i): 1 for i in range(301)}, "logit_bias"),
+])
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "base", "prompt": "x"})])
+def test_a_bad_logit_bias_is_a_400_naming_the_entry(path, body, bias, param):
+    client, backend, _ = make_client([])
+    response = client.post(path, json={**body, "logit_bias": bias})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "base", "prompt": "x"})])
+def test_logit_bias_reaches_the_engine_with_integer_ids(path, body):
+    client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    assert client.post(path, json={**body, "logit_bias": {"5": 100, "300": -100, "7": 0.5}}).status_code == 200
+    assert backend.calls[0].overrides.logit_bias == {5: 100.0, 300: -100.0, 7: 0.5}
 
 
 CONTINUOUS = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}

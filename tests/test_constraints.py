@@ -81,3 +81,16 @@ async def test_a_complete_grammar_ends_the_reply_even_with_ignore_eos(engine):
     grammar = Grammar.json_schema({"enum": ["yes", "no"]})
     text, finish = await reply(engine, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, grammar=grammar))
     assert json.loads(text) in ("yes", "no") and finish == "stop"
+
+
+async def test_a_logit_bias_works_inside_the_grammar_never_against_it(engine):
+    """The bias comes before the grammar's mask: +100 on a token the grammar forbids does not
+    let it through, +100 on an allowed one is taken every step the grammar allows it."""
+    digits = Grammar(kind="lark", source="start: /[0-9]{1,4}/")
+    seven, letter = engine.loaded.tokenizer.convert_tokens_to_ids(["7", "a"])
+    text, finish = await reply(engine, SamplingParams(max_tokens=10, temperature=0, grammar=digits,
+                                                      logit_bias={letter: 100}))
+    assert text.isdigit() and finish == "stop"
+    text, finish = await reply(engine, SamplingParams(max_tokens=10, temperature=0, grammar=digits,
+                                                      logit_bias={seven: 100}))
+    assert (text, finish) == ("7777", "stop")

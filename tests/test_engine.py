@@ -114,6 +114,57 @@ async def test_max_tokens_and_stop_token_ids(engine, reference):
     assert tokens == expected[: expected.index(stop_id)] and final.finish_reason == "stop"
 
 
+def biased(bias: dict[int, float], **settings) -> SamplingParams:
+    return SamplingParams(**{"temperature": 0, "max_tokens": 12, "ignore_eos": True, "logit_bias": bias, **settings})
+
+
+async def test_logit_bias_forces_and_bans_tokens_per_row(engine, reference):
+    """+100 makes greedy take a token every step, -100 keeps the greedy token out; rows biased
+    differently in one batch keep their own biases, and an unbiased row beside them is untouched."""
+    prompts = [encode(engine, p) for p in PROMPTS[:3]]
+    expected = reference(prompts[2], 12)
+    first, second = engine.loaded.tokenizer.convert_tokens_to_ids(["7", "a"])
+    banned = expected[0]
+    forced_a, forced_b, untouched, without = await asyncio.gather(  # submitted together: one batch
+        collect(engine.submit(GenerationRequest(prompts[0], biased({first: 100})))),
+        collect(engine.submit(GenerationRequest(prompts[1], biased({second: 100, first: -5})))),
+        collect(engine.submit(GenerationRequest(prompts[2], GREEDY.model_copy(update={"max_tokens": 12})))),
+        collect(engine.submit(GenerationRequest(prompts[2], biased({banned: -100})))),
+    )
+    assert forced_a[0] == [first] * 12 and forced_b[0] == [second] * 12
+    assert untouched[0] == expected
+    assert len(without[0]) == 12 and banned not in without[0]
+
+
+async def first_logprob(engine, prompt: list[int], params: SamplingParams):
+    async for delta in engine.submit(GenerationRequest(prompt, params)):
+        if delta.logprobs:
+            return delta.logprobs[0]
+
+
+async def test_logprobs_are_the_models_own_under_a_logit_bias(engine):
+    """Logprobs come from the logits before the bias (vLLM's raw_logprobs): forcing the fifth
+    most likely token makes it the token, with the logprob and neighbours it had unbiased."""
+    prompt = encode(engine, PROMPTS[1])
+    plain = await first_logprob(engine, prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=5))
+    fifth, _, logprob = plain.top[4]
+    forced = await first_logprob(engine, prompt, biased({fifth: 100}, max_tokens=1, logprobs=5))
+    assert forced.token_id == fifth and forced.logprob == pytest.approx(logprob, abs=1e-5) and logprob < -1e-3
+    assert [t[0] for t in forced.top] == [t[0] for t in plain.top]
+    assert [t[2] for t in forced.top] == pytest.approx([t[2] for t in plain.top], abs=1e-5)
+
+
+async def test_logit_bias_ids_must_be_in_the_vocabulary(engine):
+    vocab = engine.loaded.model.config.vocab_size
+    prompt = encode(engine, PROMPTS[0])
+    with pytest.raises(InvalidRequestError, match=f"logit_bias: token id {vocab}, {vocab + 7} is not in"):
+        engine.completion_request(prompt, biased({3: 1, vocab + 7: 1, vocab: -1}))
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        engine.submit(GenerationRequest(prompt, biased({vocab: 1})))
+    tokens, _, _ = await collect(engine.submit(engine.completion_request(prompt, biased({vocab - 1: 100}))))
+    assert tokens == [vocab - 1] * 12
+
+
 async def test_cancel_frees_the_row_and_others_continue(engine, reference):
     endless = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     victim = GenerationRequest(encode(engine, PROMPTS[0]), endless)
@@ -223,7 +274,9 @@ async def test_adapters_swap_after_the_last_one_is_unloaded(engine, adapter_dirs
 @pytest.mark.parametrize(
     "bad",
     [{"temperature": -0.5}, {"top_p": 1.5}, {"top_p": 0}, {"top_k": -1}, {"max_tokens": 0},
-     {"min_p": 2}, {"presence_penalty": 3}, {"repetition_penalty": 0}, {"stop": [""]}, {"bogus": 1}],
+     {"min_p": 2}, {"presence_penalty": 3}, {"repetition_penalty": 0}, {"stop": [""]}, {"bogus": 1},
+     {"logit_bias": {"x": 1}}, {"logit_bias": {"-1": 1}}, {"logit_bias": {-1: 1}}, {"logit_bias": {1: 100.5}},
+     {"logit_bias": {i: 1 for i in range(301)}}],
 )
 def test_invalid_sampling_params_are_rejected(bad):
     with pytest.raises(ValidationError):

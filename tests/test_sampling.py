@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import SamplingParams
-from engine.sampling import RowSampler, apply_penalties, filter_logits, sample_next_tokens
+from engine.sampling import RowSampler, apply_logit_bias, apply_penalties, filter_logits, sample_next_tokens
 
 CPU = torch.device("cpu")
 
@@ -62,3 +62,14 @@ def test_non_finite_rows_fail_alone():
     rows = [row(temperature=0), row(), row(temperature=0), row(temperature=0.5, seed=1)]
     tokens = sample_next_tokens(logits, rows)
     assert tokens[0] == 1 and tokens[1] is None and tokens[2] is None and tokens[3] in (0, 1)
+
+
+def test_logit_bias_is_added_to_its_own_row_before_the_choice():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+    rows = [row(temperature=0, logit_bias={0: 100}), row(temperature=0), row(temperature=0, logit_bias={1: -100, 2: 0.5})]
+    assert sample_next_tokens(logits.clone(), rows) == [0, 1, 2]
+    biased = logits.clone()
+    apply_logit_bias(biased, rows)
+    assert biased.tolist() == [[100.0, 5.0, 1.0], [0.0, 5.0, 1.0], [0.0, -95.0, 1.5]]
+    draws = {sample_next_tokens(logits[:1].clone(), [row(logit_bias={1: -100, 2: -100})])[0] for _ in range(50)}
+    assert draws == {0}

@@ -17,7 +17,7 @@ from engine.config import (
 SET_EVERY_FIELD = {
     "max_tokens": 7, "temperature": 0.5, "top_p": 0.5, "top_k": 3, "min_p": 0.1, "repetition_penalty": 1.2,
     "presence_penalty": 0.5, "frequency_penalty": -0.5, "seed": 1, "stop": ["x"], "stop_token_ids": [5],
-    "ignore_eos": True, "n": 2,
+    "ignore_eos": True, "logit_bias": {5: -100.0}, "n": 2,
 }
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -43,7 +43,7 @@ def test_the_derived_forms_have_the_declared_fields_and_bounds():
 
 
 def test_every_sampling_field_reaches_the_overrides_from_http():
-    assert set(SET_EVERY_FIELD) == set(SamplingFields.model_fields) - {"logit_bias", "user"}
+    assert set(SET_EVERY_FIELD) == set(SamplingFields.model_fields)
     chat = ChatCompletionRequest(model="m", messages=MESSAGES, logprobs=True, top_logprobs=2,
                                  response_format={"type": "json_object"}, **SET_EVERY_FIELD).to_overrides()
     completion = CompletionRequest(model="m", prompt="x", logprobs=2, echo=True, **SET_EVERY_FIELD).to_overrides()
@@ -57,6 +57,8 @@ def test_every_sampling_field_reaches_the_overrides_from_http():
 def test_the_wider_http_forms_accept_what_the_engine_does():
     assert SamplingFields(stop="x", top_k=-1).to_overrides().model_dump(include={"stop", "top_k"}) == {
         "stop": ["x"], "top_k": 0}
+    assert SamplingFields(logit_bias={"5": 1}).to_overrides().logit_bias == {5: 1.0}  # JSON's string keys
+    assert SamplingFields(logit_bias=None).to_overrides().logit_bias == {}
     most = ["s"] * MAX_STOP_STRINGS
     assert SamplingFields(stop=most).to_overrides().stop == SamplingParams(stop=most).stop
     for model in (SamplingFields, SamplingParams):

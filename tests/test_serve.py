@@ -109,12 +109,42 @@ def test_models_lists_base_and_adapters(client):
         client.models.retrieve("gamma")
 
 
-def test_the_sdks_bookkeeping_fields_are_accepted(client):
-    reply = chat(client, "Hello there", max_tokens=3, store=True, metadata={"team": "a"}, user="u1",
-                 service_tier="auto", prompt_cache_key="k", safety_identifier="s", modalities=["text"])
-    assert reply.choices[0].message.content is not None
-    with pytest.raises(openai.BadRequestError, match="modalities"):
-        chat(client, "Hello there", max_tokens=3, modalities=["text", "audio"])
+IGNORED_BY_THE_SDK = {  # openai SDK 3.x create() keyword arguments, with realistic values
+    "store": True, "metadata": {"team": "a"}, "user": "u1", "service_tier": "auto", "parallel_tool_calls": False,
+    "prompt_cache_key": "k", "prompt_cache_retention": "24h", "prompt_cache_options": {"mode": "implicit"},
+    "safety_identifier": "s", "reasoning_effort": "low", "verbosity": "low", "modalities": ["text"],
+}
+UNSUPPORTED_BY_THE_SERVER = {
+    "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],
+    "web_search_options": {"search_context_size": "low"},
+    "prediction": {"type": "content", "content": "Hello there"}, "moderation": {"model": "omni-moderation-latest"},
+    "functions": [{"name": "f", "parameters": {"type": "object"}}], "function_call": "auto",
+}
+
+
+def test_the_sdks_bookkeeping_fields_are_accepted(client, expected_chat):
+    for name, value in IGNORED_BY_THE_SDK.items():
+        reply = chat(client, "Hello there", max_tokens=3, **{name: value})
+        assert reply.choices[0].message.content == expected_chat("Hello there", 3), name
+    assert chat(client, "Hello there", max_tokens=3, **IGNORED_BY_THE_SDK).choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED_BY_THE_SERVER)
+def test_work_the_server_does_not_do_is_a_400_naming_the_field(client, name):
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, "Hello there", max_tokens=3, **{name: UNSUPPORTED_BY_THE_SERVER[name]})
+    assert refused.value.body["param"] == name and "not supported" in refused.value.body["message"]
+
+
+def test_logit_bias_through_the_sdk(client, prompts):
+    seven, letter = prompts.tokenizer.convert_tokens_to_ids(["7", "a"])
+    reply = chat(client, "Hello there", max_tokens=6, logit_bias={str(seven): 100}, extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == "777777"
+    completion = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=4, temperature=0,
+                                           logit_bias={str(letter): 100, str(seven): -100})
+    assert completion.choices[0].text == "aaaa"
+    with pytest.raises(openai.BadRequestError, match="logit_bias: token id 99999 is not in the model's vocabulary"):
+        chat(client, "Hello there", max_tokens=3, logit_bias={"99999": 5})
 
 
 def test_model_field_selects_the_adapter(client, expected_chat, adapter_dirs):
@@ -135,7 +165,8 @@ def test_model_field_selects_the_adapter(client, expected_chat, adapter_dirs):
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "logprobs"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2001}, 400, "max_tokens"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400, "logit_bias"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999": 5}}, 400, "logit_bias"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 101}}, 400, "logit_bias"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools"),
         ({"model": MODEL, "messages": []}, 400, "messages"),
     ],
