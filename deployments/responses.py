@@ -27,11 +27,12 @@ effort above `minimal` (the models here do not reason). Unknown fields are a 400
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel, BeforeValidator, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator,
+    BeforeValidator, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator,
     model_validator,
 )
 
@@ -126,7 +127,11 @@ class FunctionCallItem(StrictBody):
     @field_validator("arguments")
     @classmethod
     def _json_text(cls, arguments: str) -> str:
-        return FunctionCallIn(name="f", arguments=arguments).arguments  # its check: JSON text
+        try:
+            json.loads(arguments)
+        except ValueError:
+            raise ValueError("arguments must be JSON text") from None
+        return arguments
 
     def tool_call(self) -> ToolCallIn:
         return ToolCallIn(id=self.call_id, function=FunctionCallIn(name=self.name, arguments=self.arguments))
