@@ -6,6 +6,8 @@ one finish record) -> JSON or SSE frames. Errors use OpenAI's error JSON: 400 in
 404 unknown model, 413 prompt beyond the context window, 503 overloaded, 500 only for our own
 bugs (a generic message and the request id; the details only in the log, see http_errors.py).
 An error after streaming began arrives as an error event followed by `data: [DONE]`.
+POST /v1/responses is a chat request too (deployments/responses.py builds it), answered as a
+Response (responses_format.py) or as Responses events (responses_stream.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from deployments.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest, LoadLoraAdapterRequest,
     TokenizeChatRequest, TokenizeCompletionRequest, UnloadLoraAdapterRequest,
 )
+from deployments.responses import ResponsesRequest, new_response_id
+from deployments.responses_format import ResponseEnvelope, ResponseObject
+from deployments.responses_stream import ResponseEvents, ResponseStreamEvent, response_events
 from deployments.runtime_adapters import RuntimeAdapter, RuntimeAdapters
 from deployments.served_models import ServedModels, StoredNames
 from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
@@ -80,7 +85,14 @@ GENERATION_RESPONSES = {  # the text/event-stream's events are declared by docum
           "frames, then `data: [DONE]`)"},
     **ERRORS,
 }
-STREAM_CHUNKS = {"/v1/chat/completions": ChatCompletionChunk, "/v1/completions": Completion}
+RESPONSES_RESPONSES = {
+    200: {"description": "A Response, or with `stream` true a text/event-stream of Responses events (`event:` and "
+          "`data:` lines with a sequence_number; the last is response.completed, response.incomplete, "
+          "response.failed or an error event; no `[DONE]`). Responses are not stored."},
+    **ERRORS,
+}
+STREAM_CHUNKS = {"/v1/chat/completions": ChatCompletionChunk, "/v1/completions": Completion,
+                 "/v1/responses": ResponseStreamEvent}
 
 PLAIN_TEXT_RESPONSES = {  # vLLM's adapter routes answer plain text; their errors stay JSON
     200: {"description": "`Success: ...`", "content": {"text/plain": {"schema": {"type": "string"}}}},
@@ -101,9 +113,22 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, tenant: str | None = Depends(service.tenant)):
         meta = ResponseMeta("chat", body.model, tool_calls=body.offered_tools())
         log_ignored(body, meta.id)
-        call = GenerateCall(body.to_overrides(), messages=body.chat_messages(), tools=body.prompt_tools(),
-                            request_id=meta.id, tenant=tenant, **await service.call_fields(body.model))
+        call = await service.chat_call(body, meta, tenant)
         return await service.respond(call, meta, body.stream, _usage_wanted(body))
+
+    @app.post("/v1/responses", dependencies=guarded, response_model=ResponseObject, responses=RESPONSES_RESPONSES)
+    async def responses(body: ResponsesRequest, tenant: str | None = Depends(service.tenant)):
+        """OpenAI's Responses API for text and function tools, run as the chat request it maps
+        onto (deployments/responses.py). Responses are not stored: previous_response_id is a 400."""
+        chat = body.chat_request()
+        meta = ResponseMeta("chat", body.model, id=new_response_id(), tool_calls=chat.uses_tools)
+        log_ignored(body, meta.id)
+        call = await service.chat_call(chat, meta, tenant)
+        envelope = ResponseEnvelope(meta.id, body.model, body.echo())
+        if body.stream:
+            return await service.stream_responses(call, meta, envelope)
+        choices = await service.complete(call, meta, "responses")
+        return envelope.finished(choices.outputs()[0], choices.endings.usage())
 
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, tenant: str | None = Depends(service.tenant)):
@@ -200,6 +225,11 @@ class ApiService:
         key itself: calls cross processes and are logged); None when the API has no keys."""
         return client_id(bearer_token(authorization)) if self.settings.api_keys else None
 
+    async def chat_call(self, body: ChatCompletionRequest, meta: ResponseMeta, tenant: str | None) -> GenerateCall:
+        """The call a chat request makes (chat completions and /v1/responses alike); 404 for an unknown model."""
+        return GenerateCall(body.to_overrides(), messages=body.chat_messages(), tools=body.prompt_tools(),
+                            request_id=meta.id, tenant=tenant, **await self.call_fields(body.model))
+
     async def call_fields(self, model: str) -> dict[str, str | None]:
         """A GenerateCall's `adapter` and `adapter_source` for `model`; 404 for an unknown model."""
         return (await self.models.resolve(model)).call_fields()
@@ -291,7 +321,21 @@ class ApiService:
 
     async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, usage: UsageWanted):
         """Answer with SSE once the first item is in (so a refusal still gets its status)."""
-        items = self._items(call, meta, meta.kind)
+        first, items = await self._opened(call, meta, meta.kind)
+        frames = self._frames(call.request_id, first, items, meta, usage, _choices_of(call, meta))
+        return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def stream_responses(self, call: GenerateCall, meta: ResponseMeta, envelope: ResponseEnvelope):
+        """/v1/responses' event stream (deployments/responses_stream.py), once the first item is in."""
+        first, items = await self._opened(call, meta, "responses")
+        choices = _choices_of(call, meta)
+        events = response_events(call.request_id, first, items, ResponseEvents(envelope, choices.logprobs), choices)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _opened(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> tuple[Item, AsyncIterator[Item]]:
+        """The call's first item and the rest; a refusal or failure before the first item raises
+        (an ApiError with its status, or a 500)."""
+        items = self._items(call, meta, endpoint)
         try:
             first = await anext(items)
         except ApiError as err:
@@ -302,8 +346,7 @@ class ApiService:
         if isinstance(first, ApiError):
             await items.aclose()
             raise public(first, call.request_id)
-        frames = self._frames(call.request_id, first, items, meta, usage, _choices_of(call, meta))
-        return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return first, items
 
     async def _frames(self, request_id: str, first: Item, items: AsyncIterator[Item], meta: ResponseMeta,
                       usage: UsageWanted, choices: Choices) -> AsyncIterator[str]:

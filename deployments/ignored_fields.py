@@ -127,3 +127,32 @@ def log_ignored(body: BaseModel, request_id: str) -> None:
     """One debug line naming the ignored fields the request set, if any."""
     if names := ignored_fields(body):
         logger.debug("request %s: ignored fields %s", request_id, ", ".join(names))
+
+
+class ResponsesStreamOptions(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    include_obfuscation: bool | None = Field(None, description="Ignored: no obfuscation padding is sent.")
+
+
+class IgnoredResponsesFields(IgnoredFields):
+    """/v1/responses fields with no effect on the generated tokens (mixed into its body,
+    deployments/responses.py). `store` defaults to true in OpenAI's SDK: accepted, and nothing
+    is stored all the same. `truncation`: whatever it says, a conversation beyond the context
+    window loses its oldest turns (the system message kept), as chat requests do. `max_tool_calls`
+    bounds OpenAI's built-in tools, which this server has none of."""
+
+    store: bool | None = Field(None, description="Ignored: responses are not stored.")
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="Ignored (OpenAI: up to 16 pairs); "
+                                            "repeated in the response.")
+    user: str | None = Field(None, description="Ignored.")
+    service_tier: str | None = Field(None, description="Ignored: one tier.")
+    safety_identifier: str | None = Field(None, description="Ignored.")
+    prompt_cache_key: str | None = Field(None, description="Ignored: the prefix cache is automatic.")
+    prompt_cache_retention: str | None = Field(None, description="Ignored.")
+    parallel_tool_calls: bool | None = Field(None, description="Ignored: a forced call is always one call.")
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, description="Ignored: the oldest turns of a conversation beyond the context window are dropped.")
+    max_tool_calls: int | None = Field(None, ge=1, description="Ignored: no built-in tools.")
+    stream_options: ResponsesStreamOptions | None = None
+
