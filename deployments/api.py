@@ -121,7 +121,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         """OpenAI's Responses API for text and function tools, run as the chat request it maps
         onto (deployments/responses.py). Responses are not stored: previous_response_id is a 400."""
         chat = body.chat_request()
-        meta = ResponseMeta("chat", body.model, id=new_response_id(), tool_calls=chat.uses_tools)
+        meta = ResponseMeta("chat", body.model, id=new_response_id(), tool_calls=chat.offered_tools())
         log_ignored(body, meta.id)
         call = await service.chat_call(chat, meta, tenant)
         envelope = ResponseEnvelope(meta.id, body.model, body.echo())
