@@ -74,10 +74,16 @@ class SequenceLayout:
     q_start: int
     q_len: int
     runs: list[tuple[int, int]]
+    gather: torch.Tensor | None = None  # [context] slots in order: attention copies the context out first
 
     @property
     def context(self) -> int:
         return sum(length for _, length in self.runs)
+
+    def gathered(self, device: torch.device) -> SequenceLayout:
+        """This layout with `gather` set: the slot of every context position, in order."""
+        slots = torch.cat([torch.arange(first, first + length) for first, length in self.runs])
+        return SequenceLayout(self.q_start, self.q_len, self.runs, slots.to(device))
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from engine.attention import SHORT_CONTEXT, use_paged_attention
+from engine.attention import SHORT_CONTEXT, should_gather, use_paged_attention
 from engine.kv_cache import PagedKVCache, SequenceLayout, ShortDecodes, StepLayout
 from engine.logprobs import PromptSpan, prompt_positions
 from engine.lora import LoraLayers
@@ -132,7 +132,10 @@ class ModelRunner:
         device = self.device
         short, others = [], []
         for seq in sequences:
-            (short if seq.q_len == 1 and seq.context <= SHORT_CONTEXT else others).append(seq)
+            if seq.q_len == 1 and seq.context <= SHORT_CONTEXT:
+                short.append(seq)
+            else:
+                others.append(seq.gathered(device) if should_gather(seq, device) else seq)
         layout = StepLayout(
             self.cache, torch.tensor(slots, device=device), len(ids),
             ShortDecodes.build(short, device) if short else None, others,

@@ -6,8 +6,8 @@ import torch
 
 from engine.config import SamplingParams
 from engine.engine import Engine
-from engine.attention import attend, attend_runs
-from engine.kv_cache import SequenceLayout
+from engine.attention import attend, attend_runs, paged_attention, should_gather
+from engine.kv_cache import PagedKVCache, SequenceLayout, StepLayout
 from engine.request import GenerationRequest
 from tests.tiny_models import LONG_TEXT, ids
 
@@ -169,16 +169,43 @@ def test_attention_over_several_runs_equals_one_contiguous_context():
     k = torch.cat([keys[:, first : first + n] for first, n in runs], dim=1)
     v = torch.cat([values[:, first : first + n] for first, n in runs], dim=1)
     keys[:, 0:context], values[:, 0:context] = k, v  # the same context, contiguous at slot 0
-    contiguous = attend(q, keys, values, SequenceLayout(0, queries, [(0, context)]), None)
+    contiguous = attend(q, keys, values, [(0, context)], None)
     expected = torch.nn.functional.scaled_dot_product_attention(
         q[None], k[None], v[None], attn_mask=torch.ones(queries, context, dtype=torch.bool).tril(context - queries),
         enable_gqa=True,
     )[0]
     torch.testing.assert_close(contiguous, expected)  # earlier context and own chunk merged on CPU
-    torch.testing.assert_close(attend(q, keys, values, SequenceLayout(0, queries, runs), None), expected)
+    torch.testing.assert_close(attend(q, keys, values, runs, None), expected)
     torch.testing.assert_close(attend_runs(q, keys, values, runs, None), expected)  # the other devices' path
-    one = attend(q[:, -1:], keys, values, SequenceLayout(0, 1, runs), None)
+    one = attend(q[:, -1:], keys, values, runs, None)
     torch.testing.assert_close(one, expected[:, -1:])
+
+
+def test_a_context_in_many_runs_is_gathered_and_attended_as_one():
+    """The attention layer copies a fragmented context out (`gather`) and gets what the runs
+    give read in place; prompt chunks gather once their earlier context is in two runs or
+    more, long decodes only when the runs outnumber what copying costs, and never off the CPU."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim = 4, 2, 8
+    cache = PagedKVCache(1, num_blocks=16, block_size=8, kv_heads=kv_heads, head_dim=dim, dtype=torch.float32,
+                         device=torch.device("cpu"))
+    keys, values = cache.layer(0)
+    keys.normal_(), values.normal_()
+    runs = [(96, 16), (8, 24), (64, 8), (40, 5)]  # 53 positions: 48 earlier, then 5 queries
+    query = torch.randn(1, heads, 5, dim)
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    outputs = []
+    for seq in (SequenceLayout(0, 5, runs), SequenceLayout(0, 5, runs).gathered(torch.device("cpu"))):
+        layout = StepLayout(cache, torch.zeros(5, dtype=torch.long), 5, None, [seq])
+        outputs.append(paged_attention(module, query, None, None, None, kv_layout=layout)[0])
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert outputs[1].shape == (1, 5, heads, dim)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert should_gather(SequenceLayout(0, 5, runs), cpu) and not should_gather(SequenceLayout(0, 5, runs), cuda)
+    assert not should_gather(SequenceLayout(0, 5, [(96, 16), (8, 5)]), cpu)  # one earlier run, then its own
+    assert not should_gather(SequenceLayout(0, 1, [(0, 600), (800, 600)]), cpu)  # 2 runs of 1,200 tokens
+    assert should_gather(SequenceLayout(0, 1, [(i * 100, 50) for i in range(24)]), cpu)
 
 
 async def test_prepacked_bf16_weights_give_the_same_tokens(engine_config, adapter_dirs):
