@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from bench.client import Chunk, RequestResult, measure
 from bench.cpu import CpuSnapshot
-from bench.engine import QUESTIONS
 from bench.percentiles import safe_percentile
+from bench.workloads import WorkRequest, fixed_requests
 from engine.engine import EngineStats
 
 log = logging.getLogger("bench.serve")
@@ -35,7 +35,7 @@ MAX_LOGGED_ERRORS = 3
 
 
 Transport = Callable[[str, int], AsyncIterator[Chunk]]
-"""(question, max_tokens) -> the request's stream of Chunks; raises RequestFailed on errors."""
+"""(user message, max_tokens) -> the request's stream of Chunks; raises RequestFailed on errors."""
 
 StatsProbe = Callable[[], Awaitable[EngineStats]]
 """Reads our engine's counters (in this process, or the LLM replica's through a handle)."""
@@ -111,16 +111,19 @@ def requests_per_level(args: argparse.Namespace, concurrency: int) -> int:
     return args.requests or max(WAVES * concurrency, MIN_REQUESTS)
 
 
-async def run_level(transport: Transport, system: str, concurrency: int, count: int,
-                    max_tokens: int, probe: StatsProbe | None = None) -> LevelResult:
-    """`concurrency` clients each send requests one after another until `count` were sent;
-    `probe` reads our engine's step counters before and after."""
-    indexes = iter(range(count))  # shared by the clients: each next() hands out one request
+async def run_level(transport: Transport, system: str, concurrency: int, requests: Sequence[WorkRequest],
+                    probe: StatsProbe | None = None) -> LevelResult:
+    """`concurrency` clients each send requests one after another until every one of `requests`
+    was sent (in order); `probe` reads our engine's step counters before and after."""
+    pending = iter(requests)  # shared by the clients: each next() hands out one request
     results: list[RequestResult] = []
 
     async def client() -> None:
-        for i in indexes:
-            results.append(await measure(transport(QUESTIONS[i % len(QUESTIONS)], max_tokens)))
+        for request in pending:
+            result = await measure(transport(request.message, request.max_tokens))
+            if result.error is None and result.tokens != request.max_tokens:
+                log.warning("%s c=%d: %d tokens, not %d", system, concurrency, result.tokens, request.max_tokens)
+            results.append(result)
 
     before = await probe() if probe else None
     cpu = CpuSnapshot.take()
@@ -130,11 +133,11 @@ async def run_level(transport: Transport, system: str, concurrency: int, count: 
     own, other = CpuSnapshot.take().cores_since(cpu, wall)
     steps = EngineSteps.between(before, await probe()) if probe else None
     level = LevelResult(system, concurrency, wall, tuple(results), own, other, steps)
-    log_level(level, max_tokens)
+    log_level(level)
     return level
 
 
-def log_level(level: LevelResult, max_tokens: int) -> None:
+def log_level(level: LevelResult) -> None:
     """One progress line per level, and the first few errors."""
     log.info("%s c=%d: %d requests in %.1f s, %.1f tok/s, TTFT p50 %.3f s, %d errors, "
              "CPU cores: %.2f ours, %.2f others",
@@ -147,19 +150,18 @@ def log_level(level: LevelResult, max_tokens: int) -> None:
                  steps.seconds / level.wall)
     for result in [r for r in level.results if r.error][:MAX_LOGGED_ERRORS]:
         log.warning("%s c=%d: request failed: %s", level.system, level.concurrency, result.error)
-    short = [r.tokens for r in level.ok if r.tokens != max_tokens]
-    if short:
-        log.warning("%s c=%d: token counts other than %d: %s", level.system, level.concurrency, max_tokens, short)
 
 
 async def run_levels(transport: Transport, system: str, args: argparse.Namespace,
                      probe: StatsProbe | None = None) -> list[LevelResult]:
-    """An untimed warm-up, then every concurrency level in turn."""
+    """An untimed warm-up, then every concurrency level in turn, each sending
+    `args.plan[concurrency]` (the same request list for every system)."""
     log.info("%s: warming up (%d x %d tokens)", system, WARMUP_REQUESTS, WARMUP_TOKENS)
-    await run_level(transport, f"{system} warm-up", WARMUP_REQUESTS, WARMUP_REQUESTS, WARMUP_TOKENS)
+    await run_level(transport, f"{system} warm-up", WARMUP_REQUESTS, fixed_requests(WARMUP_REQUESTS, WARMUP_TOKENS))
     levels = []
     for concurrency in args.concurrency:
-        count = requests_per_level(args, concurrency)
-        log.info("%s: concurrency %d, %d requests x %d tokens", system, concurrency, count, args.max_tokens)
-        levels.append(await run_level(transport, system, concurrency, count, args.max_tokens, probe))
+        requests = args.plan[concurrency]
+        log.info("%s: concurrency %d, %d requests, %d reply tokens in all", system, concurrency, len(requests),
+                 sum(r.max_tokens for r in requests))
+        levels.append(await run_level(transport, system, concurrency, requests, probe))
     return levels

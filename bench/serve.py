@@ -21,6 +21,10 @@ per level. The systems are measured one after the other (never at the same time)
     python -m bench.serve --quick --plot /tmp/serve.png    # seconds of work, to check the script
     python -m bench.serve --output bench/serve-results.md --plot bench/serve.png
     python -m bench.serve --quick --systems transformers-serve serve   # some systems only
+    python -m bench.serve --workload spread --systems serve transformers-serve   # ShareGPT-like lengths
+
+Workloads (bench/workloads.py): `fixed` (short questions, every reply exactly --max-tokens) and
+`spread` (log-normal prompt and reply lengths with medians --prompt-median / --reply-median).
 
 Results go to stdout as markdown tables (and to --output if given), the plot to --plot;
 progress goes to logging.
@@ -47,7 +51,8 @@ from bench.cli import (
     round_orders,
     setup_logging,
 )
-from bench.load import MIN_REQUESTS, WAVES, LevelResult
+from bench.chat import load_tokenizer
+from bench.load import MIN_REQUESTS, WAVES, LevelResult, requests_per_level
 from bench.serve_report import plot, report
 from bench.serve_systems import (
     measure_engine,
@@ -57,12 +62,14 @@ from bench.serve_systems import (
     measure_transformers_serve,
 )
 from bench.systems import SERVE_CONFIG, config_app_args
+from bench.workloads import WorkRequest, fixed_requests, spread_requests
 from deployments.settings import AppArgs
 from engine.loader import resolve_device, resolve_dtype
 
 SYSTEMS = ("serve", "engine", "hf-per-request", "engine-beside-idle-serve", "transformers-serve")
-FULL_DEFAULTS = {"concurrency": [1, 8, 32], "requests": None, "max_tokens": 64}
-QUICK_DEFAULTS = {"concurrency": [1, 4], "requests": 4, "max_tokens": 16}
+FULL_DEFAULTS = {"concurrency": [1, 8, 32], "requests": None, "max_tokens": 64, "prompt_median": 128,
+                 "reply_median": 48}
+QUICK_DEFAULTS = {"concurrency": [1, 4], "requests": 4, "max_tokens": 16, "prompt_median": 32, "reply_median": 8}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", help="closed-loop client counts (levels)")
     p.add_argument("--requests", type=int,
                    help=f"requests per level (default: max({WAVES} x concurrency, {MIN_REQUESTS}))")
-    p.add_argument("--max-tokens", type=int, help="new tokens per request (ignore_eos)")
+    p.add_argument("--max-tokens", type=int, help="fixed workload: new tokens per request (ignore_eos)")
+    p.add_argument("--workload", choices=("fixed", "spread"), default="fixed",
+                   help="fixed: short questions, --max-tokens each; spread: log-normal lengths (ShareGPT-like)")
+    p.add_argument("--prompt-median", type=int, help="spread workload: median prompt tokens")
+    p.add_argument("--reply-median", type=int, help="spread workload: median reply tokens (ignore_eos)")
     add_system_options(p, SYSTEMS, SERVE_CONFIG, timeout_s=1800.0)
     p.add_argument("--max-batch-size", type=int, default=32, help="engine rows (serve and engine)")
     p.add_argument("--batch-size", type=int, help="serve: @serve.batch admission group size")
@@ -110,9 +121,24 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def level_plan(args: argparse.Namespace, values: dict[str, Any]) -> dict[int, list[WorkRequest]]:
+    """Each concurrency level's request list (the same for every system and round)."""
+    counts = {c: requests_per_level(args, c) for c in args.concurrency}
+    if args.workload == "fixed":
+        return {c: fixed_requests(count, args.max_tokens) for c, count in counts.items()}
+    tokenizer = load_tokenizer(values)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return {c: spread_requests(count, args.prompt_median, args.reply_median, count_tokens)
+            for c, count in counts.items()}
+
+
 def run(args: argparse.Namespace) -> str:
     """Measure the chosen systems one after the other, `--rounds` times; return the markdown report."""
     values = app_args(args)
+    args.plan = level_plan(args, values)  # read by bench.load.run_levels
     config = AppArgs.model_validate(values).engine_config()
     dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
     rounds: list[dict[str, list[LevelResult]]] = []

@@ -16,7 +16,8 @@ import torch
 
 from bench.cli import figure, fmt, label_axis, median_cell
 from bench.engine import QUESTIONS
-from bench.load import LevelResult, requests_per_level
+from bench.load import LevelResult
+from bench.workloads import describe
 
 ENGINE_TARGET = 0.85  # serve / engine tokens/s at the highest concurrency
 HF_TARGET = 10.0  # serve / hf-per-request tokens/s at the highest concurrency
@@ -26,14 +27,19 @@ TRANSFORMERS_TARGETS = {1: 1.0, 8: 1.3, 32: 1.3}  # serve / transformers-serve t
 def header(values: dict[str, Any], args: argparse.Namespace, dtype: str) -> list[str]:
     """Markdown lines describing what was measured where."""
     batch = values.get("batch", {})
-    counts = ", ".join(f"{c}: {requests_per_level(args, c)}" for c in args.concurrency)
+    counts = ", ".join(f"{c}: {len(args.plan[c])}" for c in args.concurrency)
+    if args.workload == "fixed":
+        workload = (f"{args.max_tokens} tokens per request (ignore_eos, temperature 0), {len(QUESTIONS)} short "
+                    f"questions in turn")
+    else:
+        workload = (f"ShareGPT-like spread of lengths (bench/workloads.py; ignore_eos, temperature 0): "
+                    f"{describe(args.plan[max(args.concurrency)])} at the highest level")
     return [
         f"# Serve benchmark ({datetime.datetime.now().isoformat(timespec='seconds')})",
         "",
         f"- model: {values.get('model')}, dtype {dtype}, CPU; host {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads in this process",
-        f"- workload: closed loop of N clients (N = concurrency), OpenAI streaming chat, {args.max_tokens} tokens "
-        f"per request (ignore_eos, temperature 0), {len(QUESTIONS)} short questions in turn; "
+        f"- workload: closed loop of N clients (N = concurrency), OpenAI streaming chat, {workload}; "
         f"requests per level: {counts}",
         f"- serve: args of {args.config.name} with max_batch_size {values.get('max_batch_size')}, "
         f"num_cpus {values.get('num_cpus')}, batch_size {batch.get('batch_size')}, "

@@ -1,0 +1,33 @@
+"""bench/workloads.py: the spread workload's lengths are seeded, bounded and log-normal-like."""
+
+from __future__ import annotations
+
+import statistics
+
+from bench.workloads import PROMPT_RANGE, REPLY_RANGE, describe, fixed_requests, spread_requests
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def test_the_spread_workload_is_the_same_list_every_time_and_within_its_bounds():
+    first = spread_requests(200, 96, 40, count_words)
+    assert first == spread_requests(200, 96, 40, count_words)
+    assert all(REPLY_RANGE[0] <= r.max_tokens <= REPLY_RANGE[1] for r in first)
+    assert all(PROMPT_RANGE[0] <= r.prompt_tokens <= PROMPT_RANGE[1] for r in first)
+    assert all(count_words(r.message) <= max(r.prompt_tokens, 60) for r in first)  # one sentence may overshoot
+
+
+def test_the_spread_workload_has_its_medians_and_a_long_tail():
+    requests = spread_requests(400, 96, 40, count_words)
+    replies = [r.max_tokens for r in requests]
+    prompts = [r.prompt_tokens for r in requests]
+    assert 30 <= statistics.median(replies) <= 50 and 80 <= statistics.median(prompts) <= 115
+    assert max(replies) >= 4 * statistics.median(replies)
+    assert len({r.message for r in requests}) == len(requests)  # no two prompts alike: no shared prefix
+
+
+def test_the_fixed_workload_gives_every_request_the_same_reply_length():
+    requests = fixed_requests(10, 16)
+    assert {r.max_tokens for r in requests} == {16} and "replies of 16 tokens" in describe(requests)
