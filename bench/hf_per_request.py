@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
-from client.servers import free_port, wait_until_healthy
+from bench.systems import uvicorn_thread
 from deployments.protocol import ChatCompletionRequest
 from engine.loader import LoadedModel
 from engine.prompt import ChatMessage, PromptBuilder
@@ -137,29 +136,9 @@ def build_hf_app(backend: HFPerRequest) -> FastAPI:
 @contextmanager
 def hf_server(loaded: LoadedModel) -> Iterator[str]:
     """The hf-per-request app on uvicorn in a background thread; yields its base URL."""
-    import uvicorn
-
     backend = HFPerRequest(loaded)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_hf_app(backend), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    failure: list[BaseException] = []
-
-    def serve_forever() -> None:
-        try:
-            server.run()
-        except BaseException as err:  # reported by the caller, not lost with the thread
-            failure.append(err)
-
-    thread = threading.Thread(target=serve_forever, name="hf-server", daemon=True)
-    thread.start()
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, timeout_s=120)
-        yield url
+        with uvicorn_thread(build_hf_app(backend), "hf-server") as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=60)
         backend.close()
-        if failure:
-            raise RuntimeError("the hf-per-request server failed") from failure[0]

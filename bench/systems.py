@@ -3,6 +3,7 @@
 - `serve_app`: our Ray Serve application (deployments/app.py) in a private local Ray
   instance in this process, started as the tests start it (deployments/local.py);
   `diagnostics` reads its LLM replica's state through a handle.
+- `uvicorn_thread`: an ASGI app of the benchmark's own (a baseline, a relay) on a free port.
 - `transformers_serve`: `transformers serve --continuous-batching` as a subprocess on the
   checkpoint folder our loader uses for the same model, with the same dtype and device,
   offline (HF_HUB_OFFLINE=1); stopped by its PID and its children's, never by name.
@@ -18,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -222,3 +224,35 @@ def stop_process_tree(process: subprocess.Popen[bytes], timeout_s: float = STOP_
             pass
     psutil.wait_procs(alive, timeout=timeout_s)
     process.wait(timeout=timeout_s)
+
+
+# ----- an ASGI app of the benchmark's own -------------------------------------------------------
+
+
+@contextmanager
+def uvicorn_thread(app: Any, name: str) -> Iterator[str]:
+    """`app` on uvicorn in a background thread on a free port, until /health answers; yields its
+    base URL. On exit the server stops; an error it raised is raised here, not lost with the thread."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    failure: list[BaseException] = []
+
+    def serve_forever() -> None:
+        try:
+            server.run()
+        except BaseException as err:
+            failure.append(err)
+
+    thread = threading.Thread(target=serve_forever, name=name, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, timeout_s=120)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        if failure:
+            raise RuntimeError(f"{name} failed") from failure[0]
