@@ -1,4 +1,5 @@
-"""bench/workloads.py: the spread workload's lengths are seeded, bounded and log-normal-like."""
+"""bench/workloads.py and bench/relay.py: the spread workload's lengths are seeded, bounded and
+log-normal-like; the relay rewrites guidellm's vLLM extensions for transformers serve."""
 
 from __future__ import annotations
 
@@ -31,3 +32,14 @@ def test_the_spread_workload_has_its_medians_and_a_long_tail():
 def test_the_fixed_workload_gives_every_request_the_same_reply_length():
     requests = fixed_requests(10, 16)
     assert {r.max_tokens for r in requests} == {16} and "replies of 16 tokens" in describe(requests)
+
+
+def test_the_relay_spells_ignore_eos_as_transformers_serve_takes_it():
+    from bench.relay import rewrite_body
+    from bench.systems import TRANSFORMERS_IGNORE_EOS
+
+    body = {"model": "m", "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    assert rewrite_body(body) == {"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                                  **TRANSFORMERS_IGNORE_EOS}
+    assert rewrite_body({"model": "m", "stream_options": {"continuous_usage_stats": True}}) == {"model": "m"}
