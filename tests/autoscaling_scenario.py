@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -52,6 +53,7 @@ TIME_LIMIT_S = 150
 CONVERSATIONS = 6
 TURNS = 5  # then one more after a replica is killed
 REPLY_TOKENS = 24
+PROXY_READY_TIMEOUT_S = 60  # Serve's default is 5 s; see main()
 
 
 def scenario_config(model_dir: str, port: int, request_log: str) -> dict:
@@ -238,6 +240,10 @@ async def drive(url: str) -> dict:
 def main(model_dir: str, report: str) -> None:
     logging.basicConfig(level=logging.INFO)
     request_log = str(Path(report).with_suffix(".requests.log"))
+    # Serve's controller kills a proxy not ready within 5 s (then serve_start fails with
+    # ActorDiedError): three Ray nodes starting on two busy cores can take longer. The nodes
+    # inherit this process's environment.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_TIMEOUT_S))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(2):
         cluster.add_node(num_cpus=1, num_gpus=1)
