@@ -59,22 +59,23 @@ class ContentPartEvent(Event):
     part: OutputText
 
 
-class TextDeltaEvent(Event):
+class TextEvent(Event):
+    """Fields every output_text event carries."""
+
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    logprobs: list[ChatTokenLogprob] = Field(default_factory=list)
+
+
+class TextDeltaEvent(TextEvent):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
-    item_id: str
-    output_index: int
-    content_index: int = 0
     delta: str
-    logprobs: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
-class TextDoneEvent(Event):
+class TextDoneEvent(TextEvent):
     type: Literal["response.output_text.done"] = "response.output_text.done"
-    item_id: str
-    output_index: int
-    content_index: int = 0
     text: str
-    logprobs: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
 class ArgumentsDeltaEvent(Event):

@@ -16,7 +16,6 @@ import openai
 import pytest
 from agents import Agent, ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from fastapi.testclient import TestClient
-from pydantic import BaseModel, ConfigDict, Field
 
 from client.stream import event_data
 from deployments.api import ApiSettings, Finished, build_api
@@ -26,6 +25,7 @@ from engine.prompt import ChatMessage
 from engine.request import Delta
 from engine.tools import ToolCall
 from tests.fakes import STATS, ScriptedBackend, served_on_a_port
+from tests.test_structured_clients import Person  # the same bounded model the chat clients parse
 from tests.serve_fixtures import SERVED_MODEL as MODEL
 
 PERSON = {
@@ -286,13 +286,6 @@ def test_streams_match_the_events_the_route_declares():
 
 
 # --- the served tiny model, through the openai SDK ---
-
-
-class Person(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(max_length=10)
-    age: int = Field(ge=0, le=99)
 
 
 @pytest.fixture(scope="module")
