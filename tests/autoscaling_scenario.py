@@ -42,7 +42,7 @@ from ray.serve.schema import ServeDeploySchema
 from client.bodies import chat_body, user_message
 from client.servers import free_port, wait_until_healthy
 from client.stream import StreamError, achunks, aevent_data, completion_tokens, delta_text, error_text
-from deployments.local import every_replica_diagnostics
+from deployments.local import WORKER_NICENESS, every_replica_diagnostics
 from tests.serve_fixtures import ROOT
 
 log = logging.getLogger("autoscaling_scenario")
@@ -244,7 +244,10 @@ def main(model_dir: str, report: str) -> None:
     # ActorDiedError): three Ray nodes starting on two busy cores can take longer. The nodes
     # inherit this process's environment.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_TIMEOUT_S))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # Workers at niceness 0, as `make serve` runs them (deployments/local.py): at Ray's default
+    # 15 the replicas starve beside busy processes and the app never becomes healthy.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "_system_config": {"worker_niceness": WORKER_NICENESS}})
     for _ in range(2):
         cluster.add_node(num_cpus=1, num_gpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
