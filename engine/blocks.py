@@ -13,7 +13,10 @@ blocks in token order. Every block is in exactly one state:
 A full block's key chains everything that determines its KV:
 `blake2b(parent key | adapter identity | its token ids)`, the adapter identity being its name
 plus a hash of its weights (engine/lora.py), so an adapter reloaded under the same name with
-other weights never meets stale KV.
+other weights never meets stale KV. All prefix keying is here: `keys` computes a token
+sequence's keys, `match` finds the cached blocks of the longest keyed prefix, and
+`register_computed` keys the blocks a sequence has filled since (the scheduler calls the first
+two when it admits a row, the step's postprocessing the last).
 
 Attention reads each contiguous run of a table's blocks in place (one attention call per
 run), so `allocate` keeps tables contiguous where it can: a new sequence starts in the
@@ -29,6 +32,10 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from engine.kv_cache import BlockTable
 
 ROOT_KEY = b""
 
@@ -49,6 +56,19 @@ def prefix_keys(tokens: Sequence[int], adapter: bytes, block_size: int, parent: 
         parent = block_key(parent, adapter, tokens[start : start + block_size])
         keys.append(parent)
     return keys
+
+
+class KeyedSequence(Protocol):
+    """What `register_computed` reads of a sequence (engine/row.py's Row): its adapter identity,
+    its block table, how many of its tokens have their KV computed, its tokens, and the keys of
+    its full computed blocks so far (which it extends)."""
+
+    adapter_identity: bytes
+    table: BlockTable
+    num_computed: int
+    block_keys: list[bytes]
+
+    def token_range(self, start: int, stop: int) -> Sequence[int]: ...
 
 
 @dataclass
@@ -85,6 +105,10 @@ class BlockManager:
         cached = len(self._lru)
         free = len(self._free)
         return BlockStats(self.num_blocks, self.num_blocks - cached - free, cached, free)
+
+    def keys(self, tokens: Sequence[int], adapter: bytes) -> list[bytes]:
+        """Keys of every full block of `tokens` under `adapter` (an adapter identity), in order."""
+        return prefix_keys(tokens, adapter, self.block_size)
 
     def match(self, keys: Sequence[bytes]) -> list[int]:
         """Blocks holding the longest run of `keys` from the start (not yet held by the caller)."""
@@ -132,6 +156,17 @@ class BlockManager:
             return
         self._key_of[block] = key
         self._block_of[key] = block
+
+    def register_computed(self, seq: KeyedSequence) -> None:
+        """Key each full block of `seq` whose tokens are all computed and that has no key yet,
+        chained to the block before it; record it (`register`) and append its key to
+        `seq.block_keys`."""
+        size = self.block_size
+        for index in range(len(seq.block_keys), seq.num_computed // size):
+            parent = seq.block_keys[-1] if seq.block_keys else ROOT_KEY
+            key = block_key(parent, seq.adapter_identity, seq.token_range(index * size, (index + 1) * size))
+            self.register(seq.table.blocks[index], key)
+            seq.block_keys.append(key)
 
     # ----- allocation -----------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.blocks import ROOT_KEY, BlockManager, block_key
+from engine.blocks import BlockManager
 from engine.config import EngineConfig
 from engine.kv_cache import PagedKVCache
 from engine.loader import LoadedModel
@@ -204,14 +204,8 @@ class EngineCore:
 
     def _computed(self, chunk: ScheduledChunk) -> None:
         """Advance the row past the chunk and key the blocks it filled for the prefix cache."""
-        row = chunk.row
-        row.num_computed = chunk.start + chunk.length
-        size = self.block_size
-        for index in range(len(row.block_keys), row.num_computed // size):
-            parent = row.block_keys[-1] if row.block_keys else ROOT_KEY
-            key = block_key(parent, row.adapter_identity, row.token_range(index * size, (index + 1) * size))
-            self.blocks.register(row.table.blocks[index], key)
-            row.block_keys.append(key)
+        chunk.row.num_computed = chunk.start + chunk.length
+        self.blocks.register_computed(chunk.row)
 
     def _score_prompts(self, out: StepLogits) -> None:
         """Append the logprobs of the prompt tokens this step scored to their rows."""

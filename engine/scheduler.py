@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 
-from engine.blocks import BlockManager, prefix_keys
+from engine.blocks import BlockManager
 from engine.fairness import FairShare
 from engine.row import Row
 
@@ -199,7 +199,7 @@ class Scheduler:
             cached = parent.table.blocks[: len(keys)]
             row.prompt_logprobs = parent.prompt_logprobs
         else:
-            keys = prefix_keys(tokens[: len(tokens) - 1], row.adapter_identity, size)  # >= 1 token to compute
+            keys = self.blocks.keys(tokens[: len(tokens) - 1], row.adapter_identity)  # >= 1 token to compute
             cached = [] if row.scoring_prompt else self.blocks.match(keys)  # cached tokens have no logits
         self.blocks.hold(cached)
         needed = -(-len(tokens) // size) - len(cached)

@@ -4,8 +4,24 @@ from __future__ import annotations
 
 import pytest
 
+from dataclasses import dataclass, field
+
 from engine.blocks import BlockManager, block_key, prefix_keys
 from engine.kv_cache import BlockTable
+
+
+@dataclass
+class PlainSequence:
+    """The part of a row the block manager keys (engine/blocks.py, KeyedSequence)."""
+
+    tokens: list[int]
+    adapter_identity: bytes = b""
+    table: BlockTable = field(default_factory=BlockTable)
+    num_computed: int = 0
+    block_keys: list[bytes] = field(default_factory=list)
+
+    def token_range(self, start: int, stop: int) -> list[int]:
+        return self.tokens[start:stop]
 
 
 def test_allocate_is_contiguous_and_bounded():
@@ -65,6 +81,23 @@ def test_prefix_keys_chain_over_full_blocks_and_adapter_identity():
     assert prefix_keys([9, 2, 3, 4, 5, 6], b"", 3)[1] != keys[1]  # a different first block changes all later keys
     assert prefix_keys(tokens, b"pirate#1", 3) != keys  # another adapter never shares KV
     assert prefix_keys(tokens, b"pirate#1", 3) != prefix_keys(tokens, b"pirate#2", 3)  # nor a reload with new weights
+
+
+def test_register_computed_keys_only_full_computed_blocks_once():
+    blocks = BlockManager(num_blocks=8, block_size=2)
+    seq = PlainSequence([1, 2, 3, 4, 5], adapter_identity=b"pirate#1")
+    seq.table.extend(blocks.allocate(3))
+    seq.num_computed = 3  # block 0 full, block 1 half computed
+    blocks.register_computed(seq)
+    assert seq.block_keys == blocks.keys([1, 2], b"pirate#1")
+    seq.num_computed = 5  # block 1 full now; block 2 holds one token
+    blocks.register_computed(seq)
+    blocks.register_computed(seq)  # nothing new: no key twice
+    assert seq.block_keys == prefix_keys([1, 2, 3, 4, 5], b"pirate#1", 2)
+    table = seq.table.clear()
+    blocks.release(table)
+    assert blocks.match(blocks.keys([1, 2, 3, 4, 9], b"pirate#1")) == table[:2]  # the partial block has no key
+    assert blocks.match(blocks.keys([1, 2, 3, 4], b"")) == []  # nor the base model the adapter's blocks
 
 
 def test_match_stops_at_the_first_miss():
