@@ -88,9 +88,8 @@ class EngineCore:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, adapters: AdapterManager):
         self.config = config
         self.block_size = config.kv_block_size
-        num_blocks = kv_cache_blocks(loaded, config)
-        self.blocks = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
-        self.cache = PagedKVCache.for_model(loaded.model.config, num_blocks, self.block_size, loaded.dtype, loaded.device)
+        self.cache = PagedKVCache.for_engine(loaded.model.config, loaded.dtype, loaded.device, config)
+        self.blocks = BlockManager(self.cache.num_blocks, self.block_size, config.enable_prefix_caching)
         self.adapters = adapters
         self.scheduler = Scheduler(
             self.blocks, config.max_batch_size, config.max_step_tokens, fair_share=config.fair_share,
@@ -103,7 +102,8 @@ class EngineCore:
         self.counters = StepCounters()
         self.finished_requests = 0
         self.generated_tokens = 0
-        log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, self.block_size, self.cache.nbytes / 2**20)
+        log.info("KV cache: %d blocks of %d tokens (%.0f MiB)",
+                 self.cache.num_blocks, self.block_size, self.cache.nbytes / 2**20)
 
     @property
     def capacity_tokens(self) -> int:
@@ -276,12 +276,3 @@ class EngineCore:
         self.scheduler.remove(row)
         self.finished_requests += 1
 
-
-def kv_cache_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
-    """Blocks in the KV cache: `max_kv_tokens` worth, or on CUDA a share of free memory."""
-    fraction = config.kv_cache_memory_fraction
-    if loaded.device.type == "cuda" and fraction is not None:
-        free, _total = torch.cuda.mem_get_info(loaded.device)
-        per_block = PagedKVCache.bytes_per_token(loaded.model.config, loaded.dtype) * config.kv_block_size
-        return max(1, int(free * fraction) // per_block)
-    return max(1, -(-config.max_kv_tokens // config.kv_block_size))

@@ -23,9 +23,13 @@ Thread: tensors are written and read only on the engine's worker thread, inside 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PretrainedConfig
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
 
 @dataclass
 class BlockTable:
@@ -145,6 +149,22 @@ class PagedKVCache:
     ) -> PagedKVCache:
         kv_heads, head_dim = attention_shape(config)
         return cls(config.num_hidden_layers, num_blocks, block_size, kv_heads, head_dim, dtype, device)
+
+    @classmethod
+    def for_engine(
+        cls, model: PretrainedConfig, dtype: torch.dtype, device: torch.device, config: EngineConfig
+    ) -> PagedKVCache:
+        """The engine's cache for `model`, in blocks of `config.kv_block_size` tokens: on CUDA with
+        `kv_cache_memory_fraction` set, that share of the device's free memory; else
+        `max_kv_tokens` worth (rounded up to whole blocks). At least one block."""
+        size = config.kv_block_size
+        fraction = config.kv_cache_memory_fraction
+        if device.type == "cuda" and fraction is not None:
+            free, _total = torch.cuda.mem_get_info(device)
+            num_blocks = max(1, int(free * fraction) // (cls.bytes_per_token(model, dtype) * size))
+        else:
+            num_blocks = max(1, -(-config.max_kv_tokens // size))
+        return cls.for_model(model, num_blocks, size, dtype, device)
 
     @property
     def nbytes(self) -> int:
