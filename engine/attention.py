@@ -3,30 +3,30 @@
 `paged_attention` replaces the model's attention function: the model hands it the packed
 step's queries `[1, heads, T, dim]` (after RoPE; the new keys and values were already
 written into the cache by `PagedKVCache.update`) and, among the forward's keyword arguments,
-`kv_layout`, which says where each sequence's queries and context are:
+`kv_layout`, which says where each sequence's queries and context are. Every path computes
+the same causal attention; which one a sequence takes is a matter of cost on the CPU (the
+measurements behind each choice: bench/README.md, Design notes):
 
-- decode rows with short contexts (`SHORT_CONTEXT`) are attended all at once: their context
-  slots are gathered into one padded tensor and two batched matmuls and a softmax do the
-  rest. SDPA has a fixed cost of about 45 us per call on this CPU, more than copying a few
-  hundred tokens of KV, so one call per row would cost 3-5x more at 32 rows;
-- decode rows with long contexts read their context where it lies, one SDPA call per row
-  (copying 3,000 tokens per row per layer would cost 4x more). The query heads sharing a KV
-  head are folded into the query axis (`[1, kv_heads, group, dim]`), so grouped-query
-  attention reads each KV head once instead of repeating it `group` times;
+- decode rows with short contexts (at most `SHORT_CONTEXT` tokens) are attended all at once:
+  their context slots are gathered into one padded tensor and two batched matmuls and a
+  softmax do the rest (SDPA's fixed cost per call exceeds copying a short context);
+- decode rows with long contexts read their context where it lies, one SDPA call per row.
+  The query heads sharing a KV head are folded into the query axis
+  (`[1, kv_heads, group, dim]`), so grouped-query attention reads each KV head once
+  instead of repeating it `group` times;
 - a prompt chunk at position 0 of a sequence: SDPA with `is_causal`;
 - any other chunk (after earlier context, or over several runs of blocks): on CPU, one
   SDPA call with no mask for the earlier context (every query sees all of it) and a
-  causal call for the chunk's own keys, merged exactly by their log-sum-exps; a masked
-  SDPA over the whole context costs 3-4x more on CPU, as it visits every masked block.
-  Elsewhere (CUDA), one softmax over the runs' scores with an explicit causal mask.
+  causal call for the chunk's own keys, merged exactly by their log-sum-exps (a masked
+  SDPA over the whole context visits every masked block). Elsewhere (CUDA), one softmax
+  over the runs' scores with an explicit causal mask.
 
 A conversation's context fragments as it grows: each turn's prompt takes its blocks at once,
-but reply blocks are taken one at a time, interleaved with other streams'. On CPU, a call per
-run costs a fixed ~45 us per run and layer plus a log-sum-exp merge per run, so a late turn
-of a chat (30 runs) paid 4x more attention than the same context in one run. When the
-context lies in more runs than pay off (`should_gather`), the runner gives the sequence a
-`gather` index and attention copies the context into one contiguous tensor first (one
-`index_select` per layer, about 0.14 ms per 1,000 tokens here), then proceeds as for one run.
+but reply blocks are taken one at a time, interleaved with other streams', and each run of
+blocks costs a call (and for a chunk a log-sum-exp merge) per layer. When the context lies
+in more runs than pay off (`should_gather`), the runner gives the sequence a `gather` index
+and attention copies the context into one contiguous tensor first (one `index_select` per
+layer), then proceeds as for one run.
 
 Supported model families: those whose attention calls `past_key_values.update` and then the
 configured attention function, with full (not sliding-window) attention. Tested on Llama
@@ -45,14 +45,13 @@ from engine.kv_cache import SequenceLayout, ShortDecodes, StepLayout
 
 ATTENTION_NAME = "lora_serve_paged"
 # Decode rows with at most this many context tokens are attended together on a gathered copy
-# of their contexts; longer ones where they lie. Measured here (bf16, 16 rows): equal cost at
-# 1,000 tokens; at 3,000 the gather costs 4x the in-place calls, at 120 (32 rows) a fifth.
+# of their contexts; longer ones where they lie (about where the two cost the same here).
 SHORT_CONTEXT = 1024
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 # A long decode row's context is copied out (`gather`) when it lies in more runs than
 # 1 + context // GATHER_DECODE_TOKENS_PER_RUN: a call per run costs about what copying this
-# many tokens does (bf16, 2 cores). Prompt chunks gather whenever their earlier context is
-# in more than one run: the copy is small beside the chunk's own work.
+# many tokens does. Prompt chunks gather whenever their earlier context is in more than one
+# run: the copy is small beside the chunk's own work.
 GATHER_DECODE_TOKENS_PER_RUN = 1024
 
 
@@ -127,10 +126,8 @@ def paged_attention(
 def attend_short(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, short: ShortDecodes, scale: float
 ) -> torch.Tensor:
-    """One query per row [rows, heads, dim], every row's short context gathered -> [rows, heads, dim].
-
-    Matmuls and a softmax over all rows at once: about 0.4 ms per layer for 32 rows of 120
-    tokens, where one SDPA call per row costs 1.4-1.9 ms (its fixed cost is ~45 us)."""
+    """One query per row [rows, heads, dim], every row's short context gathered -> [rows, heads, dim]:
+    matmuls and a softmax over all rows at once (`short.bias` masks each row's padding)."""
     rows, heads, dim = q.shape
     kv_heads = keys.shape[0]
     longest = short.slots.shape[1]

@@ -4,11 +4,10 @@ On CPU, bf16 matmuls (packed or not) run in oneDNN, and two caches keep what eac
 shape needs: oneDNN's primitive cache (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) and ideep's
 computation cache in torch (`LRU_CACHE_CAPACITY`), 1024 entries each by default. The packed
 forward (engine/runner.py) gives every step a new token count, so every step adds entries,
-and each holds its kernel and scratch memory (about 0.5 MiB at SmolLM2-135M's widths): the
-replica's live heap grew by 3.5 MiB per request and only levelled off near 1024 entries,
-about 800 MiB above idle (bench/README.md, Soak). 256 entries bound that to about 60 MiB and
-were as fast as the default in a mixed-length workload; 8 entries thrash (3x slower), 16
-already do not, so 256 leaves room for the LoRA matmuls' shapes too.
+each holding its kernel and scratch memory: unbounded by us, a replica's heap grows with
+every request until the default capacity is reached. `ONEDNN_CACHE_CAPACITY` entries bound
+that growth without slowing a mixed-length workload, with room for the LoRA matmuls' shapes
+(the measurements behind the number: bench/README.md, Design notes, and Soak).
 
 Both libraries read their variable once, when they first run (for oneDNN: the first
 primitive of the process), so `bound_onednn_caches` must run before any CPU matmul or

@@ -7,19 +7,22 @@ Layers (each module's docstring says more):
         Scheduler (scheduler.py)                  waiting/running rows, chunked prefill, preemption
         BlockManager (blocks.py)                  blocks, reference counts, prefix keys, LRU
         ModelRunner (runner.py)                   packed forward, LoRA gathered per token (lora.py)
+        Postprocessor (postprocess.py)            sampling, logprobs, token bookkeeping, finished rows
       AdapterManager (adapters.py)                adapter tiers: pool on the device, host LRU, stores
         PagedKVCache (kv_cache.py)                KV tensors written in place, paged attention
 
 Contract:
 - A request's limits (max_tokens_cap, logit_bias ids within the model's vocabulary, prompt
   plus max_tokens within the context window and the KV cache, n choices) are checked once, by
-  `check_limits`: in `chat_request` /
-  `completion_request`, which return a CheckedRequest, or else in `submit`. `submit` checks
-  admission (engine alive, adapter loaded, queue not full) every time, raising
-  InvalidRequestError and subclasses, or EngineOverloadedError when too many wait, and
-  returns an async iterator of Deltas; the
-  last delta has `finish_reason` (stop, length, cancelled, error) and `stats`. Deltas that
-  pile up while the consumer is busy are merged into one; `pace` spaces them further.
+  `check_limits`: in `chat_request` / `completion_request`, which return a CheckedRequest, or
+  else in `submit`. `submit` checks every time that the request can be queued now (engine
+  alive, adapter loaded, id free, queue not full: `_check_can_queue`), raising
+  InvalidRequestError and subclasses, EngineDeadError, or EngineOverloadedError when too many
+  wait. "Admitted" is the scheduler's word alone: a queued row is admitted when it gets its
+  blocks and starts running (engine/scheduler.py).
+- `submit` returns an async iterator of Deltas; the last delta has `finish_reason` (stop,
+  length, cancelled, error) and `stats`. Deltas that pile up while the consumer is busy are
+  merged into one; `pace` spaces them further.
   A request with `params.n > 1` runs one row per choice (the forks share its prompt's
   blocks, engine/row.py); its stream interleaves the choices' deltas (`Delta.index`), each
   choice ends with its own last delta, and the stream ends after the n-th (what piles up is
@@ -34,7 +37,8 @@ Contract:
   the core (`EngineCore.add`, a thread-safe deque) and sets `row.cancelled`; it owns the
   output queues (`_queues`) and dispatches each step's events into them. Adapter loads and
   unloads change only the manager's tables (engine/adapters.py); the pool copies happen on the
-  worker at the start of a step.
+  worker at the start of a step. Every torch call of the engine, the model load included, runs
+  on that one worker thread (why: bench/README.md, Design notes).
 - An error in one request fails that request only; an error in a shared forward pass fails
   the rows of that pass; the loop goes on. `alive` is False once the loop itself has died.
 """
@@ -111,11 +115,10 @@ class Engine:
         """Load the model, and into host memory the adapters `preload` names (default: every one
         of `config.adapters`) and the pinned ones (blocking; seconds to minutes).
 
-        Everything runs on the engine's own worker thread, which later runs every step: when
-        more threads than CPUs have ever run OpenMP regions, libgomp cuts its spin-waiting and
-        every op then waits for a sleeping thread to wake (measured at one request on 2 cores:
-        16 tok/s with one torch thread of our own, 11.5 when the model loaded elsewhere).
-        `worker` replaces that thread (a benchmark that steps the core on its own thread)."""
+        Everything runs on the engine's own worker thread, which later runs every step: once
+        more threads than CPUs have run OpenMP regions, libgomp stops spin-waiting and every op
+        waits for a sleeping thread to wake (bench/README.md, Design notes). `worker` replaces
+        that thread (a benchmark that steps the core on its own thread)."""
         worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         engine = cls(worker.submit(load_model, config).result(), config, worker, stores=open_stores(config))
         for name, source in config.adapters.items():
@@ -175,7 +178,7 @@ class Engine:
         A request not made by `chat_request` / `completion_request` has its limits checked here."""
         if not isinstance(request, CheckedRequest):
             self.check_limits(request)
-        self._check_admission(request)
+        self._check_can_queue(request)
         self._ensure_started()
         rows = self.new_rows(request)
         self.adapters.acquire(request.adapter)
@@ -282,12 +285,12 @@ class Engine:
         self._check_fit(request)
         return request
 
-    def _check_admission(self, request: GenerationRequest) -> None:
-        """What may change between requests: the engine alive, the adapter resident (and not being
-        unloaded: `acquire` checks that), the id free, room in the queue. For the server the
-        adapter is an invariant: its replica ensures the adapter before it submits
-        (deployments/llm.py), so only direct engine users (tests, benchmarks) meet
-        UnknownAdapterError."""
+    def _check_can_queue(self, request: GenerationRequest) -> None:
+        """Raise unless `request` may join the queue now (what may change between requests): the
+        engine alive, the adapter resident (and not being unloaded: `acquire` checks that), the
+        id free, room in the queue. For the server the adapter is an invariant: its replica
+        ensures the adapter before it submits (deployments/), so only direct engine users
+        (tests, benchmarks) meet UnknownAdapterError."""
         if not self.alive:
             raise EngineDeadError("the engine loop has stopped")
         self.adapters.check(request.adapter)

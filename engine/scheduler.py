@@ -22,10 +22,8 @@ State: `waiting` (a deque in arrival order; preempted rows go back to its front)
 In 2 and 3 only the step's first prompt is split to fit the budget: a later prompt whose
 rest does not fit waits for the next step, and so does every prompt behind it. A prompt's
 first token comes when its last chunk is computed, so filling the budget's end with a piece
-of the next prompt delays every prompt that finishes in this step and still leaves that one
-a step to go. Four 330-token chat turns arriving together with a 512-token budget get their
-first tokens after 330, 660, 990 and 1,320 tokens of work instead of 512, 1,024, 1,024 and
-1,200; the decoding rows get their tokens sooner from the shorter steps.
+of the next prompt would delay every prompt that finishes in this step and still leave that
+one a step to go (a worked example: bench/README.md, Design notes).
 
 A chunk that reaches the end of a row's known tokens asks for a sample.
 
