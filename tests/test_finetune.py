@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
-from engine.finetune import IGNORE, FinetuneConfig, encode, finetune, load_records, parse_args, record_messages
+from finetune.train import IGNORE, FinetuneConfig, encode, finetune, load_records, parse_args, record_messages
 from engine.prompt import ChatMessage, PromptBuilder
 from tests.tiny_models import build_tokenizer
 

@@ -1,7 +1,7 @@
 """Train a LoRA adapter with peft on an Alpaca-format or chat-format dataset.
 
-    python -m engine.finetune --data data/pirate.jsonl --output adapters/my-adapter
-    python -m engine.finetune --model huggyllama/llama-7b --data alpaca.json --output out --rank 16
+    python -m finetune --data data/pirate.jsonl --output adapters/my-adapter
+    python -m finetune --model huggyllama/llama-7b --data alpaca.json --output out --rank 16
 
 Records are Alpaca (`instruction`, optional `input`, `output`) or chat (`messages`, the
 last one the assistant's answer), in a JSON list or JSON Lines. Each record is encoded
@@ -30,7 +30,7 @@ from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.loader import cpu_supports_bf16, load_model
 from engine.prompt import ChatMessage, PromptBuilder
 
-log = logging.getLogger("engine.finetune")
+log = logging.getLogger(__name__)
 IGNORE = -100
 
 
@@ -176,7 +176,7 @@ def last_checkpoint(output: Path) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.split("\n\n")[0])
     defaults = FinetuneConfig(data=Path(), output=Path())
     p.add_argument("--data", type=Path, required=True, help="JSON or JSONL: Alpaca records or chat messages")
     p.add_argument("--output", type=Path, required=True, help="adapter folder to write")
