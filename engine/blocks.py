@@ -15,8 +15,8 @@ A full block's key chains everything that determines its KV:
 plus a hash of its weights (engine/lora.py), so an adapter reloaded under the same name with
 other weights never meets stale KV. All prefix keying is here: `keys` computes a token
 sequence's keys, `match` finds the cached blocks of the longest keyed prefix, and
-`register_computed` keys the blocks a sequence has filled since (the scheduler calls the first
-two when it admits a row, the step's postprocessing the last).
+`register_computed` keys the full blocks a sequence has computed, as it computes them (the
+scheduler calls the first two when it admits a row, the step's postprocessing the last).
 
 Attention reads each contiguous run of a table's blocks in place (one attention call per
 run), so `allocate` keeps tables contiguous where it can: a new sequence starts in the

@@ -31,6 +31,7 @@ from transformers import PretrainedConfig
 if TYPE_CHECKING:
     from engine.config import EngineConfig
 
+
 @dataclass
 class BlockTable:
     """A sequence's blocks in token order, and the contiguous runs they form."""
