@@ -93,7 +93,7 @@ class InMemoryAdapters:
 
 
 class RegistryActor(AdapterTable):
-    """The table as a Ray actor (deployments/ingress.py creates it with `ray.remote`)."""
+    """The table as a Ray actor (deployments/http/ingress.py creates it with `ray.remote`)."""
 
 
 class ActorAdapters:

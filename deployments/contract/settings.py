@@ -103,7 +103,7 @@ class AppArgs(EngineConfig):
         return _expand(self.adapters[name])
 
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _expand(source: str) -> str:

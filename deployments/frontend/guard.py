@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.openai_format import ErrorResponse
+from deployments.contract.errors import ErrorResponse
 
 KEYS_ENV = "LLM_API_KEYS"
 

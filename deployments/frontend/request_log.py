@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from deployments.adapter_metrics import AdapterLabels
-from deployments.metrics import RequestMetrics
-from deployments.service import Finished
+from deployments.frontend.service import Finished
+from deployments.telemetry.adapter_metrics import AdapterLabels
+from deployments.telemetry.metrics import RequestMetrics
 
 
 class RequestRecorder:

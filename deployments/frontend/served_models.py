@@ -1,16 +1,16 @@
 """Which model names this server serves, and which adapter each one is: decided here, once.
 
 Every front end asks `ServedModels.resolve(name)` before it calls the LLM deployment: the API's
-routes (api.py) and the chat page (ui.py). The answer is a `ServedModel`, the base model (its
-name or an alias), a configured adapter, a runtime adapter with its id and folder
-(runtime_adapters.py), or, with adapter stores configured, any other valid adapter name: the
-replica looks it up in its stores and answers the 404 (naming it) when none holds it, since only
-the replicas can read the stores. Otherwise an unknown name is a 404 here. What it returns goes
-into the GenerateCall as it is; the layers below trust it:
+routes (deployments/http/api.py) and the chat page (deployments/ui/page.py). The answer is a
+`ServedModel`, the base model (its name or an alias), a configured adapter, a runtime adapter with
+its id and folder (deployments/contract/runtime_adapters.py), or, with adapter stores configured,
+any other valid adapter name: the replica looks it up in its stores and answers the 404 (naming it)
+when none holds it, since only the replicas can read the stores. Otherwise an unknown name is a 404
+here. What it returns goes into the GenerateCall as it is; the layers below trust it:
 
-- the LLM replica (llm.py) makes the adapter resident (engine/adapters.py), and without stores
-  keeps an internal invariant: a call naming an adapter the config does not list, without a
-  runtime folder, is a caller's bug (a 500), never a 404;
+- the LLM replica (deployments/replica/llm.py) makes the adapter resident (engine/adapters.py), and
+  without stores keeps an internal invariant: a call naming an adapter the config does not list,
+  without a runtime folder, is a caller's bug (a 500), never a 404;
 - the engine refuses adapters that are not loaded (engine/engine.py), for its direct users
   (tests, benchmarks); for the server that holds by construction.
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from engine.adapter_store import ADAPTER_NAME
 
-from deployments.messages import ApiError
-from deployments.runtime_adapters import RuntimeAdapters
+from deployments.contract.errors import ApiError
+from deployments.contract.runtime_adapters import RuntimeAdapters
 
 StoredNames = Callable[[], Awaitable[list[str]]]
 """The names of the adapters the stores hold (asked of an LLM replica)."""

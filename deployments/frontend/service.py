@@ -1,25 +1,50 @@
-"""The request path every front end shares: the HTTP API (api.py) and the chat page (ui.py).
+"""The request path every front end shares: the HTTP API (deployments/http/api.py) and the chat
+page (deployments/ui/page.py).
 
 No HTTP and no Ray here. `RequestService.stream(call, ...)` checks the request's limits, reads
 the backend's items for it and, whatever happens (finished, refused, failed, or the consumer
 stopped reading), reports how it ended exactly once, through `on_finish` (the request log and
 the metrics): 200 finished, the refusal's status, 500 failed, 499 the client left. A request
-with n choices has finished when all n have (deployments/choices.py); one failed choice fails it.
+with n choices has finished when all n have (`Endings`); one failed choice fails it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from engine.request import Delta, RequestStats
 
-from deployments.choices import Endings
-from deployments.messages import ApiError, GenerateCall
+from deployments.contract.errors import ApiError
+from deployments.contract.messages import GenerateCall
 
 Item = Delta | ApiError  # a refusal comes as an item, in place of the deltas
 FAILED_FINISHES = ("error", "cancelled")
+
+
+class Endings:
+    """Counts the choices' last deltas; `stats` sums them once all `n` have ended."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.ended: list[RequestStats | None] = []
+
+    def add(self, delta: Delta) -> bool:
+        """Record a choice's last delta; True when it was the n-th."""
+        self.ended.append(delta.stats)
+        return len(self.ended) == self.n
+
+    @property
+    def stats(self) -> RequestStats | None:
+        known = [s for s in self.ended if s is not None]
+        if not known:
+            return None
+        return dataclasses.replace(
+            known[0], completion_tokens=sum(s.completion_tokens for s in known),
+            latency=max(s.latency for s in known),
+        )
 
 
 class Backend(Protocol):

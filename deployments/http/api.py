@@ -1,13 +1,13 @@
 """The HTTP API as a FastAPI app over a backend that streams Deltas (no Ray in here).
 
-Request path: validate (pydantic) -> resolve the model (served_models.py, the one 404 for an
-unknown name) -> GenerateCall -> the shared request path (service.py: limits, backend stream,
-one finish record) -> JSON or SSE frames. Errors use OpenAI's error JSON: 400 invalid input,
-404 unknown model, 413 prompt beyond the context window, 503 overloaded, 500 only for our own
-bugs (a generic message and the request id; the details only in the log, see http_errors.py).
-An error after streaming began arrives as an error event followed by `data: [DONE]`.
-POST /v1/responses is a chat request too (deployments/responses.py builds it), answered as a
-Response (responses_format.py) or as Responses events (responses_stream.py).
+Request path: validate (pydantic) -> resolve the model (deployments/frontend/served_models.py, the
+one 404 for an unknown name) -> GenerateCall -> the shared request path
+(deployments/frontend/service.py: limits, backend stream, one finish record) -> JSON or SSE frames.
+Errors use OpenAI's error JSON: 400 invalid input, 404 unknown model, 413 prompt beyond the context
+window, 503 overloaded, 500 only for our own bugs (a generic message and the request id; the details
+only in the log, see http_errors.py). An error after streaming began arrives as an error event
+followed by `data: [DONE]`. POST /v1/responses is a chat request too (responses.py builds it),
+answered as a Response (responses_format.py) or as Responses events (responses_stream.py).
 """
 
 from __future__ import annotations
@@ -23,27 +23,28 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from engine.prompt import Instruction
 from engine.request import Delta, new_request_id
 
-from deployments.choices import Choices
-from deployments.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
-from deployments.http_errors import install_error_handling, internal_error, public
-from deployments.ignored_fields import log_ignored
-from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
-from deployments.openapi_doc import document_streams
-from deployments.openai_format import (
-    DONE_FRAME, ChatCompletion, ChatCompletionChunk, Completion, DetokenizeResponse, ErrorResponse, GenerateResponse, ModelCard, ModelList,
-    ResponseMeta, TokenizeResponse, Usage, sse,
+from deployments.contract.errors import ApiError, ErrorResponse, internal_error, public
+from deployments.contract.messages import GenerateCall, TokenizeCall, Tokenized
+from deployments.contract.runtime_adapters import RuntimeAdapter, RuntimeAdapters
+from deployments.frontend.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
+from deployments.frontend.served_models import ServedModels, StoredNames
+from deployments.frontend.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
+from deployments.http.choices import Choices
+from deployments.http.http_errors import install_error_handling
+from deployments.http.ignored_fields import log_ignored
+from deployments.http.openai_format import (
+    DONE_FRAME, ChatCompletion, ChatCompletionChunk, Completion, DetokenizeResponse, GenerateResponse, ModelCard,
+    ModelList, ResponseMeta, TokenizeResponse, Usage, sse,
 )
-from deployments.protocol import (
+from deployments.http.openapi_doc import document_streams
+from deployments.http.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest, LoadLoraAdapterRequest,
     TokenizeChatRequest, TokenizeCompletionRequest, UnloadLoraAdapterRequest,
 )
-from deployments.responses import ResponsesRequest, new_response_id
-from deployments.responses_format import ResponseEnvelope, ResponseObject
-from deployments.responses_stream import ResponseEvents, ResponseStreamEvent, response_events
-from deployments.runtime_adapters import RuntimeAdapter, RuntimeAdapters
-from deployments.served_models import ServedModels, StoredNames
-from deployments.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
-from deployments.tool_calls import with_tool_calls
+from deployments.http.responses import ResponsesRequest, new_response_id
+from deployments.http.responses_format import ResponseEnvelope, ResponseObject
+from deployments.http.responses_stream import ResponseEvents, ResponseStreamEvent, response_events
+from deployments.http.tool_calls import with_tool_calls
 
 __all__ = ["ApiBackend", "ApiSettings", "Backend", "Finished", "Item", "build_api"]
 
@@ -119,7 +120,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     @app.post("/v1/responses", dependencies=guarded, response_model=ResponseObject, responses=RESPONSES_RESPONSES)
     async def responses(body: ResponsesRequest, tenant: str | None = Depends(service.tenant)):
         """OpenAI's Responses API for text and function tools, run as the chat request it maps
-        onto (deployments/responses.py). Responses are not stored: previous_response_id is a 400."""
+        onto (deployments/http/responses.py). Responses are not stored: previous_response_id is a 400."""
         chat = body.chat_request()
         meta = ResponseMeta("chat", body.model, id=new_response_id(), tool_calls=chat.offered_tools())
         log_ignored(body, meta.id)
@@ -128,7 +129,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         if body.stream:
             return await service.stream_responses(call, meta, envelope)
         choices = await service.complete(call, meta, "responses")
-        return envelope.finished(choices.outputs()[0], choices.endings.usage())
+        return envelope.finished(choices.outputs()[0], Usage.of(choices.endings.stats))
 
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, tenant: str | None = Depends(service.tenant)):
@@ -181,7 +182,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
     @app.post("/v1/load_lora_adapter", dependencies=guarded, response_model=None, responses=PLAIN_TEXT_RESPONSES)
     async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
         """vLLM's runtime load: `lora_name` becomes a model on every replica (each loads it on
-        first use; deployments/runtime_adapters.py). 404 unless allow_runtime_adapters is on."""
+        first use; deployments/contract/runtime_adapters.py). 404 unless allow_runtime_adapters is on."""
         await service.load_adapter(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
@@ -292,10 +293,10 @@ class ApiService:
         if stream:
             return await self.stream_sse(call, meta, usage)
         choices = await self.complete(call, meta, meta.kind)
-        return meta.response(choices.outputs(), choices.endings.usage())
+        return meta.response(choices.outputs(), Usage.of(choices.endings.stats))
 
     def _items(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> AsyncIterator[Item]:
-        """The call's items; with tools, its tool calls taken out of the text (deployments/tool_calls.py)."""
+        """The call's items; with tools, its tool calls taken out of the text (tool_calls.py)."""
         items = self.requests.stream(call, meta.model, endpoint)
         return with_tool_calls(items, meta.tool_calls) if meta.tool_calls else items
 
@@ -326,7 +327,7 @@ class ApiService:
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def stream_responses(self, call: GenerateCall, meta: ResponseMeta, envelope: ResponseEnvelope):
-        """/v1/responses' event stream (deployments/responses_stream.py), once the first item is in."""
+        """/v1/responses' event stream (responses_stream.py), once the first item is in."""
         first, items = await self._opened(call, meta, "responses")
         choices = _choices_of(call, meta)
         events = response_events(call.request_id, first, items, ResponseEvents(envelope, choices.logprobs), choices)
@@ -391,7 +392,7 @@ class ApiService:
             frame += sse(meta.tool_call_chunk(item.tool_calls, index=item.index, usage=so_far))
         frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats, index=item.index, usage=so_far))
         if done and usage.final:
-            frame += sse(meta.usage_chunk(choices.endings.usage()))
+            frame += sse(meta.usage_chunk(Usage.of(choices.endings.stats)))
         return frame, done
 
     @staticmethod

@@ -1,8 +1,8 @@
-"""The choices of one response (n >= 1) as their deltas arrive, for the API (api.py) and the
-request record (service.py).
+"""The choices of one response (n >= 1) as their deltas arrive, for the API (api.py).
 
 A request with n choices gets one delta stream whose deltas carry their choice's `index`; each
-choice ends with its own last delta (finish reason and stats). `Endings` says when all n have
+choice ends with its own last delta (finish reason and stats). `Endings`
+(deployments/frontend/service.py, which the request record uses too) says when all n have
 ended and sums their stats (usage per OpenAI: prompt tokens once, completion tokens summed over
 the choices). `Choices` turns each delta into what the client sees of it (its text, with the
 echoed prompt before a choice's first text, and its logprobs in the endpoint's shape) and
@@ -11,40 +11,14 @@ collects whole choices for a non-streaming response.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from engine.logprobs import TokenLogprob
-from engine.request import Delta, RequestStats
+from engine.request import Delta
 
-from deployments.logprob_format import chat_logprobs, completion_logprobs
-from deployments.openai_format import ChatLogprobs, ChoiceOutput, CompletionLogprobs, Kind, Usage
-
-
-class Endings:
-    """Counts the choices' last deltas; `stats` sums them once all `n` have ended."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.ended: list[RequestStats | None] = []
-
-    def add(self, delta: Delta) -> bool:
-        """Record a choice's last delta; True when it was the n-th."""
-        self.ended.append(delta.stats)
-        return len(self.ended) == self.n
-
-    @property
-    def stats(self) -> RequestStats | None:
-        known = [s for s in self.ended if s is not None]
-        if not known:
-            return None
-        return dataclasses.replace(
-            known[0], completion_tokens=sum(s.completion_tokens for s in known),
-            latency=max(s.latency for s in known),
-        )
-
-    def usage(self) -> Usage | None:
-        return Usage.of(self.stats)
+from deployments.frontend.service import Endings
+from deployments.http.logprob_format import chat_logprobs, completion_logprobs
+from deployments.http.openai_format import ChatLogprobs, ChoiceOutput, CompletionLogprobs, Kind, Usage
 
 
 @dataclass

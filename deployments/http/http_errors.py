@@ -21,31 +21,9 @@ from starlette.exceptions import HTTPException
 
 from engine.request import new_request_id
 
-from deployments.messages import ApiError
-from deployments.openai_format import ErrorResponse
+from deployments.contract.errors import ApiError, ErrorResponse, generic_500
 
 log = logging.getLogger("ray.serve")
-
-def internal_error_message(request_id: str) -> str:
-    """What a client learns of a failure on our side: that it happened, and where to look."""
-    return f"The server had an error while processing request {request_id}; its log has the details."
-
-
-def internal_error(request_id: str, detail: object) -> ApiError:
-    """Log `detail` under the request id; return the generic 500 the client gets."""
-    log.error("request %s failed: %s", request_id, detail)
-    return generic_500(request_id)
-
-
-def generic_500(request_id: str) -> ApiError:
-    """The 500 a client gets for any failure on our side (the details are logged elsewhere)."""
-    return ApiError(500, internal_error_message(request_id), "server_error", code="internal_error")
-
-
-def public(err: ApiError, request_id: str) -> ApiError:
-    """What a client may see of an error: the error itself, or for a 500 the generic one (the
-    details go to the log under the request id)."""
-    return internal_error(request_id, err.message) if err.status == 500 else err
 
 
 class JsonBodyRequest(Request):

@@ -2,7 +2,7 @@
 
 Every field of OpenAI's current chat and completions APIs (openai SDK 3.x
 `completion_create_params`) that the server does not implement falls in one of two groups,
-declared here as pydantic mixins of the request bodies (deployments/protocol.py):
+declared here as pydantic mixins of the request bodies (deployments/http/protocol.py):
 
 1. Accepted and ignored (`IgnoredFields` subclasses): fields that cannot change what this server
    computes, for OpenAI's own storage, billing, caching, abuse tracking and routing (`store`,
@@ -137,7 +137,7 @@ class ResponsesStreamOptions(BaseModel):
 
 class IgnoredResponsesFields(IgnoredFields):
     """/v1/responses fields with no effect on the generated tokens (mixed into its body,
-    deployments/responses.py). `store` defaults to true in OpenAI's SDK: accepted, and nothing
+    deployments/http/responses.py). `store` defaults to true in OpenAI's SDK: accepted, and nothing
     is stored all the same. `truncation`: whatever it says, a conversation beyond the context
     window loses its oldest turns (the system message kept), as chat requests do. `max_tool_calls`
     bounds OpenAI's built-in tools, which this server has none of."""

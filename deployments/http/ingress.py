@@ -1,76 +1,28 @@
-"""The HTTP ingress deployment: the FastAPI app of deployments/api.py over a handle to the LLM.
+"""The HTTP ingress deployment: the FastAPI app of api.py over a handle to the LLM.
 
 Ray glue only. Each request streams from the LLM deployment through a streaming
-DeploymentHandle; the LLM deployment's router (deployments/routing.py) reads the call's adapter
-and conversation from the call itself. One log line and metrics per finished request
-(request_log.py).
+DeploymentHandle (deployments/frontend/handle.py); the LLM deployment's router
+(deployments/routing/router.py) reads the call's adapter and conversation from the call itself.
+One log line and metrics per finished request (deployments/frontend/request_log.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
-from deployments.adapter_metrics import app_labels
-from deployments.api import ApiSettings, Item, build_api
-from deployments.guard import KEYS_ENV, resolve_keys
-from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
-from deployments.request_log import RequestRecorder
-from deployments.runtime_adapters import ActorAdapters, RegistryActor, RuntimeAdapter
-from deployments.served_models import CachedNames
-from deployments.settings import AppArgs
+from deployments.contract.runtime_adapters import ActorAdapters, RegistryActor
+from deployments.contract.settings import AppArgs
+from deployments.frontend.guard import KEYS_ENV, resolve_keys
+from deployments.frontend.handle import HandleBackend
+from deployments.frontend.request_log import RequestRecorder
+from deployments.frontend.served_models import CachedNames
+from deployments.http.api import ApiSettings, build_api
+from deployments.telemetry.adapter_metrics import app_labels
 
 log = logging.getLogger("ray.serve")
-
-
-class HandleBackend:
-    """Streams a call from the LLM deployment; one-shot calls (tokenize, ...) go through the plain handle."""
-
-    def __init__(self, handle: DeploymentHandle):
-        self.calls = handle
-        self.handle = handle.options(stream=True)
-
-    def stream(self, call: GenerateCall) -> AsyncIterator[Item]:
-        return ShedWhenFull(self.handle.stream.remote(call))
-
-    async def tokenize(self, call: TokenizeCall) -> Tokenized | ApiError:
-        return await self.calls.tokenize.remote(call)
-
-    async def detokenize(self, tokens: list[int]) -> str | ApiError:
-        return await self.calls.detokenize.remote(tokens)
-
-    async def load_adapter(self, adapter: RuntimeAdapter) -> ApiError | None:
-        return await self.calls.load_runtime_adapter.remote(adapter)  # routed like a call for adapter.id
-
-
-class ShedWhenFull:
-    """A handle stream that turns Serve's back-pressure (replica queues full) into a 503 item."""
-
-    def __init__(self, response: DeploymentResponseGenerator):
-        self.response = response
-
-    def __aiter__(self) -> ShedWhenFull:
-        return self
-
-    async def __anext__(self) -> Item:
-        try:
-            return await self.response.__anext__()
-        except BackPressureError:
-            self.response = _exhausted()
-            return ApiError(503, "the server is at capacity; retry shortly")
-
-    def cancel(self) -> None:
-        if hasattr(self.response, "cancel"):
-            self.response.cancel()
-
-
-async def _exhausted() -> AsyncIterator[Item]:
-    return
-    yield
 
 
 class Ingress:
@@ -102,7 +54,7 @@ class Ingress:
 
 
 def registry_actor():
-    """The application's runtime adapter table (deployments/runtime_adapters.py): created by
+    """The application's runtime adapter table (deployments/contract/runtime_adapters.py): created by
     the first ingress replica that asks, found by name by every other one. Detached, so it
     outlives the replica that created it."""
     import ray

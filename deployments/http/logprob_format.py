@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from engine.logprobs import TokenLogprob
 
-from deployments.openai_format import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from deployments.http.openai_format import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatLogprobs:

@@ -1,4 +1,5 @@
-"""OpenAI response objects and its error body as pydantic models, and SSE frames of them.
+"""OpenAI response objects as pydantic models, and SSE frames of them (and of the error body,
+deployments/contract/errors.py).
 
 The routes declare these models as their response schemas, so the OpenAPI document (and the
 schema fuzzing in the tests) describes successful replies too. `ResponseMeta` builds every
@@ -6,9 +7,9 @@ object of one response with the same id (the request's id), creation time and mo
 `stop_reason` is vLLM's extension: why a guard stopped the reply (e.g. "repetition"), else null.
 Logprobs take OpenAI's two shapes: chat's `{"content": [{token, logprob, bytes, top_logprobs}]}`
 and the legacy completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`,
-`text_offset`); deployments/logprob_format.py fills them from the engine's TokenLogprobs.
+`text_offset`); deployments/http/logprob_format.py fills them from the engine's TokenLogprobs.
 
-Tool calls (deployments/tool_calls.py) go into `message.tool_calls`, or into one
+Tool calls (deployments/http/tool_calls.py) go into `message.tool_calls`, or into one
 `delta.tool_calls` chunk per call (name and whole arguments at once) at the end of a stream; a
 call cut by max_tokens too, with its arguments so far and finish_reason "length".
 """
@@ -25,8 +26,7 @@ from pydantic import BaseModel
 from engine.request import RequestStats
 
 if TYPE_CHECKING:
-    from deployments.structured import OfferedTools
-    from deployments.tool_calls import ParsedToolCall
+    from deployments.http.structured import OfferedTools, ParsedToolCall
 
 Kind = Literal["chat", "completion"]
 DONE = "[DONE]"  # the last event's data
@@ -187,25 +187,6 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error body: every non-2xx answer and every SSE error event is one of these,
-    serialised by `model_dump_json` (the schema the routes declare is the wire format)."""
-
-    error: ErrorDetail
-
-    @classmethod
-    def of(cls, message: str, type: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> ErrorResponse:
-        return cls(error=ErrorDetail(message=message, type=type, param=param, code=code))
-
-
 def sse(payload: BaseModel) -> str:
     """One SSE frame of a response object or an error body."""
     return f"data: {payload.model_dump_json()}\n\n"
@@ -218,7 +199,7 @@ class ResponseMeta:
     kind: Kind
     model: str
     id: str = ""
-    tool_calls: OfferedTools | None = None  # the reply may call these (deployments/tool_calls.py)
+    tool_calls: OfferedTools | None = None  # the reply may call these (deployments/http/tool_calls.py)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:

@@ -21,7 +21,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from deployments.openai_format import DONE, ErrorResponse
+from deployments.contract.errors import ErrorResponse
+from deployments.http.openai_format import DONE
 
 HIDDEN_PREFIX = "/_stream_events"
 

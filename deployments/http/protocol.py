@@ -8,14 +8,14 @@ fields whose HTTP form is wider (`stop`, `top_k`) are declared again here. `logp
 `top_logprobs` (chat) and `logprobs`, `echo` (completions) become the engine's output options
 (`_output_options`). `logit_bias` is a sampling field like the others (its ids are checked
 against the vocabulary by the engine). Fields of the OpenAI API that we do not implement, and
-unknown fields, follow one rule, deployments/ignored_fields.py's: accepted and ignored when they
+unknown fields, follow one rule, deployments/http/ignored_fields.py's: accepted and ignored when they
 cannot change the reply, else a 400 naming the field; unknown fields are a 400 (`StrictBody`).
 Fields of the completions API kept only at their neutral value (`best_of`, `suffix`) are
 declared here. Every string is `Text`:
 one that UTF-8 cannot encode (a lone surrogate, or bytes that were not UTF-8) is a 400 naming
 its field. Fields whose per-token cost grows with their size (stop strings, stop token ids)
 are bounded (engine/config.py). `response_format`, `tools` and `tool_choice`, and tool calls
-in the history, are deployments/structured.py's.
+in the history, are deployments/http/structured.py's.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from engine.config import (
 )
 from engine.prompt import ChatMessage, valid_text
 
-from deployments.structured import (
+from deployments.http.ignored_fields import (
+    IgnoredChatFields, IgnoredCompletionFields, IgnoredContentPartFields, UnsupportedChatFields,
+)
+from deployments.http.structured import (
     OfferedTools, ResponseFormat, ToolCallIn, ToolChoice, ToolDef, offered_tools, response_grammar, tool_call_grammar,
     tool_dicts,
-)
-from deployments.ignored_fields import (
-    IgnoredChatFields, IgnoredCompletionFields, IgnoredContentPartFields, UnsupportedChatFields,
 )
 
 Text = Annotated[str, AfterValidator(valid_text)]
@@ -158,7 +158,7 @@ class ChatCompletionRequest(SamplingFields, IgnoredChatFields, UnsupportedChatFi
         return self.offered_tools() is not None
 
     def offered_tools(self) -> OfferedTools | None:
-        """The functions the reply may call (deployments/tool_calls.py reads them out of it)."""
+        """The functions the reply may call (deployments/http/tool_calls.py reads them out of it)."""
         return offered_tools(self.tools, self.tool_choice or "auto")
 
     def tool_grammar(self):

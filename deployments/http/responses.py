@@ -2,7 +2,7 @@
 
 There is one request path: `ResponsesRequest.chat_request()` is the ChatCompletionRequest the
 chat route would get for the same conversation, and the route runs it exactly as a chat
-(deployments/api.py); deployments/responses_format.py and responses_stream.py translate the
+(deployments/http/api.py); deployments/http/responses_format.py and responses_stream.py translate the
 result. The mapping:
 
 - `instructions`: a system message first. `input`: a string (one user message) or a list of
@@ -19,7 +19,7 @@ result. The mapping:
 Responses are not stored: `previous_response_id` is a 400 saying so (send the whole
 conversation in `input`), and so are `conversation`, `prompt` (stored prompt templates) and
 `background: true`. `store` is accepted and ignored like the other fields that cannot change
-the reply (deployments/ignored_fields.py, IgnoredResponsesFields). Other requests for what
+the reply (deployments/http/ignored_fields.py, IgnoredResponsesFields). Other requests for what
 this server does not do answer 400 naming the field: built-in tools (web search, file search,
 ...), image, file or audio content, input items other than the three above, reasoning with an
 effort above `minimal` (the models here do not reason). Unknown fields are a 400 too.
@@ -38,9 +38,9 @@ from pydantic import (
 
 from engine.config import Logprobs, MaxTokens, Temperature, TopP
 
-from deployments.ignored_fields import IgnoredResponsesFields
-from deployments.protocol import ChatCompletionRequest, ChatMessageIn, StrictBody, Text
-from deployments.structured import (
+from deployments.http.ignored_fields import IgnoredResponsesFields
+from deployments.http.protocol import ChatCompletionRequest, ChatMessageIn, StrictBody, Text
+from deployments.http.structured import (
     FunctionCallIn, FunctionDef, FunctionName, JsonObjectFormat, JsonSchema, JsonSchemaFormat, JsonSchemaSpec,
     NamedToolChoice, TextFormat, ToolCallIn, ToolDef,
 )

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from deployments.openai_format import ChatLogprobs, ChatTokenLogprob, ChoiceOutput, Usage
-from deployments.tool_calls import ParsedToolCall
+from deployments.http.openai_format import ChatLogprobs, ChatTokenLogprob, ChoiceOutput, Usage
+from deployments.http.structured import ParsedToolCall
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 Status = Literal["in_progress", "completed", "incomplete", "failed"]

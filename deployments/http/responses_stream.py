@@ -1,17 +1,17 @@
 """The event stream of POST /v1/responses with `stream: true`, from the chat request's items.
 
 Events as OpenAI names them, each an SSE frame `event: <type>` / `data: <json>` with a
-`sequence_number` counting from 0: `response.created` and `response.in_progress` first; on the
-first text `response.output_item.added` (a message), `response.content_part.added` (its
-output_text), then `response.output_text.delta` per piece; at the end `response.output_text.done`,
-`response.content_part.done` and `response.output_item.done` close the message, and each tool
-call follows as `response.output_item.added` (a function_call), `response.function_call_arguments.delta`
-(the whole arguments: calls are parsed once the reply is over, deployments/tool_calls.py),
+`sequence_number` counting from 0: `response.created` and `response.in_progress` first; on the first
+text `response.output_item.added` (a message), `response.content_part.added` (its output_text), then
+`response.output_text.delta` per piece; at the end `response.output_text.done`,
+`response.content_part.done` and `response.output_item.done` close the message, and each tool call
+follows as `response.output_item.added` (a function_call), `response.function_call_arguments.delta`
+(the whole arguments: calls are parsed once the reply is over, deployments/http/tool_calls.py),
 `response.function_call_arguments.done` and `response.output_item.done`. The last event is
-`response.completed`, or `response.incomplete` (reason max_output_tokens) when the token limit
-cut the reply, with the whole Response. A failure after the stream began ends it with
-`response.failed` (the error's message says only the request id, the log the details); a
-refusal (an ApiError with its status) with an `error` event. There is no `[DONE]`.
+`response.completed`, or `response.incomplete` (reason max_output_tokens) when the token limit cut
+the reply, with the whole Response. A failure after the stream began ends it with `response.failed`
+(the error's message says only the request id, the log the details); a refusal (an ApiError with its
+status) with an `error` event. There is no `[DONE]`.
 """
 
 from __future__ import annotations
@@ -24,15 +24,14 @@ from pydantic import BaseModel, Field, RootModel
 
 from engine.request import Delta
 
-from deployments.choices import Choices
-from deployments.http_errors import internal_error, public
-from deployments.messages import ApiError
-from deployments.openai_format import ChatTokenLogprob, Usage
-from deployments.responses_format import (
-    FunctionCallOut, ItemStatus, OutputItem, OutputMessage, OutputText, ResponseEnvelope, ResponseError,
-    ResponseObject, function_call_item, item_status, message_item, new_message_id,
+from deployments.contract.errors import ApiError, internal_error, public
+from deployments.frontend.service import FAILED_FINISHES, Item
+from deployments.http.choices import Choices
+from deployments.http.openai_format import ChatTokenLogprob, Usage
+from deployments.http.responses_format import (
+    FunctionCallOut, ItemStatus, OutputItem, OutputMessage, OutputText, ResponseEnvelope, ResponseError, ResponseObject,
+    function_call_item, item_status, message_item, new_message_id,
 )
-from deployments.service import FAILED_FINISHES, Item
 
 
 class Event(BaseModel):
@@ -220,4 +219,4 @@ def _frames_of(item: Item, request_id: str, events: ResponseEvents, choices: Cho
     if not item.finish_reason:
         return frames, False
     choices.end(item)
-    return frames + events.finish(item, choices.endings.usage()), True
+    return frames + events.finish(item, Usage.of(choices.endings.stats)), True

@@ -9,18 +9,20 @@
   `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. `auto` lets the model
   choose; `none` leaves the tools out of the prompt; `required` and a named function constrain
   the reply to one such call with a grammar (llguidance's Lark with the arguments' JSON schema
-  embedded, closed as OpenAI's strict mode reads it: deployments/closed_schema.py). `auto` has no
-  grammar, not even after the model opens a call: the reply is free text and its calls are read
-  afterwards (deployments/tool_calls.py), so there a model may still write undeclared keys. Past
-  turns with assistant `tool_calls` and `role: "tool"` results go to the replica structured
-  (`to_tool_call`), rendered the same way; client data stays data, never control tokens
-  (engine/template.py).
+  embedded, closed as OpenAI's strict mode reads it: closed_schema.py). `auto` has no grammar,
+  not even after the model opens a call: the reply is free text and its calls are read
+  afterwards (tool_calls.py, as `ParsedToolCall`s, declared here beside `OfferedTools` so the
+  response formats need not import the parser), so there a model may still write undeclared
+  keys. Past turns with assistant `tool_calls` and `role: "tool"` results go to the replica
+  structured (`to_tool_call`), rendered the same way; client data stays data, never control
+  tokens (engine/template.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -28,7 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from engine.constraints import COMPACT_JSON, Grammar, grammar_error
 from engine.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
 
-from deployments.closed_schema import closed_schema
+from deployments.http.closed_schema import closed_schema
 
 
 class Strict(BaseModel):
@@ -132,6 +134,15 @@ class OfferedTools:
 
     names: tuple[str, ...]
     forced: bool
+
+
+@dataclass(frozen=True)
+class ParsedToolCall:
+    """A tool call read back out of a reply (tool_calls.py)."""
+
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
 
 def offered_tools(tools: list[ToolDef] | None, choice: ToolChoice) -> OfferedTools | None:

@@ -16,15 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from engine.request import Delta
 
-from deployments.service import FAILED_FINISHES, Item
-from deployments.structured import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, OfferedTools
+from deployments.frontend.service import FAILED_FINISHES, Item
+from deployments.http.structured import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, OfferedTools, ParsedToolCall
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +32,6 @@ _NAME = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)(")?', re.DOTALL)
 """A call's start: its name, the closing quote present once the name is whole."""
 _ARGUMENTS = re.compile(r'\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _DECODER = json.JSONDecoder()
-
-
-@dataclass(frozen=True)
-class ParsedToolCall:
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
 
 @dataclass

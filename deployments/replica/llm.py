@@ -2,14 +2,14 @@
 
 Ray glue only. One request, end to end: the ingress calls `stream(call)` through a streaming
 DeploymentHandle; `stream` holds the call's adapter resident until the request is submitted
-(`Engine.holding_adapter`; resolved by the ingress or the chat page: deployments/served_models.py;
-a configured one, a runtime one from its folder, or one found by name in the adapter stores; the
-engine's tiers keep it, engine/adapters.py); `_prepare` builds the engine request; `_admit`
-(`@serve.batch`, admission only) hands the requests that arrived together to the engine as one
-group, which it prefills together, and returns each request its own delta stream; `stream`
-then reads that stream and yields each delta back over the handle. Deltas are paced (see
-`message_pause`): Ray's per-message CPU competes with the model for cores. Everything worth
-testing lives in `engine/`.
+(`Engine.holding_adapter`; resolved by the ingress or the chat page:
+deployments/frontend/served_models.py; a configured one, a runtime one from its folder, or one found
+by name in the adapter stores; the engine's tiers keep it, engine/adapters.py); `_prepare` builds
+the engine request; `_admit` (`@serve.batch`, admission only) hands the requests that arrived
+together to the engine as one group, which it prefills together, and returns each request its own
+delta stream; `stream` then reads that stream and yields each delta back over the handle. Deltas are
+paced (see `message_pause`): Ray's per-message CPU competes with the model for cores. Everything
+worth testing lives in `engine/`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from engine.engine import Engine, EngineStats
 from engine.errors import EngineError
 from engine.request import Delta, GenerationRequest
 
-from deployments.adapter_metrics import app_labels
-from deployments.load_report import RecentTTFT, load_report, routing_stats
-from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
-from deployments.metrics import LLMMetrics
-from deployments.runtime_adapters import RuntimeAdapter, folder_problem
-from deployments.settings import AppArgs, BatchSettings
+from deployments.contract.errors import ApiError
+from deployments.contract.messages import GenerateCall, TokenizeCall, Tokenized
+from deployments.contract.runtime_adapters import RuntimeAdapter, folder_problem
+from deployments.contract.settings import AppArgs, BatchSettings
+from deployments.replica.load_report import RecentTTFT, load_report, routing_stats
+from deployments.telemetry.adapter_metrics import app_labels
+from deployments.telemetry.metrics import LLMMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -39,10 +40,10 @@ PAGE_MODELS = 100  # adapters from the stores the chat page offers (the API acce
 
 
 class UnlistedAdapterError(RuntimeError):
-    """An internal invariant broken, not a user error: a call named an adapter the config does
-    not list, without a runtime adapter's folder. Front ends resolve model names first
-    (deployments/served_models.py, the one 404), so this is a caller's bug, answered 500; it is
-    raised before the engine could try to load the name."""
+    """An internal invariant broken, not a user error: a call named an adapter the config does not
+    list, without a runtime adapter's folder. Front ends resolve model names first
+    (deployments/frontend/served_models.py, the one 404), so this is a caller's bug, answered 500;
+    it is raised before the engine could try to load the name."""
 
 
 def replica_name() -> str:
@@ -107,11 +108,13 @@ class LLMServer:
         return await asyncio.to_thread(stores.names, limit) if stores is not None else []
 
     def record_routing_stats(self) -> dict:
-        """What the router reads (deployments/routing.py): which adapters are resident here, by tier."""
+        """What the router reads (deployments/routing/router.py): which adapters are resident here, by
+        tier."""
         return routing_stats(self.engine.adapter_report())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """What Serve's autoscaler averages for deployments/autoscaling_policy.py: rows, KV, TTFT."""
+        """What Serve's autoscaler averages for deployments/routing/autoscaling_policy.py: rows, KV,
+        TTFT."""
         return load_report(self.engine.stats(), self.args.max_batch_size, self.recent_ttft.median())
 
     async def diagnostics(self) -> dict:

@@ -1,5 +1,6 @@
-"""What an LLM replica reports to Serve: load to its autoscaler (deployments/autoscaling_policy.py
-reads it), adapter residency to the routers (deployments/placement.py reads it)."""
+"""What an LLM replica reports to Serve: load to its autoscaler
+(deployments/routing/autoscaling_policy.py reads it), adapter residency to the routers
+(deployments/routing/placement.py reads it)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from collections import deque
 from engine.adapter_report import AdapterReport
 from engine.engine import EngineStats
 
-from deployments.autoscaling_policy import KV_BLOCKS, KV_BLOCKS_USED, ROWS, ROWS_WANTED, TTFT_S
-from deployments.placement import ADAPTERS, TIERS
+from deployments.routing.autoscaling_policy import KV_BLOCKS, KV_BLOCKS_USED, ROWS, ROWS_WANTED, TTFT_S
+from deployments.routing.placement import ADAPTERS, TIERS
 
 
 class RecentTTFT:

@@ -1,10 +1,10 @@
 """LLMAutoscalingPolicy: Serve's `autoscaling_config.policy` for the LLM deployment, on what a
 replica is actually short of.
 
-Serve's default policy scales on ongoing requests per replica, which fits LLM replicas badly:
-a replica running 24 short chats is half idle next to one running 24 long ones, and neither
-count says whether requests wait. Each LLM replica reports instead (`record_autoscaling_stats`
-in deployments/llm.py, names below), and Serve averages each report over `look_back_period_s`:
+Serve's default policy scales on ongoing requests per replica, which fits LLM replicas badly: a
+replica running 24 short chats is half idle next to one running 24 long ones, and neither count says
+whether requests wait. Each LLM replica reports instead (`record_autoscaling_stats` in
+deployments/replica/llm.py, names below), and Serve averages each report over `look_back_period_s`:
 
 - rows: running + waiting requests in its engine, and its `max_batch_size` (rows it can run);
 - KV blocks held by running requests, and its KV blocks in all;
@@ -87,7 +87,7 @@ def decide(replicas: int, value: float, downscale_to: float) -> int:
 
 
 class LLMAutoscalingPolicy:
-    """`autoscaling_config.policy: {policy_function: deployments.autoscaling_policy:LLMAutoscalingPolicy,
+    """`autoscaling_config.policy: {policy_function: deployments.routing.autoscaling_policy:LLMAutoscalingPolicy,
     policy_kwargs: {...}}`; Serve makes one instance and calls it with an AutoscalingContext
     every control-loop tick (on the controller). Holds only its thresholds."""
 

@@ -1,18 +1,18 @@
 """Where a call to the LLM deployment goes: the adapter rule and the conversation rule as plain
-functions over replica ids and queue lengths. deployments/routing.py adapts Serve's request
+functions over replica ids and queue lengths. deployments/routing/router.py adapts Serve's request
 router to `RoutingPolicy` and states the rules in steps; the contracts are here.
 
 Inputs, all read on the router's event loop:
 - loads: replica id -> ongoing requests (Serve's queue-length cache or a probe; None: unknown,
   and an unknown length never makes a replica busier);
-- each replica's routing stats (`routing_stats()` in deployments/load_report.py): the adapters
-  it holds, by tier;
+- each replica's routing stats (`routing_stats()` in deployments/replica/load_report.py): the
+  adapters it holds, by tier;
 - this router's own memory: where each prefix key was last served (`PrefixTable`), and where it
   sent each adapter lately (`Residency.placed`), which covers the seconds before a replica's
   stats show an adapter it is loading.
 
-Plain Python, no Ray, and nothing from this project but deployments/prefix_keys.py (also plain):
-Serve pickles the router's module by value into every process that holds a handle.
+Plain Python, no Ray, and nothing from this project but deployments/routing/prefix_keys.py (also
+plain): Serve pickles the router's module by value into every process that holds a handle.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.prefix_keys import Key, PrefixTable, call_keys, rendezvous
+from deployments.routing.prefix_keys import Key, PrefixTable, call_keys, rendezvous
 
 ADAPTERS = "adapters"  # the routing stats' key: {tier: [adapter names]}
 TIERS = ("active", "host", "loading")  # engine/adapter_report.py's tiers, preferred first

@@ -1,8 +1,8 @@
 """Prefix keys of a generation call, and where each key was last served: the routing state.
 
-A chat's next turn re-sends the whole conversation, so its prompt starts with the previous
-turn's prompt: the replica that served that prompt holds its KV blocks in its prefix cache
-(engine/blocks.py). The router (deployments/routing.py) finds that replica by key:
+A chat's next turn re-sends the whole conversation, so its prompt starts with the previous turn's
+prompt: the replica that served that prompt holds its KV blocks in its prefix cache
+(engine/blocks.py). The router (deployments/routing/router.py) finds that replica by key:
 
 - `call_keys(call)`: a hash chain over the call. Chats: the adapter's name first, then role and
   content of each message; only the keys that cover at least the system prompt and the first
@@ -68,8 +68,8 @@ def prompt_keys(adapter: str | None, prompt: str | Sequence[int], chunk: int) ->
 
 
 def call_keys(call: Any, chunk: int) -> list[Key]:
-    """The keys of a GenerateCall (deployments/messages.py), read by duck typing; [] for anything
-    else (info(), diagnostics(), ...). An Instruction prompt counts as its text."""
+    """The keys of a GenerateCall (deployments/contract/messages.py), read by duck typing; [] for
+    anything else (info(), diagnostics(), ...). An Instruction prompt counts as its text."""
     adapter = getattr(call, "adapter", None)
     messages = getattr(call, "messages", None)
     if messages:

@@ -6,12 +6,12 @@ once, any other first loads it (about 0.7 s here, more from a remote store) and 
 it. Its conversation: prefix caching (engine/blocks.py) pays only when a chat's next turn reaches
 the replica that holds its earlier turns; Serve's default router (the less loaded of two random
 replicas) does that about 1/N of the time with N replicas. The rule, for one call (plain
-functions in deployments/placement.py; loads are ongoing requests from Serve's queue-length
+functions in deployments/routing/placement.py; loads are ongoing requests from Serve's queue-length
 cache, probed when stale; "clearly busier" means more than `max_imbalance` requests above the
 least loaded, default half of `max_batch_size`, set by deployments/app.py):
 
 1. Residency: where the call's adapter is, from each replica's routing stats
-   (`record_routing_stats`, deployments/load_report.py: adapters by tier) and from the
+   (`record_routing_stats`, deployments/replica/load_report.py: adapters by tier) and from the
    replicas this router sent it to in the last `placement_ttl_s` (counted as loading: the stats
    arrive every `request_routing_stats_period_s`, a load takes about a second).
 2. Candidates: no adapter (the base model): every replica. An adapter held somewhere: its
@@ -23,7 +23,7 @@ least loaded, default half of `max_batch_size`, set by deployments/app.py):
    calls (from every router) meet on one replica and wait on one load instead of loading it
    everywhere, and its next calls have room there before it counts as clearly busier.
 3. Preferred replica among the candidates: the one that last served the call's longest known
-   prefix key (deployments/prefix_keys.py; this router's LRU table); for a key nobody here has
+   prefix key (deployments/routing/prefix_keys.py; this router's LRU table); for a key nobody here has
    seen, rendezvous hashing of the call's shortest key over the candidates of the best tier, so
    every router places a new conversation on the same replica without shared state.
 4. Clearly busier: the preferred replica is skipped when clearly busier than the least loaded
@@ -62,7 +62,7 @@ from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.replica_wrapper import RunningReplica
 from ray.serve._private.request_router.request_router import RequestRouter
 
-from deployments.placement import RoutingPolicy, RoutingSettings
+from deployments.routing.placement import RoutingPolicy, RoutingSettings
 
 
 class ConversationRouter(RequestRouter):

@@ -29,8 +29,8 @@ from ray.serve import metrics
 
 from engine.adapter_report import AdapterEvent, AdapterReport
 
-from deployments.placement import TIERS
-from deployments.settings import AppArgs
+from deployments.contract.settings import AppArgs
+from deployments.routing.placement import TIERS
 
 TIER_CODES = {"active": 3, "host": 2, "loading": 1}  # llm_adapter_tier's values; 0: not resident
 LOAD_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]

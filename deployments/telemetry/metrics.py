@@ -1,6 +1,6 @@
 """Prometheus metrics through ray.serve.metrics (exported by Ray's metrics agent).
 
-Adapters: the replica's residency and load metrics are deployments/adapter_metrics.py's; the
+Adapters: the replica's residency and load metrics are deployments/telemetry/adapter_metrics.py's; the
 ingress's per-request metrics below are per model name, adapters included, under the label rule
 there (`AdapterLabels`: listed names as they are, the others in hash buckets).
 """
@@ -15,7 +15,7 @@ from ray.serve import metrics
 from engine.engine import Engine, EngineStats
 from engine.request import RequestStats
 
-from deployments.adapter_metrics import AdapterLabels, AdapterMetrics
+from deployments.telemetry.adapter_metrics import AdapterLabels, AdapterMetrics
 
 log = logging.getLogger("ray.serve")
 

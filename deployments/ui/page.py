@@ -1,8 +1,8 @@
 """The Gradio chat page, served at /ui by its own deployment, talking to the LLM by handle.
 
 `build_ui(service, info)` makes the Blocks over the request path the HTTP API uses too
-(deployments/service.py: limits, one request-log line and metrics per reply), so the page can
-be driven without Ray; `ChatUI` is the Serve deployment that mounts it, with a handle to the LLM
+(deployments/frontend/service.py: limits, one request-log line and metrics per reply), so the page
+can be driven without Ray; `ChatUI` is the Serve deployment that mounts it, with a handle to the LLM
 deployment as the service's backend. No model code here.
 """
 
@@ -24,16 +24,16 @@ from engine.config import GenerationDefaults, SamplingOverrides, SamplingParams
 from engine.prompt import ALPACA_CHAT_CONTEXT
 from engine.request import Delta
 
-from deployments.adapter_metrics import AdapterLabels
-from deployments.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
-from deployments.guard import resolve_keys
-from deployments.http_errors import internal_error, public
-from deployments.ingress import HandleBackend
-from deployments.messages import ApiError, GenerateCall
-from deployments.page_limit import KeyedLogins, PageLimit, PageLogins
-from deployments.request_log import RequestRecorder
-from deployments.served_models import ServedModels
-from deployments.service import RequestService
+from deployments.contract.errors import ApiError, internal_error, public
+from deployments.contract.messages import GenerateCall
+from deployments.frontend.guard import resolve_keys
+from deployments.frontend.handle import HandleBackend
+from deployments.frontend.request_log import RequestRecorder
+from deployments.frontend.served_models import ServedModels
+from deployments.frontend.service import RequestService
+from deployments.telemetry.adapter_metrics import AdapterLabels
+from deployments.ui.chat_state import CONTINUE_PROMPT, SUMMARIZE_PROMPT, Conversation
+from deployments.ui.page_limit import KeyedLogins, PageLimit, PageLogins
 
 CSS = "footer {display: none !important}"
 # The page redraws a reply's whole Markdown on every update: at most this often while it streams
@@ -266,7 +266,7 @@ def build_ui(service: RequestService, info: ModelInfo,
 
 def page_app(ui: gr.Blocks, logins: PageLogins | None = None) -> FastAPI:
     """The page as an ASGI app; with `logins`, behind a login (any user name, an API key as the
-    password) whose key each session is counted by (deployments/page_limit.py)."""
+    password) whose key each session is counted by (deployments/ui/page_limit.py)."""
     app = FastAPI()
     if logins is None:
         return gr.mount_gradio_app(app, ui, path="/", css=CSS)

@@ -26,8 +26,10 @@ import gradio as gr
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.guard import BodyTooLarge, RateLimiter, client_id, key_matches, read_body, reject_too_large, replay
-from deployments.messages import ApiError
+from deployments.contract.errors import ApiError
+from deployments.frontend.guard import (
+    BodyTooLarge, RateLimiter, client_id, key_matches, read_body, reject_too_large, replay,
+)
 
 SESSION_COOKIE = "access-token-"  # the prefix of the cookies holding Gradio's login token
 MAX_LOGIN_BYTES = 1 << 16
