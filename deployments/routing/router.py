@@ -2,18 +2,18 @@
 
 Two things make a replica the right one for a call. Its adapter: a replica that holds it
 (engine/adapter_report.py: active on the compute device, in host memory, or loading) serves at
-once, any other first loads it (about 0.7 s here, more from a remote store) and spends memory on
-it. Its conversation: prefix caching (engine/blocks.py) pays only when a chat's next turn reaches
-the replica that holds its earlier turns; Serve's default router (the less loaded of two random
+once, any other first loads it (from its folder or a store) and spends memory on it. Its
+conversation: prefix caching (engine/blocks.py) pays only when a chat's next turn reaches the
+replica that holds its earlier turns; Serve's default router (the less loaded of two random
 replicas) does that about 1/N of the time with N replicas. The rule, for one call (plain
-functions in deployments/routing/placement.py; loads are ongoing requests from Serve's queue-length
-cache, probed when stale; "clearly busier" means more than `max_imbalance` requests above the
-least loaded, default half of `max_batch_size`, set by deployments/app.py):
+functions in placement.py; loads are ongoing requests from Serve's queue-length cache, probed
+when stale; "clearly busier" means more than `max_imbalance` requests above the least loaded,
+default half of `max_batch_size`, set by deployments/app.py):
 
 1. Residency: where the call's adapter is, from each replica's routing stats
    (`record_routing_stats`, deployments/replica/load_report.py: adapters by tier) and from the
-   replicas this router sent it to in the last `placement_ttl_s` (counted as loading: the stats
-   arrive every `request_routing_stats_period_s`, a load takes about a second).
+   replicas this router sent it to in the last `placement_ttl_s` (counted as loading until the
+   stats, which arrive every `request_routing_stats_period_s`, show it).
 2. Candidates: no adapter (the base model): every replica. An adapter held somewhere: its
    holders, active first, then host, then loading; if every holder is clearly busier than the
    least loaded replica, also the least loaded replica without it. So an adapter whose traffic
@@ -23,9 +23,9 @@ least loaded, default half of `max_batch_size`, set by deployments/app.py):
    calls (from every router) meet on one replica and wait on one load instead of loading it
    everywhere, and its next calls have room there before it counts as clearly busier.
 3. Preferred replica among the candidates: the one that last served the call's longest known
-   prefix key (deployments/routing/prefix_keys.py; this router's LRU table); for a key nobody here has
-   seen, rendezvous hashing of the call's shortest key over the candidates of the best tier, so
-   every router places a new conversation on the same replica without shared state.
+   prefix key (prefix_keys.py; this router's LRU table); for a key nobody here has seen,
+   rendezvous hashing of the call's shortest key over the candidates of the best tier, so every
+   router places a new conversation on the same replica without shared state.
 4. Clearly busier: the preferred replica is skipped when clearly busier than the least loaded
    other candidate. Up to that, a prefix hit (no prefill of the history) is worth more than
    joining a smaller batch; beyond it, the new request would likely wait for a row.
@@ -37,16 +37,10 @@ least loaded, default half of `max_batch_size`, set by deployments/app.py):
 Calls without keys (info(), diagnostics(), prompts shorter than one chunk) go to the least
 loaded candidate.
 
-Compared with Serve's multiplexing (used before, for adapters): it knew only which replica had
-loaded which model id (kept LRU by count, not by bytes or tier), sent a model held nowhere to
-the least loaded of the replicas with the fewest models (so concurrent cold calls could load it
-on several), and spread a hot model only once its replicas' queues were full. Compared with Ray's
-PrefixCacheAffinityRouter (ray/llm/_internal/serve/routing_policies): that one keeps a
-character prefix tree in a detached actor and calls `ray.get` on it from the router's event
-loop for every request (blocking every other request's routing), and matches any shared text,
-so every conversation with the same system prompt lands on one replica. Here the state is local
-(a hash lookup per message), bounded, and consistent across routers by hashing instead of by a
-shared actor.
+The state is local (a hash lookup per message), bounded, and consistent across routers by
+hashing instead of by a shared actor; how this compares with Serve's multiplexing and Ray's
+PrefixCacheAffinityRouter, and what it measured against Serve's default router: bench/README.md,
+"Conversation routing".
 
 State: a `RoutingPolicy` (prefix table, residency), owned by the router's event loop (Serve
 calls `choose_replicas`, `on_request_routed` and `update_replicas` there): no locks. Entries of
