@@ -71,8 +71,8 @@ from bench.systems import (
     transformers_serve,
 )
 from client.bodies import user_message
+from deployments.contract.settings import AppArgs
 from deployments.local import llm_handle
-from deployments.settings import AppArgs
 from engine.loader import resolve_checkpoint
 
 log = logging.getLogger("bench.chat")

@@ -30,7 +30,7 @@ from typing import Any
 from bench.cli import add_rounds_option, fmt, publish, round_orders, setup_logging
 from bench.relay import relay
 from bench.systems import SERVE_CONFIG, TransformersServe, config_app_args, serve_app, transformers_serve
-from deployments.settings import AppArgs
+from deployments.contract.settings import AppArgs
 
 log = logging.getLogger("bench.guidellm")
 SYSTEMS = ("serve", "transformers-serve")

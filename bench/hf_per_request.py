@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
 from bench.systems import uvicorn_thread
-from deployments.protocol import ChatCompletionRequest
+from deployments.http.protocol import ChatCompletionRequest
 from engine.loader import LoadedModel
 from engine.prompt import ChatMessage, PromptBuilder
 

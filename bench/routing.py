@@ -4,7 +4,7 @@ on two LLM replicas.
 The same users and messages as `python -m bench.chat` (every turn re-sends the whole
 conversation), against our application with `num_replicas: 2`, once with Serve's default
 router (PowerOfTwoChoicesRequestRouter: the less loaded of two random replicas) and once with
-ours (deployments/routing.py), each in a fresh private local Ray. Measured per router: the
+ours (deployments/routing/router.py), each in a fresh private local Ray. Measured per router: the
 prefix-cache hit rate over both replicas (`prefix_cache_hits / prefix_cache_queries` of their
 engine stats, in prompt tokens, during the users' turns) and TTFT p50 per turn. Each replica
 reserves one CPU (one torch thread): on this 2-core machine the two replicas share the cores,
@@ -49,8 +49,8 @@ from bench.cli import (
 from bench.percentiles import safe_percentile
 from bench.systems import SERVE_CONFIG, config_app_args, our_endpoint
 from deployments.app import conversation_routing
+from deployments.contract.settings import AppArgs
 from deployments.local import every_replica_diagnostics, local_app, local_ray
-from deployments.settings import AppArgs
 
 log = logging.getLogger("bench.routing")
 

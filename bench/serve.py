@@ -63,7 +63,7 @@ from bench.serve_systems import (
 )
 from bench.systems import SERVE_CONFIG, config_app_args
 from bench.workloads import WorkRequest, fixed_requests, spread_requests
-from deployments.settings import AppArgs
+from deployments.contract.settings import AppArgs
 from engine.loader import resolve_device, resolve_dtype
 
 SYSTEMS = ("serve", "engine", "hf-per-request", "engine-beside-idle-serve", "transformers-serve")

@@ -28,8 +28,8 @@ from bench.systems import (
     transformers_serve,
 )
 from client.bodies import user_message
+from deployments.contract.settings import AppArgs
 from deployments.local import llm_handle
-from deployments.settings import AppArgs
 from engine.engine import Engine, EngineStats
 from engine.loader import load_model
 from engine.prompt import ChatMessage

@@ -55,8 +55,8 @@ from bench.engine import QUESTIONS
 from bench.systems import SERVE_CONFIG, config_app_args, diagnostics, serve_app
 from client import bodies
 from client.stream import ErrorEvent, StreamError, aevent_data, decode_chunk
+from deployments.contract.settings import AppArgs
 from deployments.local import WORKER_NICENESS, llm_handle
-from deployments.settings import AppArgs
 from engine.loader import resolve_device, resolve_dtype
 
 log = logging.getLogger("bench.soak")

@@ -33,8 +33,8 @@ import yaml
 
 from bench.client import Endpoint
 from client.servers import free_port, wait_until_healthy
+from deployments.contract.settings import AppArgs
 from deployments.local import ROOT, WORKER_NICENESS, local_app, local_ray
-from deployments.settings import AppArgs
 from engine.loader import resolve_checkpoint, resolve_device, resolve_dtype
 
 log = logging.getLogger("bench.systems")

@@ -1,5 +1,5 @@
 """A conversation's turns and the chat messages the model sees, shared by the terminal chat
-and the chat page (deployments/chat_state.py adds the page's display to it).
+and the chat page (deployments/ui/chat_state.py adds the page's display to it).
 
 Immutable: every change returns a new Conversation (safe to keep in gr.State). A hidden
 user turn (Continue's "continue.") is sent to the model but not shown.

@@ -6,10 +6,10 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from deployments.ingress import Ingress
-from deployments.llm import LLMServer
-from deployments.routing import ConversationRouter
-from deployments.settings import AppArgs, BatchSettings
+from deployments.contract.settings import AppArgs, BatchSettings
+from deployments.http.ingress import Ingress
+from deployments.replica.llm import LLMServer
+from deployments.routing.router import ConversationRouter
 
 
 def build_app(args: AppArgs | dict) -> Application:
@@ -46,7 +46,7 @@ def build_app_with(args: AppArgs | dict, llm_options: dict | None = None) -> App
 
 
 def conversation_routing(args: AppArgs) -> RequestRouterConfig:
-    """The LLM deployment's router (deployments/routing.py): a conversation's turns go to the
+    """The LLM deployment's router (deployments/routing/router.py): a conversation's turns go to the
     replica holding its prefix unless it has half a batch more requests than the least loaded."""
     return RequestRouterConfig(
         request_router_class=ConversationRouter,

@@ -1,6 +1,6 @@
 """What the engine tells the serving layer about its adapters: residency, loads, evictions.
 
-Read by the replica's metrics (deployments/metrics.py) and by its routing report (the router
+Read by the replica's metrics (deployments/telemetry/metrics.py) and by its routing report (the router
 prefers replicas where a request's adapter is resident). Plain data, no torch.
 
 Tiers, from fastest to slowest (engine/adapters.py owns them):

@@ -138,7 +138,7 @@ class EngineConfig(BaseModel):
 
 
 # Types and bounds of the sampling fields, named for SamplingParams below (the fields' one
-# declaration) and for the seed API's own names (deployments/protocol.py, /generate).
+# declaration) and for the seed API's own names (deployments/http/protocol.py, /generate).
 MaxTokens = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 means greedy decoding.")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -175,7 +175,7 @@ class SamplingParams(BaseModel):
 
     The one declaration of the sampling fields: name, type, bounds, description and the
     engine's default. GenerationDefaults and SamplingOverrides below and the HTTP bodies
-    (deployments/protocol.py) take their fields from here (`fields_model`), so a new field is
+    (deployments/http/protocol.py) take their fields from here (`fields_model`), so a new field is
     one line here plus its use."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

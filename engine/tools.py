@@ -9,8 +9,8 @@ bare JSON or Mistral's `[TOOL_CALLS]`, whose parsers we do not have) and the Alp
 Hermes text instead (engine/prompt.py `hermes_messages`): the tools as `<tools>` JSON in the system prompt,
 calls as `<tool_call>` text in the assistant turn, results as `<tool_response>` in a user turn.
 Either way the model's call format is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`,
-the one the reply parser (deployments/tool_calls.py) and the forced-call grammar
-(deployments/structured.py) expect.
+the one the reply parser (deployments/http/tool_calls.py) and the forced-call grammar
+(deployments/http/structured.py) expect.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def served(tiny_model_dir, adapter_dirs, request_log):
     """The API app ("llm", at /) and the chat page app ("ui", at /ui) on the tiny model; yields the URL."""
     from ray import serve
 
-    from deployments.ui import build_ui_app
+    from deployments.ui.page import build_ui_app
     from tests.serve_fixtures import SERVED_MODEL, local_app, local_ray
 
     args = {

@@ -11,8 +11,9 @@ from contextlib import contextmanager
 
 from client.servers import free_port
 
-from deployments.messages import ApiError, GenerateCall, TokenizeCall, Tokenized
-from deployments.runtime_adapters import RuntimeAdapter
+from deployments.contract.errors import ApiError
+from deployments.contract.messages import GenerateCall, TokenizeCall, Tokenized
+from deployments.contract.runtime_adapters import RuntimeAdapter
 from engine.request import RequestStats
 
 STATS = RequestStats(prompt_tokens=5, completion_tokens=2, dropped_messages=0, latency=0.1,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from deployments.adapter_metrics import (
+from deployments.contract.settings import AppArgs
+from deployments.telemetry.adapter_metrics import (
     AdapterLabels, AdapterMetrics, app_labels, event_readings, residency_readings,
 )
-from deployments.metrics import LLMMetrics, RequestMetrics
-from deployments.settings import AppArgs
+from deployments.telemetry.metrics import LLMMetrics, RequestMetrics
 from engine.adapter_report import AdapterEvent, AdapterReport, ResidentAdapter
 from engine.core import EngineStats
 from engine.request import RequestStats

@@ -10,11 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from client.stream import event_data
-from deployments.api import ApiSettings, Finished, build_api
-from deployments.guard import client_id
-from deployments.messages import ApiError, GenerateCall
-from deployments.openai_format import ErrorResponse
-from deployments.protocol import ChatCompletionRequest
+from deployments.contract.errors import ApiError, ErrorResponse
+from deployments.contract.messages import GenerateCall
+from deployments.frontend.guard import client_id
+from deployments.http.api import ApiSettings, Finished, build_api
+from deployments.http.protocol import ChatCompletionRequest
 from engine.config import GenerationDefaults
 from engine.errors import (
     EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError,
@@ -356,10 +356,10 @@ HARMLESS = {"store": True, "metadata": {"team": "a"}, "user": "u1", "service_tie
 
 def test_fields_that_cannot_change_the_reply_are_ignored_with_one_debug_line(caplog):
     client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
-    with caplog.at_level("DEBUG", logger="deployments.ignored_fields"):
+    with caplog.at_level("DEBUG", logger="deployments.http.ignored_fields"):
         reply = client.post("/v1/chat/completions", json={**CHAT, **HARMLESS})
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "ok"
-    lines = [r.getMessage() for r in caplog.records if r.name == "deployments.ignored_fields"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "deployments.http.ignored_fields"]
     assert len(lines) == 1 and reply.json()["id"] in lines[0] and "store" in lines[0] and "verbosity" in lines[0]
     assert "prediction" not in lines[0]  # null: not a field the request set to anything
     assert backend.calls[0].overrides == ChatCompletionRequest.model_validate(CHAT).to_overrides()

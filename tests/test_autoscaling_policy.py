@@ -9,11 +9,13 @@ import pytest
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
-from deployments.autoscaling_policy import KV_BLOCKS, KV_BLOCKS_USED, ROWS, ROWS_WANTED, TTFT_S, LLMAutoscalingPolicy
-from deployments.load_report import RecentTTFT, load_report
+from deployments.replica.load_report import RecentTTFT, load_report
+from deployments.routing.autoscaling_policy import (
+    KV_BLOCKS, KV_BLOCKS_USED, ROWS, ROWS_WANTED, TTFT_S, LLMAutoscalingPolicy,
+)
 from engine.core import EngineStats
 
-POLICY = AutoscalingPolicy(policy_function="deployments.autoscaling_policy:LLMAutoscalingPolicy")
+POLICY = AutoscalingPolicy(policy_function="deployments.routing.autoscaling_policy:LLMAutoscalingPolicy")
 
 
 def report(rows_wanted: float = 0, kv_used: float = 0, ttft: float = 0.0, rows: int = 32, kv: int = 1000) -> dict:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.chat_state import CONTINUE_PROMPT, Conversation, escape, footer_text
-from deployments.messages import ApiError
-from deployments.served_models import ServedModels
-from deployments.service import RequestService
+from deployments.contract.errors import ApiError
+from deployments.frontend.served_models import ServedModels
+from deployments.frontend.service import RequestService
+from deployments.ui.chat_state import CONTINUE_PROMPT, Conversation, escape, footer_text
 from engine.config import SamplingOverrides
 from engine.request import Delta, RequestStats
 from tests.error_bodies import leaks
@@ -56,7 +56,7 @@ def test_dropped_turns_raise_a_notice_and_errors_show_in_the_footer():
     [ApiError(500, "internal error: KeyError('ServeReplica')")],
 ])
 async def test_a_failed_reply_shows_the_request_id_not_the_error(script):
-    from deployments.ui import stream_reply
+    from deployments.ui.page import stream_reply
 
     backend, finished = ScriptedBackend(script), []
     service = RequestService(backend, finished.append)
@@ -67,7 +67,7 @@ async def test_a_failed_reply_shows_the_request_id_not_the_error(script):
 
 
 async def test_the_page_keeps_the_message_limit():
-    from deployments.ui import stream_reply
+    from deployments.ui.page import stream_reply
 
     service = RequestService(ScriptedBackend([Delta("x", finish_reason="stop")]), max_messages=2)
     long_chat = Conversation().ask("a").extend_reply("first reply").ask("b")  # three messages
@@ -78,7 +78,7 @@ async def test_the_page_keeps_the_message_limit():
 async def test_a_fast_stream_updates_the_page_at_a_bounded_rate():
     """1,000 deltas arriving at once: the first shows at once, the rest in a few updates, and the
     last update holds the whole reply with its footer."""
-    from deployments.ui import stream_reply
+    from deployments.ui.page import stream_reply
 
     script = [Delta(f"{i} ") for i in range(999)] + [Delta("end", finish_reason="stop", stats=STATS)]
     service = RequestService(ScriptedBackend(script))
@@ -89,7 +89,7 @@ async def test_a_fast_stream_updates_the_page_at_a_bounded_rate():
 
 
 async def test_text_held_back_by_the_page_rate_is_shown_when_the_stream_ends():
-    from deployments.ui import stream_reply
+    from deployments.ui.page import stream_reply
 
     service = RequestService(ScriptedBackend([Delta("a"), Delta("b")]))  # no finish delta
     shown = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), BASE)]

@@ -26,8 +26,9 @@ from client import cli
 from client.conversation import CONTINUE_PROMPT, SUMMARIZE_PROMPT
 from client.servers import free_port
 from client.stream import event_data
-from deployments.api import ApiSettings, build_api
-from deployments.messages import ApiError, GenerateCall
+from deployments.contract.errors import ApiError
+from deployments.contract.messages import GenerateCall
+from deployments.http.api import ApiSettings, build_api
 from engine.request import Delta, RequestStats
 from tests.fakes import served_on_a_port
 from tests.serve_fixtures import SERVED_MODEL, llm_handle, log_lines_after

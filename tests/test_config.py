@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.settings import AppArgs
+from deployments.contract.settings import AppArgs
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["serve_config.yaml", "serve_config.gpu.yaml"]
@@ -24,7 +24,7 @@ def test_config_validates(name):
     config = load(name)
     ServeDeploySchema.model_validate(config)
     for app in config["applications"]:
-        if app["import_path"] == "deployments.ui:build_ui_app":
+        if app["import_path"] == "deployments.ui.page:build_ui_app":
             assert app["route_prefix"] == "/ui" and app["args"]["llm_app"] in {a["name"] for a in config["applications"]}
             continue
         assert app["import_path"] == "deployments.app:build_app"
@@ -83,7 +83,7 @@ def test_project_relative_adapters_resolve_and_the_demo_adapter_ships():
 
 
 def test_message_pause_grows_with_load():
-    from deployments.llm import message_pause
+    from deployments.replica.llm import message_pause
 
     assert message_pause(0.25, running=1) == 0.0
     assert 0 < message_pause(0.25, running=3) < message_pause(0.25, running=6) < 0.25

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.guard import RateLimiter, bearer_token, client_id, key_matches, resolve_keys
+from deployments.frontend.guard import RateLimiter, bearer_token, client_id, key_matches, resolve_keys
 from engine.request import Delta
 from tests.fakes import CHAT, STATS, ScriptedBackend
 
 from fastapi.testclient import TestClient
 
-from deployments.api import ApiSettings, build_api
+from deployments.http.api import ApiSettings, build_api
 
 
 def make_client(**settings) -> TestClient:

@@ -7,12 +7,12 @@ import gradio as gr
 import pytest
 from starlette.requests import Request
 
-from deployments.chat_state import Conversation
-from deployments.guard import client_id
-from deployments.page_limit import PageLimit, PageLogins, page_client
-from deployments.served_models import ServedModels
-from deployments.service import RequestService
-from deployments.ui import ModelInfo, build_ui, page_app, stream_reply
+from deployments.frontend.guard import client_id
+from deployments.frontend.served_models import ServedModels
+from deployments.frontend.service import RequestService
+from deployments.ui.chat_state import Conversation
+from deployments.ui.page import ModelInfo, build_ui, page_app, stream_reply
+from deployments.ui.page_limit import PageLimit, PageLogins, page_client
 from engine.config import GenerationDefaults, SamplingOverrides
 from engine.request import Delta
 from tests.fakes import STATS, ScriptedBackend, served_on_a_port

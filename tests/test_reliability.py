@@ -125,7 +125,7 @@ def test_chat_page_asks_for_a_key_when_keys_are_set(served):
     from gradio_client import Client
     from gradio_client.exceptions import AuthenticationError
 
-    from deployments.ui import build_ui_app
+    from deployments.ui.page import build_ui_app
 
     serve.run(build_ui_app({"llm_app": "llm", "api_keys": ["sk-page"]}), name="ui-keys", route_prefix="/ui-keys")
     try:

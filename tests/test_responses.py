@@ -18,8 +18,9 @@ from agents import Agent, ModelSettings, OpenAIResponsesModel, RunConfig, Runner
 from fastapi.testclient import TestClient
 
 from client.stream import event_data
-from deployments.api import ApiSettings, Finished, build_api
-from deployments.messages import ApiError, GenerateCall
+from deployments.contract.errors import ApiError
+from deployments.contract.messages import GenerateCall
+from deployments.http.api import ApiSettings, Finished, build_api
 from engine.logprobs import TokenLogprob
 from engine.prompt import ChatMessage
 from engine.request import Delta

@@ -1,5 +1,5 @@
 """The router's pieces: prefix keys, the LRU table, rendezvous placement, the busier rule, and
-the adapter rule (deployments/placement.py) with the routing stats it reads.
+the adapter rule (deployments/routing/placement.py) with the routing stats it reads.
 
 The whole router over simulated replicas (a hot adapter, cold ones, conversations) is tested in
 tests/test_routing_simulation.py; on a live cluster (turns stick to one replica, a replica
@@ -16,13 +16,13 @@ from typing import get_args
 
 import pytest
 
-from deployments.load_report import routing_stats
-from deployments.messages import GenerateCall
-from deployments.placement import (
+from deployments.contract.messages import GenerateCall
+from deployments.contract.runtime_adapters import RuntimeAdapter
+from deployments.replica.load_report import routing_stats
+from deployments.routing.placement import (
     TIERS, Residency, adapter_candidates, call_adapter, clearly_busier, conversation_ranks, home,
 )
-from deployments.prefix_keys import PrefixTable, call_keys, chat_keys, rendezvous
-from deployments.runtime_adapters import RuntimeAdapter
+from deployments.routing.prefix_keys import PrefixTable, call_keys, chat_keys, rendezvous
 from engine.adapter_report import AdapterReport, ResidentAdapter, Tier
 from engine.config import SamplingOverrides
 from engine.prompt import ChatMessage, Instruction
@@ -57,7 +57,7 @@ def test_the_adapter_and_the_roles_are_part_of_the_key():
 
 def test_keys_do_not_depend_on_the_process():
     """blake2b, not Python's per-process salted hash: routers in other processes agree."""
-    code = ("from types import SimpleNamespace as M; from deployments.prefix_keys import chat_keys; "
+    code = ("from types import SimpleNamespace as M; from deployments.routing.prefix_keys import chat_keys; "
             "print(chat_keys('a', [M(role='user', content='hi')])[0].hex())")
     other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"})

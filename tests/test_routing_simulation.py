@@ -18,9 +18,9 @@ import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve._private.request_router.common import PendingRequest
 
-from deployments.load_report import routing_stats
-from deployments.messages import GenerateCall
-from deployments.routing import ConversationRouter
+from deployments.contract.messages import GenerateCall
+from deployments.replica.load_report import routing_stats
+from deployments.routing.router import ConversationRouter
 from engine.adapter_report import AdapterReport, ResidentAdapter
 from engine.config import SamplingOverrides
 from engine.prompt import ChatMessage

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from deployments.protocol import (
+from deployments.http.protocol import (
     NOT_SAMPLING, OUTPUT_OPTIONS, AlpacaGenerationConfig, ChatCompletionRequest, CompletionRequest, SamplingFields,
 )
 from engine.config import (
@@ -86,8 +86,8 @@ def test_the_chat_pages_sliders_stay_within_the_declared_bounds():
     range of its own (temperature, top_p, top_k's minimum) a step beyond the end is refused."""
     import gradio as gr
 
-    from deployments.service import RequestService
-    from deployments.ui import ModelInfo, build_ui, slider_bounds
+    from deployments.frontend.service import RequestService
+    from deployments.ui.page import ModelInfo, build_ui, slider_bounds
     from tests.fakes import ScriptedBackend
 
     page = build_ui(RequestService(ScriptedBackend([])), ModelInfo(("base",), "auto", GenerationDefaults()))

@@ -271,7 +271,7 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(served, tiny_mo
     from ray import serve
 
     from deployments.app import build_app_with
-    from deployments.messages import GenerateCall
+    from deployments.contract.messages import GenerateCall
     from engine.config import SamplingOverrides
 
     args = {"model": str(tiny_model_dir), "served_model_name": MODEL, "dtype": "float32", "num_cpus": 0,

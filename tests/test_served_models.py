@@ -1,17 +1,18 @@
-"""Model names decided once (deployments/served_models.py); the layers below keep invariants only."""
+"""Model names decided once (deployments/frontend/served_models.py); the layers below keep invariants only."""
 
 from __future__ import annotations
 
 import pytest
 
-from deployments.chat_state import Conversation
-from deployments.llm import LLMServer, UnlistedAdapterError
-from deployments.messages import ApiError, GenerateCall
-from deployments.runtime_adapters import InMemoryAdapters
-from deployments.served_models import ServedModel, ServedModels
-from deployments.service import RequestService
-from deployments.settings import AppArgs
-from deployments.ui import stream_reply
+from deployments.contract.errors import ApiError
+from deployments.contract.messages import GenerateCall
+from deployments.contract.runtime_adapters import InMemoryAdapters
+from deployments.contract.settings import AppArgs
+from deployments.frontend.served_models import ServedModel, ServedModels
+from deployments.frontend.service import RequestService
+from deployments.replica.llm import LLMServer, UnlistedAdapterError
+from deployments.ui.chat_state import Conversation
+from deployments.ui.page import stream_reply
 from engine.config import SamplingOverrides
 from engine.errors import AdapterNotFoundError, AdapterTimeoutError
 from engine.request import Delta

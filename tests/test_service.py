@@ -1,11 +1,12 @@
-"""The shared request path (deployments/service.py): one finish record per request, whatever happens."""
+"""The shared request path (deployments/frontend/service.py): one finish record per request, whatever happens."""
 
 from __future__ import annotations
 
 import pytest
 
-from deployments.messages import ApiError, GenerateCall
-from deployments.service import Finished, RequestService
+from deployments.contract.errors import ApiError
+from deployments.contract.messages import GenerateCall
+from deployments.frontend.service import Finished, RequestService
 from engine.config import SamplingOverrides
 from engine.prompt import ChatMessage
 from engine.request import Delta

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.api import ApiSettings, build_api
-from deployments.messages import TokenizeCall
-from deployments.runtime_adapters import InMemoryAdapters, RuntimeAdapter
-from deployments.settings import AppArgs
+from deployments.contract.messages import TokenizeCall
+from deployments.contract.runtime_adapters import InMemoryAdapters, RuntimeAdapter
+from deployments.contract.settings import AppArgs
+from deployments.http.api import ApiSettings, build_api
 from engine.prompt import ChatMessage
 from engine.request import Delta
 from tests.fakes import CHAT, FAKE_WINDOW, STATS, ScriptedBackend

@@ -1,4 +1,4 @@
-"""Tool calls read out of a reply streamed in pieces (deployments/tool_calls.py)."""
+"""Tool calls read out of a reply streamed in pieces (deployments/http/tool_calls.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from deployments.structured import OfferedTools
-from deployments.tool_calls import ToolCallSplitter, parse_tool_calls, with_tool_calls
+from deployments.http.structured import OfferedTools
+from deployments.http.tool_calls import ToolCallSplitter, parse_tool_calls, with_tool_calls
 from engine.request import Delta
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

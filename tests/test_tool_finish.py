@@ -1,7 +1,7 @@
 """Tool calls always finish (issue 26 item 4): a forced call's arguments follow the parameters
-schema closed as OpenAI's strict mode reads it (deployments/closed_schema.py), and a call cut by
+schema closed as OpenAI's strict mode reads it (deployments/http/closed_schema.py), and a call cut by
 max_tokens is still a tool call with its arguments so far, never markup in `content`
-(deployments/tool_calls.py). Schemas as LangChain's `bind_tools` (`convert_to_openai_tool`) and
+(deployments/http/tool_calls.py). Schemas as LangChain's `bind_tools` (`convert_to_openai_tool`) and
 the OpenAI Agents SDK (strict: closed, every property required; written by hand) produce them."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field
 
 from client.stream import event_data
-from deployments.api import ApiSettings, build_api
-from deployments.closed_schema import closed_schema
-from deployments.protocol import ChatCompletionRequest
-from deployments.tool_calls import with_tool_calls
+from deployments.http.api import ApiSettings, build_api
+from deployments.http.closed_schema import closed_schema
+from deployments.http.protocol import ChatCompletionRequest
+from deployments.http.tool_calls import with_tool_calls
 from engine.config import EngineConfig, GenerationDefaults
 from engine.constraints import GrammarCache
 from engine.engine import Engine

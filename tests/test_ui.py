@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from deployments.chat_state import escape
+from deployments.ui.chat_state import escape
 from engine.prompt import ChatMessage, PromptBuilder
 from tests.serve_fixtures import SERVED_MODEL, llm_handle, log_lines_after
 from tests.tiny_models import build_tokenizer

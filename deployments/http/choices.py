@@ -1,0 +1,98 @@
+"""The choices of one response (n >= 1) as their deltas arrive, for the API (api.py).
+
+A request with n choices gets one delta stream whose deltas carry their choice's `index`; each
+choice ends with its own last delta (finish reason and stats). `Endings`
+(deployments/frontend/service.py, which the request record uses too) says when all n have
+ended and sums their stats (usage per OpenAI: prompt tokens once, completion tokens summed over
+the choices). `Choices` turns each delta into what the client sees of it (its text, with the
+echoed prompt before a choice's first text, and its logprobs in the endpoint's shape) and
+collects whole choices for a non-streaming response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.logprobs import TokenLogprob
+from engine.request import Delta
+
+from deployments.frontend.service import Endings
+from deployments.http.logprob_format import chat_logprobs, completion_logprobs
+from deployments.http.openai_format import ChatLogprobs, ChoiceOutput, CompletionLogprobs, Kind, Usage
+
+
+@dataclass
+class Piece:
+    """What the client sees of one delta: its text and the logprobs of its tokens."""
+
+    text: str
+    logprobs: ChatLogprobs | CompletionLogprobs | None
+
+
+@dataclass
+class ChoiceState:
+    text: str = ""
+    entries: list[TokenLogprob] = field(default_factory=list)
+    offset: int = 0  # characters of the tokens already shown (completions' text_offset)
+    tokens: int = 0  # completion tokens so far
+    last: Delta | None = None
+
+
+class Choices:
+    """Per-choice text and logprobs of one response of `kind`, for `n` choices."""
+
+    def __init__(self, kind: Kind, n: int, logprobs: bool):
+        self.kind, self.logprobs = kind, logprobs
+        self.states = [ChoiceState() for _ in range(n)]
+        self.endings = Endings(n)
+        self.prompt_tokens = 0
+
+    def collect(self, delta: Delta) -> tuple[str, list[TokenLogprob]]:
+        """Add a delta to its choice; return its text (echoed prompt first) and logprobs."""
+        state = self.states[delta.index]
+        text = (delta.prompt_text or "") + delta.text
+        entries = (delta.prompt_logprobs or []) + (delta.logprobs or []) if self.logprobs else []
+        state.text += text
+        state.entries += entries
+        state.tokens += len(delta.token_ids)
+        self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
+        return text, entries
+
+    def usage_so_far(self, index: int) -> Usage:
+        """vLLM's continuous usage of choice `index`: the prompt, and the choice's tokens so far
+        (its final count once it has ended)."""
+        state = self.states[index]
+        stats = state.last.stats if state.last else None
+        prompt = stats.prompt_tokens if stats else self.prompt_tokens
+        completion = stats.completion_tokens if stats else state.tokens
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def piece(self, delta: Delta) -> Piece:
+        """The delta as the client sees it in a stream."""
+        text, entries = self.collect(delta)
+        return Piece(text, self._format(entries, self.states[delta.index]) if entries else None)
+
+    def end(self, delta: Delta) -> bool:
+        """Record a choice's last delta; True when every choice has ended."""
+        self.states[delta.index].last = delta
+        return self.endings.add(delta)
+
+    def outputs(self) -> list[ChoiceOutput]:
+        """The whole choices (for a non-streaming response), by index."""
+        outputs = []
+        for index, state in enumerate(self.states):
+            last = state.last
+            logprobs = self._format(state.entries, ChoiceState()) if self.logprobs else None
+            outputs.append(ChoiceOutput(
+                index=index, text=state.text, finish_reason=last.finish_reason if last else "length",
+                stop_reason=last.stats.stop_reason if last and last.stats else None, logprobs=logprobs,
+                tool_calls=getattr(last, "tool_calls", None) or None,
+            ))
+        return outputs
+
+    def _format(self, entries: list[TokenLogprob], state: ChoiceState) -> ChatLogprobs | CompletionLogprobs:
+        if self.kind == "chat":
+            return chat_logprobs(entries)
+        formatted = completion_logprobs(entries, state.offset)
+        state.offset += sum(len(e.token) for e in entries)
+        return formatted
