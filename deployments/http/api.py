@@ -29,7 +29,7 @@ from deployments.contract.runtime_adapters import RuntimeAdapter, RuntimeAdapter
 from deployments.frontend.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.frontend.served_models import ServedModels, StoredNames
 from deployments.frontend.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
-from deployments.http.choices import Choices
+from deployments.http.choice_buffers import ChoiceBuffers
 from deployments.http.http_errors import install_error_handling
 from deployments.http.ignored_fields import log_ignored
 from deployments.http.openai_format import (
@@ -128,8 +128,8 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         envelope = ResponseEnvelope(meta.id, body.model, body.echo())
         if body.stream:
             return await service.stream_responses(call, meta, envelope)
-        choices = await service.complete(call, meta, "responses")
-        return envelope.finished(choices.outputs()[0], Usage.of(choices.endings.stats))
+        buffers = await service.complete(call, meta, "responses")
+        return envelope.finished(buffers.outputs()[0], Usage.of(buffers.endings.stats))
 
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, tenant: str | None = Depends(service.tenant)):
@@ -147,8 +147,8 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         meta = ResponseMeta("completion", model)
         call = GenerateCall(body.generation_config.to_overrides(), prompt=prompt, request_id=meta.id, tenant=tenant,
                             **await service.call_fields(model))
-        choices = await service.complete(call, meta, "generate")
-        return GenerateResponse(output=choices.states[0].text.strip())
+        buffers = await service.complete(call, meta, "generate")
+        return GenerateResponse(output=buffers.per_choice[0].text.strip())
 
     @app.get("/v1/models", dependencies=guarded, response_model=ModelList, responses=ERRORS)
     async def models() -> ModelList:
@@ -292,45 +292,45 @@ class ApiService:
     async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, usage: UsageWanted):
         if stream:
             return await self.stream_sse(call, meta, usage)
-        choices = await self.complete(call, meta, meta.kind)
-        return meta.response(choices.outputs(), Usage.of(choices.endings.stats))
+        buffers = await self.complete(call, meta, meta.kind)
+        return meta.response(buffers.outputs(), Usage.of(buffers.endings.stats))
 
     def _items(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> AsyncIterator[Item]:
         """The call's items; with tools, its tool calls taken out of the text (tool_calls.py)."""
         items = self.requests.stream(call, meta.model, endpoint)
         return with_tool_calls(items, meta.tool_calls) if meta.tool_calls else items
 
-    async def complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> Choices:
+    async def complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> ChoiceBuffers:
         """Run a call to the end (every choice); raise ApiError if it fails."""
-        choices, final, ended = _choices_of(call, meta), None, False
+        buffers, final, ended = _buffers_for(call, meta), None, False
         async with aclosing(self._items(call, meta, endpoint)) as items:
             try:
                 async for item in items:
                     if isinstance(item, ApiError):
                         raise public(item, call.request_id)
-                    choices.collect(item)
+                    buffers.collect(item)
                     if item.finish_reason:
                         final = item
-                        ended = item.finish_reason not in FAILED_FINISHES and choices.end(item)
+                        ended = item.finish_reason not in FAILED_FINISHES and buffers.end(item)
             except ApiError as err:
                 raise public(err, call.request_id) from None
             except Exception as err:  # the replica died or the handle failed
                 raise internal_error(call.request_id, repr(err)) from err
         if not ended:
             raise internal_error(call.request_id, final.error if final and final.error else "generation was interrupted")
-        return choices
+        return buffers
 
     async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, usage: UsageWanted):
         """Answer with SSE once the first item is in (so a refusal still gets its status)."""
         first, items = await self._opened(call, meta, meta.kind)
-        frames = self._frames(call.request_id, first, items, meta, usage, _choices_of(call, meta))
+        frames = self._frames(call.request_id, first, items, meta, usage, _buffers_for(call, meta))
         return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def stream_responses(self, call: GenerateCall, meta: ResponseMeta, envelope: ResponseEnvelope):
         """/v1/responses' event stream (responses_stream.py), once the first item is in."""
         first, items = await self._opened(call, meta, "responses")
-        choices = _choices_of(call, meta)
-        events = response_events(call.request_id, first, items, ResponseEvents(envelope, choices.logprobs), choices)
+        buffers = _buffers_for(call, meta)
+        events = response_events(call.request_id, first, items, ResponseEvents(envelope, buffers.logprobs), buffers)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _opened(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> tuple[Item, AsyncIterator[Item]]:
@@ -350,20 +350,20 @@ class ApiService:
         return first, items
 
     async def _frames(self, request_id: str, first: Item, items: AsyncIterator[Item], meta: ResponseMeta,
-                      usage: UsageWanted, choices: Choices) -> AsyncIterator[str]:
+                      usage: UsageWanted, buffers: ChoiceBuffers) -> AsyncIterator[str]:
         """SSE frames of the items, then `[DONE]`; a failure becomes an error event before it."""
         done = False
         async with aclosing(items):
             try:
                 if meta.kind == "chat":
                     if isinstance(first, Delta):
-                        choices.prompt_tokens = first.prompt_tokens or 0
-                    yield "".join(sse(meta.chunk(role=True, index=i, usage=self._so_far(usage, choices, i)))
-                                  for i in range(len(choices.states)))
-                frame, done = self._frame(request_id, first, meta, usage, choices)
+                        buffers.prompt_tokens = first.prompt_tokens or 0
+                    yield "".join(sse(meta.chunk(role=True, index=i, usage=self._so_far(usage, buffers, i)))
+                                  for i in range(len(buffers.per_choice)))
+                frame, done = self._frame(request_id, first, meta, usage, buffers)
                 yield frame
                 async for item in items:
-                    frame, done = self._frame(request_id, item, meta, usage, choices)
+                    frame, done = self._frame(request_id, item, meta, usage, buffers)
                     yield frame
                 if not done:
                     yield sse(internal_error(request_id, "the stream ended early").body)
@@ -372,32 +372,32 @@ class ApiService:
         yield DONE_FRAME
 
     def _frame(self, request_id: str, item: Item, meta: ResponseMeta, usage: UsageWanted,
-               choices: Choices) -> tuple[str, bool]:
+               buffers: ChoiceBuffers) -> tuple[str, bool]:
         """SSE text for one item, and whether the stream is over (every choice ended, or failed)."""
         if isinstance(item, ApiError):
             return sse(public(item, request_id).body), True
-        piece = choices.piece(item)
+        piece = buffers.piece(item)
         frame = ""
         if piece.text or piece.logprobs:
             frame = sse(meta.chunk(piece.text, index=item.index, logprobs=piece.logprobs,
-                                   usage=self._so_far(usage, choices, item.index)))
+                                   usage=self._so_far(usage, buffers, item.index)))
         if item.finish_reason in FAILED_FINISHES:
             error = internal_error(request_id, item.error or "generation was cancelled")
             return frame + sse(error.body), True
         if not item.finish_reason:
             return frame, False
-        done = choices.end(item)
-        so_far = self._so_far(usage, choices, item.index)
+        done = buffers.end(item)
+        so_far = self._so_far(usage, buffers, item.index)
         if getattr(item, "tool_calls", None):
             frame += sse(meta.tool_call_chunk(item.tool_calls, index=item.index, usage=so_far))
         frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats, index=item.index, usage=so_far))
         if done and usage.final:
-            frame += sse(meta.usage_chunk(Usage.of(choices.endings.stats)))
+            frame += sse(meta.usage_chunk(Usage.of(buffers.endings.stats)))
         return frame, done
 
     @staticmethod
-    def _so_far(usage: UsageWanted, choices: Choices, index: int) -> Usage | None:
-        return choices.usage_so_far(index) if usage.continuous else None
+    def _so_far(usage: UsageWanted, buffers: ChoiceBuffers, index: int) -> Usage | None:
+        return buffers.usage_so_far(index) if usage.continuous else None
 
 
 @dataclass(frozen=True)
@@ -409,8 +409,8 @@ class UsageWanted:
     continuous: bool = False
 
 
-def _choices_of(call: GenerateCall, meta: ResponseMeta) -> Choices:
-    return Choices(meta.kind, call.overrides.n, call.overrides.logprobs is not None)
+def _buffers_for(call: GenerateCall, meta: ResponseMeta) -> ChoiceBuffers:
+    return ChoiceBuffers(meta.kind, call.overrides.n, call.overrides.logprobs is not None)
 
 
 def _usage_wanted(body: ChatCompletionRequest | CompletionRequest) -> UsageWanted:

@@ -26,7 +26,7 @@ from engine.request import Delta
 
 from deployments.contract.errors import ApiError, internal_error, public
 from deployments.frontend.service import FAILED_FINISHES, Item
-from deployments.http.choices import Choices
+from deployments.http.choice_buffers import ChoiceBuffers
 from deployments.http.openai_format import ChatTokenLogprob, Usage
 from deployments.http.responses_format import (
     FunctionCallOut, ItemStatus, OutputItem, OutputMessage, OutputText, ResponseEnvelope, ResponseError, ResponseObject,
@@ -188,35 +188,35 @@ class ResponseEvents:
 
 
 async def response_events(request_id: str, first: Item, items: AsyncIterator[Item], events: ResponseEvents,
-                          choices: Choices) -> AsyncIterator[str]:
+                          buffers: ChoiceBuffers) -> AsyncIterator[str]:
     """The SSE frames of a streamed response from its chat items (`first` already read); a
     failure ends the stream with response.failed, whose message says only the request id."""
     async with aclosing(items):
         try:
             yield events.start()
-            frames, done = _frames_of(first, request_id, events, choices)
+            frames, done = _frames_of(first, request_id, events, buffers)
             yield frames
             while not done:
                 item = await anext(items, None)
                 if item is None:
                     yield events.failed(internal_error(request_id, "the stream ended early").message)
                     return
-                frames, done = _frames_of(item, request_id, events, choices)
+                frames, done = _frames_of(item, request_id, events, buffers)
                 yield frames
         except Exception as err:
             yield events.failed(internal_error(request_id, f"mid-stream: {err!r}").message)
 
 
-def _frames_of(item: Item, request_id: str, events: ResponseEvents, choices: Choices) -> tuple[str, bool]:
+def _frames_of(item: Item, request_id: str, events: ResponseEvents, buffers: ChoiceBuffers) -> tuple[str, bool]:
     """SSE text for one item, and whether the stream is over."""
     if isinstance(item, ApiError):
         err = public(item, request_id)
         return (events.failed(err.message) if err.status == 500 else events.error(err)), True
-    piece = choices.piece(item)
+    piece = buffers.piece(item)
     frames = events.text_piece(piece.text, piece.logprobs.content or [] if piece.logprobs else [])
     if item.finish_reason in FAILED_FINISHES:
         return frames + events.failed(internal_error(request_id, item.error or "generation was cancelled").message), True
     if not item.finish_reason:
         return frames, False
-    choices.end(item)
-    return frames + events.finish(item, Usage.of(choices.endings.stats)), True
+    buffers.end(item)
+    return frames + events.finish(item, Usage.of(buffers.endings.stats)), True

@@ -1,10 +1,11 @@
-"""The choices of one response (n >= 1) as their deltas arrive, for the API (api.py).
+"""What the API (api.py) has of one response's choices (n >= 1) as their deltas arrive: one
+buffer per choice.
 
 A request with n choices gets one delta stream whose deltas carry their choice's `index`; each
 choice ends with its own last delta (finish reason and stats). `Endings`
 (deployments/frontend/service.py, which the request record uses too) says when all n have
 ended and sums their stats (usage per OpenAI: prompt tokens once, completion tokens summed over
-the choices). `Choices` turns each delta into what the client sees of it (its text, with the
+the choices). `ChoiceBuffers` turns each delta into what the client sees of it (its text, with the
 echoed prompt before a choice's first text, and its logprobs in the endpoint's shape) and
 collects whole choices for a non-streaming response.
 """
@@ -30,7 +31,9 @@ class Piece:
 
 
 @dataclass
-class ChoiceState:
+class ChoiceBuffer:
+    """One choice's text, logprob entries and last delta so far."""
+
     text: str = ""
     entries: list[TokenLogprob] = field(default_factory=list)
     offset: int = 0  # characters of the tokens already shown (completions' text_offset)
@@ -38,18 +41,18 @@ class ChoiceState:
     last: Delta | None = None
 
 
-class Choices:
-    """Per-choice text and logprobs of one response of `kind`, for `n` choices."""
+class ChoiceBuffers:
+    """The buffers (`per_choice`, by index) of one response of `kind`, for `n` choices."""
 
     def __init__(self, kind: Kind, n: int, logprobs: bool):
         self.kind, self.logprobs = kind, logprobs
-        self.states = [ChoiceState() for _ in range(n)]
+        self.per_choice = [ChoiceBuffer() for _ in range(n)]
         self.endings = Endings(n)
         self.prompt_tokens = 0
 
     def collect(self, delta: Delta) -> tuple[str, list[TokenLogprob]]:
         """Add a delta to its choice; return its text (echoed prompt first) and logprobs."""
-        state = self.states[delta.index]
+        state = self.per_choice[delta.index]
         text = (delta.prompt_text or "") + delta.text
         entries = (delta.prompt_logprobs or []) + (delta.logprobs or []) if self.logprobs else []
         state.text += text
@@ -61,7 +64,7 @@ class Choices:
     def usage_so_far(self, index: int) -> Usage:
         """vLLM's continuous usage of choice `index`: the prompt, and the choice's tokens so far
         (its final count once it has ended)."""
-        state = self.states[index]
+        state = self.per_choice[index]
         stats = state.last.stats if state.last else None
         prompt = stats.prompt_tokens if stats else self.prompt_tokens
         completion = stats.completion_tokens if stats else state.tokens
@@ -70,19 +73,19 @@ class Choices:
     def piece(self, delta: Delta) -> Piece:
         """The delta as the client sees it in a stream."""
         text, entries = self.collect(delta)
-        return Piece(text, self._format(entries, self.states[delta.index]) if entries else None)
+        return Piece(text, self._format(entries, self.per_choice[delta.index]) if entries else None)
 
     def end(self, delta: Delta) -> bool:
         """Record a choice's last delta; True when every choice has ended."""
-        self.states[delta.index].last = delta
+        self.per_choice[delta.index].last = delta
         return self.endings.add(delta)
 
     def outputs(self) -> list[ChoiceOutput]:
         """The whole choices (for a non-streaming response), by index."""
         outputs = []
-        for index, state in enumerate(self.states):
+        for index, state in enumerate(self.per_choice):
             last = state.last
-            logprobs = self._format(state.entries, ChoiceState()) if self.logprobs else None
+            logprobs = self._format(state.entries, ChoiceBuffer()) if self.logprobs else None
             outputs.append(ChoiceOutput(
                 index=index, text=state.text, finish_reason=last.finish_reason if last else "length",
                 stop_reason=last.stats.stop_reason if last and last.stats else None, logprobs=logprobs,
@@ -90,7 +93,7 @@ class Choices:
             ))
         return outputs
 
-    def _format(self, entries: list[TokenLogprob], state: ChoiceState) -> ChatLogprobs | CompletionLogprobs:
+    def _format(self, entries: list[TokenLogprob], state: ChoiceBuffer) -> ChatLogprobs | CompletionLogprobs:
         if self.kind == "chat":
             return chat_logprobs(entries)
         formatted = completion_logprobs(entries, state.offset)
