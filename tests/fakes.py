@@ -24,20 +24,40 @@ CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
 FAKE_WINDOW = 64
 
 
+class ScriptedStream:
+    """One call's items played back from a script (an ItemStream, deployments/frontend/service.py):
+    refusals (ApiError) as items, other exceptions raised; records whether it was cancelled."""
+
+    def __init__(self, script: list):
+        self.items, self.cancelled = iter(script), False
+
+    def __aiter__(self) -> ScriptedStream:
+        return self
+
+    async def __anext__(self):
+        item = next(self.items, None)
+        if item is None:
+            raise StopAsyncIteration
+        if isinstance(item, Exception) and not isinstance(item, ApiError):  # refusals are items
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class ScriptedBackend:
-    """Plays back a list of items for every call: refusals (ApiError) as items, other exceptions raised.
+    """Plays back a list of items for every call (`ScriptedStream`; its streams kept in `streams`).
     Its tokenizer: one token per character (its code point), a chat as its contents joined by newlines.
     It loads every runtime adapter except from a folder named `bad`."""
 
     def __init__(self, script: list):
-        self.script, self.calls = script, []
+        self.script, self.calls, self.streams = script, [], []
 
-    async def stream(self, call: GenerateCall):
+    def stream(self, call: GenerateCall) -> ScriptedStream:
         self.calls.append(call)
-        for item in self.script:
-            if isinstance(item, Exception) and not isinstance(item, ApiError):  # refusals are items
-                raise item
-            yield item
+        self.streams.append(ScriptedStream(self.script))
+        return self.streams[-1]
 
     async def tokenize(self, call: TokenizeCall) -> Tokenized:
         self.calls.append(call)

@@ -25,7 +25,7 @@ from engine.logprobs import TokenLogprob
 from engine.prompt import ChatMessage
 from engine.request import Delta
 from engine.tools import ToolCall
-from tests.fakes import STATS, ScriptedBackend, served_on_a_port
+from tests.fakes import STATS, ScriptedBackend, ScriptedStream, served_on_a_port
 from tests.test_structured_clients import Person  # the same bounded model the chat clients parse
 from tests.serve_fixtures import SERVED_MODEL as MODEL
 
@@ -399,10 +399,9 @@ class Turns:
     def __init__(self, *scripts: list):
         self.scripts, self.calls = list(scripts), []
 
-    async def stream(self, call):
+    def stream(self, call) -> ScriptedStream:
         self.calls.append(call)
-        for item in self.scripts[len(self.calls) - 1]:
-            yield item
+        return ScriptedStream(self.scripts[len(self.calls) - 1])
 
 
 async def _run_streamed(agent: Agent, question: str):

@@ -10,42 +10,12 @@ from deployments.frontend.service import Finished, RequestService
 from engine.config import SamplingOverrides
 from engine.prompt import ChatMessage
 from engine.request import Delta
-from tests.fakes import STATS
+from tests.fakes import STATS, ScriptedBackend
 
 
-class CancellableStream:
-    """A backend stream that records whether it was cancelled."""
-
-    def __init__(self, script: list):
-        self.items, self.cancelled = iter(script), False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        item = next(self.items, None)
-        if item is None:
-            raise StopAsyncIteration
-        if isinstance(item, Exception) and not isinstance(item, ApiError):  # refusals are items
-            raise item
-        return item
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class Backend:
-    def __init__(self, script: list):
-        self.script, self.streams = script, []
-
-    def stream(self, call: GenerateCall) -> CancellableStream:
-        self.streams.append(CancellableStream(self.script))
-        return self.streams[-1]
-
-
-def service_for(script: list, max_messages: int = 4) -> tuple[RequestService, Backend, list[Finished]]:
+def service_for(script: list, max_messages: int = 4) -> tuple[RequestService, ScriptedBackend, list[Finished]]:
     finished: list[Finished] = []
-    backend = Backend(script)
+    backend = ScriptedBackend(script)
     return RequestService(backend, finished.append, max_messages), backend, finished
 
 

@@ -4,8 +4,6 @@ HTTP ingress (deployments/http/ingress.py) and the chat page (deployments/ui/pag
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -22,7 +20,7 @@ class HandleBackend:
         self.calls = handle
         self.handle = handle.options(stream=True)
 
-    def stream(self, call: GenerateCall) -> AsyncIterator[Item]:
+    def stream(self, call: GenerateCall) -> ShedWhenFull:
         return ShedWhenFull(self.handle.stream.remote(call))
 
     async def tokenize(self, call: TokenizeCall) -> Tokenized | ApiError:
@@ -36,26 +34,24 @@ class HandleBackend:
 
 
 class ShedWhenFull:
-    """A handle stream that turns Serve's back-pressure (replica queues full) into a 503 item."""
+    """A handle stream (an ItemStream, deployments/frontend/service.py) that turns Serve's
+    back-pressure (replica queues full) into a 503 item, its last."""
 
     def __init__(self, response: DeploymentResponseGenerator):
-        self.response = response
+        self.response: DeploymentResponseGenerator | None = response  # None once shed
 
     def __aiter__(self) -> ShedWhenFull:
         return self
 
     async def __anext__(self) -> Item:
+        if self.response is None:
+            raise StopAsyncIteration
         try:
             return await self.response.__anext__()
         except BackPressureError:
-            self.response = _exhausted()
+            self.response = None
             return ApiError(503, "the server is at capacity; retry shortly")
 
     def cancel(self) -> None:
-        if hasattr(self.response, "cancel"):
+        if self.response is not None:
             self.response.cancel()
-
-
-async def _exhausted() -> AsyncIterator[Item]:
-    return
-    yield

@@ -47,8 +47,21 @@ class Endings:
         )
 
 
+class ItemStream(Protocol):
+    """One call's items as a backend streams them."""
+
+    def __aiter__(self) -> ItemStream: ...
+
+    async def __anext__(self) -> Item: ...
+
+    def cancel(self) -> None:
+        """Stop the generation: the consumer left before the last item."""
+
+
 class Backend(Protocol):
-    def stream(self, call: GenerateCall) -> AsyncIterator[Item]: ...
+    """Where a front end's calls run (the LLM deployment through a handle, or a fake)."""
+
+    def stream(self, call: GenerateCall) -> ItemStream: ...
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,6 @@ class RequestService:
             status = 500
             raise
         finally:
-            if status == 499 and hasattr(stream, "cancel"):
+            if status == 499:
                 stream.cancel()
             self.on_finish(Finished(call.request_id, model, endpoint, status, stats))
