@@ -63,7 +63,8 @@ class RequestStats:
 class Delta:
     """A piece of one choice's output (`index`; a request has `params.n` choices). A choice's
     last delta has finish_reason and stats set. `logprobs` (when asked) score `token_ids`, one
-    each; a choice's first delta carries its prompt's text (`echo`) and logprobs when asked."""
+    each; a choice's first delta carries its prompt's length (`prompt_tokens`, for usage in
+    every chunk), and its prompt's text (`echo`) and logprobs when asked."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -74,7 +75,7 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     prompt_text: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
-    prompt_tokens: int | None = None  # the prompt's length (set by the server on every delta)
+    prompt_tokens: int | None = None  # the prompt's length, on a choice's first delta
 
     def merge(self, later: Delta) -> Delta:
         """This delta followed by `later` (of the same choice), as one."""

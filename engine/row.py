@@ -61,6 +61,7 @@ class Row:
     choice: int = 0
     parent: Row | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    delivered: bool = False  # a delta has been made (the first carries the prompt's length)
 
     @classmethod
     def create(
@@ -163,7 +164,7 @@ class Row:
             return self.finish("stop", text + self._flush(), [token])
         if len(self.sampler.output_ids) >= self.request.params.max_tokens or self._late(now):
             return self.finish("length", text + self._flush(), [token])
-        return Delta(text=text, token_ids=[token], index=self.choice)
+        return self._delta(text=text, token_ids=[token])
 
     def _late(self, now: float) -> bool:
         """Past the request time limit: the row stops as if it had reached max_tokens."""
@@ -180,10 +181,12 @@ class Row:
     ) -> Delta:
         """Mark the row finished; the returned delta is its last."""
         self.finish_reason = reason
-        return Delta(
-            text=text, token_ids=token_ids or [], finish_reason=reason, error=error, stats=self.stats(),
-            index=self.choice,
-        )
+        return self._delta(text=text, token_ids=token_ids or [], finish_reason=reason, error=error, stats=self.stats())
+
+    def _delta(self, **fields) -> Delta:
+        """A delta of this row's choice; the first one carries the prompt's length."""
+        first, self.delivered = not self.delivered, True
+        return Delta(index=self.choice, prompt_tokens=len(self.request.prompt_ids) if first else None, **fields)
 
     def stats(self) -> RequestStats:
         now = time.monotonic()

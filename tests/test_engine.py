@@ -118,6 +118,20 @@ def biased(bias: dict[int, float], **settings) -> SamplingParams:
     return SamplingParams(**{"temperature": 0, "max_tokens": 12, "ignore_eos": True, "logit_bias": bias, **settings})
 
 
+async def test_each_choices_first_delta_carries_the_prompts_length(engine):
+    """Usage in every chunk needs the prompt's length from the first delta on: the engine puts it
+    on each choice's first delta (later ones need not repeat it)."""
+    prompt = encode(engine, PROMPTS[1])
+    params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, n=2)
+    by_choice: dict[int, list[Delta]] = {}
+    async for delta in engine.submit(GenerationRequest(prompt, params)):
+        if isinstance(delta, Delta):
+            by_choice.setdefault(delta.index, []).append(delta)
+    assert sorted(by_choice) == [0, 1]
+    for deltas in by_choice.values():
+        assert [d.prompt_tokens for d in deltas] == [len(prompt)] + [None] * (len(deltas) - 1)
+
+
 async def test_logit_bias_forces_and_bans_tokens_per_row(engine, reference):
     """+100 makes greedy take a token every step, -100 keeps the greedy token out; rows biased
     differently in one batch keep their own biases, and an unbiased row beside them is untouched."""

@@ -164,7 +164,6 @@ class LLMServer:
             return
         try:
             async for delta in deltas:
-                delta.prompt_tokens = len(request.prompt_ids)  # for usage in every chunk
                 if delta.stats is not None:
                     delta.stats.replica = self.replica
                     if delta.stats.time_to_first_token is not None:
