@@ -43,7 +43,7 @@ from engine.config import Dtype, EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.loader import LoadedModel
 from engine.prompt import ChatMessage
-from engine.request import Delta
+from engine.request import RequestEnd, RequestOutput
 
 log = logging.getLogger("bench.engine")
 
@@ -215,19 +215,19 @@ def greedy(max_tokens: int) -> SamplingParams:
 # ----- the engine -----------------------------------------------------------------------
 
 
-async def consume(stream: AsyncIterator[Delta], start: float) -> tuple[float, float, list[int], int]:
-    """Read a stream to its end: (first delta time, finish time, token ids, completion tokens)."""
-    first: float | None = None
+async def consume(stream: AsyncIterator[RequestOutput], start: float) -> tuple[float, float, list[int], int]:
+    """Read a stream to its end: (first delta time, last delta time, token ids, completion tokens)."""
+    first = last = None
     token_ids: list[int] = []
-    async for delta in stream:
-        now = time.perf_counter() - start
-        first = now if first is None else first
-        token_ids += delta.token_ids
-        if delta.finish_reason:
-            if delta.finish_reason == "error" or delta.stats is None:
-                raise RuntimeError(f"request failed: {delta.error or delta.finish_reason}")
-            return first, now, token_ids, delta.stats.completion_tokens
-    raise RuntimeError("the stream ended without a finish reason")
+    async for item in stream:
+        if isinstance(item, RequestEnd):
+            if item.failed or item.stats is None or first is None:
+                raise RuntimeError(f"request failed: {item.error or 'cancelled'}")
+            return first, last, token_ids, item.stats.completion_tokens
+        last = time.perf_counter() - start
+        first = last if first is None else first
+        token_ids += item.token_ids
+    raise RuntimeError("the stream ended without its RequestEnd")
 
 
 async def engine_request(engine: Engine, request: BenchRequest, start: float) -> Outcome:

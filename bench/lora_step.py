@@ -75,11 +75,16 @@ async def worker(adapter_root: Path, adapters: int, rows: int, tokens: int) -> N
 
 
 async def count_tokens(stream) -> int:
+    """The tokens of a stream's deltas (a newer tree ends the stream with a RequestEnd, which
+    has `error` too but no tokens)."""
+    from engine.request import Delta
+
     count = 0
-    async for delta in stream:
-        if delta.error:
-            raise RuntimeError(delta.error)
-        count += len(delta.token_ids)
+    async for item in stream:
+        if item.error:
+            raise RuntimeError(item.error)
+        if isinstance(item, Delta):
+            count += len(item.token_ids)
     return count
 
 

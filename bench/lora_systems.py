@@ -28,7 +28,7 @@ from bench.lora_phases import WARMUP_TOKENS, Clock
 from bench.lora_workload import TraceRequest
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
-from engine.request import GenerationRequest
+from engine.request import GenerationRequest, RequestEnd
 
 WARMUP_REQUESTS = 2
 
@@ -132,15 +132,17 @@ class EngineSystem:
         outcome.started = clock()
         stream = self.engine.submit(GenerationRequest(prompt, greedy(request.output_tokens), adapter=request.adapter))
         async with aclosing(stream):  # a cancelled request (cutoff) cancels its row
-            async for delta in stream:
+            async for item in stream:
                 now = clock()
-                if delta.token_ids and outcome.first_token is None:
+                if isinstance(item, RequestEnd):
+                    if item.failed:
+                        outcome.error = item.error or "cancelled"
+                    else:
+                        outcome.finished = now
+                    continue
+                if item.token_ids and outcome.first_token is None:
                     outcome.first_token = now
-                outcome.tokens += len(delta.token_ids)
-                if delta.finish_reason == "error":
-                    outcome.error = delta.error or "error"
-                elif delta.finish_reason:
-                    outcome.finished = now
+                outcome.tokens += len(item.token_ids)
 
     async def cut(self) -> None:
         """Nothing to wait for: cancelling a request's task closes its stream, which cancels its row."""

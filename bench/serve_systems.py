@@ -33,6 +33,7 @@ from deployments.local import llm_handle
 from engine.engine import Engine, EngineStats
 from engine.loader import load_model
 from engine.prompt import ChatMessage
+from engine.request import RequestEnd
 
 log = logging.getLogger("bench.serve")
 
@@ -53,13 +54,13 @@ async def measure_http(endpoint: Endpoint, system: str, args: argparse.Namespace
 async def engine_stream(engine: Engine, question: str, max_tokens: int) -> AsyncIterator[Chunk]:
     """Submit one chat request to the engine; yield a Chunk per delta with tokens, then usage."""
     request = engine.chat_request([ChatMessage("user", question)], greedy(max_tokens))
-    async for delta in engine.submit(request):
-        if delta.token_ids:
-            yield Chunk("content", len(delta.token_ids))
-        if delta.finish_reason:
-            if delta.finish_reason == "error" or delta.stats is None:
-                raise RequestFailed(delta.error or delta.finish_reason)
-            yield Chunk("usage", delta.stats.completion_tokens)
+    async for item in engine.submit(request):
+        if isinstance(item, RequestEnd):
+            if item.failed or item.stats is None:
+                raise RequestFailed(item.error or "the request was cancelled")
+            yield Chunk("usage", item.stats.completion_tokens)
+        elif item.token_ids:
+            yield Chunk("content", len(item.token_ids))
 
 
 async def measure_engine(values: dict[str, Any], args: argparse.Namespace, system: str = "engine") -> list[LevelResult]:

@@ -13,7 +13,8 @@ Who owns what: the core, its scheduler, block manager, KV cache, runner and post
 belong to the thread that calls `step()` (the async shell's worker thread, or a test). Other
 threads may only call `add` (a thread-safe deque append) and set `row.cancelled`; both are
 picked up at the start of the next step. `step()` returns `(request id, Delta)` events; a
-request's last delta has its finish reason, and by then its blocks are given back.
+row's last delta has its finish reason, and by then its blocks are given back (the async
+shell turns a request's last rows into its RequestEnd, engine/choices.py).
 
 Errors: a row whose logits are not finite, or whose detokenizing fails, finishes with an
 error alone (engine/postprocess.py). An exception in the forward pass fails the rows of that

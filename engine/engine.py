@@ -20,14 +20,17 @@ Contract:
   InvalidRequestError and subclasses, EngineDeadError, or EngineOverloadedError when too many
   wait. "Admitted" is the scheduler's word alone: a queued row is admitted when it gets its
   blocks and starts running (engine/scheduler.py).
-- `submit` returns an async iterator of Deltas; the last delta has `finish_reason` (stop,
-  length, cancelled, error) and `stats`. Deltas that pile up while the consumer is busy are
-  merged into one; `pace` spaces them further.
+- `submit` returns an async iterator of a request's Deltas, then one RequestEnd, its last item
+  (engine/request.py: each choice's finish reason, the stats with the usage, the error, and
+  `failed`; the one word on how the request ended, engine/choices.py `OpenRequest`). A
+  choice's last delta has its `finish_reason` (stop, length, cancelled, error) and `stats`.
+  Deltas that pile up while the consumer is busy are merged into one; `pace` spaces them further.
   A request with `params.n > 1` runs one row per choice (the forks share its prompt's
   blocks, engine/row.py); its stream interleaves the choices' deltas (`Delta.index`), each
-  choice ends with its own last delta, and the stream ends after the n-th (what piles up is
-  merged per choice; `pace` is not applied to it). Closing the stream (or `cancel`) cancels
-  every choice.
+  choice ends with its own last delta, and the RequestEnd follows the n-th (what piles up is
+  merged per choice; `pace` is not applied to it). A choice that fails fails its request: the
+  other choices are cancelled and the stream's next item is the RequestEnd. Closing the
+  stream (or `cancel`) cancels every choice.
 - Adapters: `submit` takes requests for adapters resident in host memory (`check`); a direct
   user makes one resident with `ensure_adapter` (from the stores, on a loader thread; concurrent
   callers share one load) or `load_adapter` (from a folder, pinned until `unload_adapter`). A
@@ -54,7 +57,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import torch
 
 from engine.config import EngineConfig, SamplingParams
-from engine.choices import check_choices, choice_stream
+from engine.choices import OpenRequest, check_choices, choice_stream
 from engine.constraints import GrammarCache
 from engine.core import EngineCore, EngineStats, Event
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError
@@ -65,7 +68,7 @@ from engine.adapter_store import StoreSet, open_stores
 from engine.adapters import AdapterManager, TierLimits
 from engine.lora import LoraLayers
 from engine.prompt import ChatMessage, Instruction, PromptBuilder, Tools
-from engine.request import CheckedRequest, Delta, GenerationRequest
+from engine.request import CheckedRequest, Delta, GenerationRequest, RequestEnd, RequestOutput
 from engine.row import Row
 
 log = logging.getLogger(__name__)
@@ -103,8 +106,7 @@ class Engine:
         )
         self.core = self._worker.submit(EngineCore, loaded, config, self.adapters).result()
         self.grammars = GrammarCache(loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
-        self._queues: dict[str, asyncio.Queue[Delta]] = {}
-        self._rows: dict[str, list[Row]] = {}  # a request's rows, one per choice
+        self._open: dict[str, OpenRequest] = {}  # submitted requests until their end, by id
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -167,8 +169,9 @@ class Engine:
         self._check_params(request.params)
         self._check_fit(request)
 
-    def submit(self, request: GenerationRequest, pace: Pace | None = None) -> AsyncIterator[Delta]:
-        """Queue a request now; iterate the result to read its deltas (closing it cancels).
+    def submit(self, request: GenerationRequest, pace: Pace | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request now; iterate the result to read its deltas and then its RequestEnd
+        (closing it earlier cancels).
 
         `pace()`: the stream's deltas go out at most once per `pace()` seconds, on a clock
         shared by all streams (asked after each delta; default: no pause). Deltas up to the first
@@ -182,13 +185,13 @@ class Engine:
         self._ensure_started()
         rows = self.new_rows(request)
         self.adapters.acquire(request.adapter)
-        self._rows[request.request_id] = rows
-        self._queues[request.request_id] = queue = asyncio.Queue()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._open[request.request_id] = OpenRequest(queue, rows, request.adapter)
         for row in rows:
             self.core.add(row)
         self._wakeup.set()
         if len(rows) > 1:
-            return choice_stream(queue, len(rows), lambda: self.cancel(request.request_id))
+            return choice_stream(queue, lambda: self.cancel(request.request_id))
         return self._stream(request.request_id, queue, pace or _no_pause)
 
     def new_row(self, request: GenerationRequest, choice: int = 0, parent: Row | None = None) -> Row:
@@ -208,12 +211,12 @@ class Engine:
 
     def submit_group(
         self, requests: Sequence[GenerationRequest], pace: Pace | None = None
-    ) -> list[AsyncIterator[Delta] | Exception]:
+    ) -> list[AsyncIterator[RequestOutput] | Exception]:
         """Queue several requests at once so they are admitted and prefilled together.
 
         A request that fails validation gets its exception in its place; the others go on.
         """
-        streams: list[AsyncIterator[Delta] | Exception] = []
+        streams: list[AsyncIterator[RequestOutput] | Exception] = []
         for request in requests:
             try:
                 streams.append(self.submit(request, pace))
@@ -223,7 +226,8 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its blocks are freed at the next step. Unknown ids are ignored."""
-        for row in self._rows.get(request_id, ()):
+        request = self._open.get(request_id)
+        for row in request.rows if request else ():
             if not row.cancelled and not row.finished:
                 row.cancelled = True
                 self._wakeup.set()
@@ -268,7 +272,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """A snapshot; read between steps, so consistent up to the step that may be running."""
-        return self.core.stats(tracked_requests=len(self._rows))
+        return self.core.stats(tracked_requests=len(self._open))
 
     async def close(self) -> None:
         """Stop the loop and cancel every request."""
@@ -294,7 +298,7 @@ class Engine:
         if not self.alive:
             raise EngineDeadError("the engine loop has stopped")
         self.adapters.check(request.adapter)
-        if request.request_id in self._rows:
+        if request.request_id in self._open:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         if self.core.num_waiting >= self.config.max_waiting:
             raise EngineOverloadedError(f"{self.core.num_waiting} requests are already waiting")
@@ -323,13 +327,19 @@ class Engine:
             )
         check_choices(request, self.config.max_batch_size, self.core.capacity_tokens)
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue[Delta], pace: Pace) -> AsyncIterator[Delta]:
+    async def _stream(self, request_id: str, queue: asyncio.Queue[RequestOutput],
+                      pace: Pace) -> AsyncIterator[RequestOutput]:
+        """A one-choice request's items, paced (see `submit`); the RequestEnd ends it."""
         loop = asyncio.get_running_loop()
         hold_until = 0.0  # the next delta waits until then for more to merge (not a last one)
         shown = False  # a delta with text went out: pacing starts there, never before the first text
         try:
             while True:
-                delta = _drain(queue, await queue.get())
+                item = await queue.get()
+                if isinstance(item, RequestEnd):
+                    yield item
+                    return
+                delta = _drain(queue, item)
                 if not delta.finish_reason and loop.time() < hold_until:
                     try:  # one timer per message, not one per delta merged into it
                         async with asyncio.timeout_at(hold_until):
@@ -339,7 +349,7 @@ class Engine:
                         pass
                 yield delta
                 if delta.finish_reason:
-                    return
+                    continue  # the RequestEnd is queued behind it
                 shown = shown or bool(delta.text)
                 hold_until = _next_tick(loop.time(), pace()) if shown else 0.0
         finally:
@@ -371,19 +381,17 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def _dispatch(self, events: list[Event]) -> None:
+        """Each delta to its request (`OpenRequest.deliver`); an ended request lets go of its
+        adapter, and a failed choice has its request's other choices cancelled."""
         for request_id, delta in events:
-            queue = self._queues.get(request_id)
-            if queue is not None:
-                queue.put_nowait(delta)
-            if delta.finish_reason:
-                rows = self._rows.get(request_id, [])
-                left = [row for row in rows if row.choice != delta.index]
-                self._rows[request_id] = left
-                if not left:  # the request's last choice has finished
-                    self._queues.pop(request_id, None)
-                    self._rows.pop(request_id, None)
-                    if rows:
-                        self.adapters.release(rows[0].request.adapter)
+            request = self._open.get(request_id)
+            if request is None:
+                continue
+            if request.deliver(delta) is not None:
+                del self._open[request_id]
+                self.adapters.release(request.adapter)
+            elif delta.failed:
+                self.cancel(request_id)
 
 
 def _no_pause() -> float:
@@ -397,8 +405,9 @@ def _next_tick(now: float, pause: float) -> float:
     return (now // pause + 1) * pause if pause > 0 else now
 
 
-def _drain(queue: asyncio.Queue[Delta], delta: Delta) -> Delta:
-    """`delta` merged with every delta already queued after it, up to a last one."""
+def _drain(queue: asyncio.Queue[RequestOutput], delta: Delta) -> Delta:
+    """`delta` merged with every delta already queued after it, up to a last one (the
+    RequestEnd comes only after that)."""
     while not delta.finish_reason and not queue.empty():
         delta = delta.merge(queue.get_nowait())
     return delta

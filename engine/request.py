@@ -1,8 +1,11 @@
-"""What goes into the engine (GenerationRequest) and what comes out (Delta, RequestStats)."""
+"""What goes into the engine (GenerationRequest) and what comes out: a request's stream is its
+choices' Deltas, then one RequestEnd (how the request ended, with its RequestStats)."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,6 +13,9 @@ from engine.config import SamplingParams
 from engine.logprobs import TokenLogprob
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+FAILED_FINISHES: frozenset[FinishReason] = frozenset({"error", "cancelled"})
+"""A choice that finished so failed, and so did its request: the one definition, read through
+`Delta.failed` and `RequestEnd.failed`."""
 
 
 def new_request_id() -> str:
@@ -51,7 +57,6 @@ class RequestStats:
     latency: float
     time_to_first_token: float | None
     tokens_per_second: float | None
-    replica: str = ""  # where the request ran, filled in by the serving layer ("" in the engine)
     stop_reason: str | None = None  # a guard that stopped the row ("repetition"), beyond finish_reason
     adapter_load_s: float = 0.0  # of latency and time_to_first_token: waiting for the adapter's load (0: warm)
     # From the first token to the first visible text (held back as part of a UTF-8 character or a
@@ -94,3 +99,51 @@ class Delta:
             prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
             prompt_tokens=self.prompt_tokens if self.prompt_tokens is not None else later.prompt_tokens,
         )
+
+    @property
+    def failed(self) -> bool:
+        """This is its choice's last delta, and the choice failed (FAILED_FINISHES)."""
+        return self.finish_reason in FAILED_FINISHES
+
+
+@dataclass(frozen=True)
+class ChoiceEnd:
+    """How one choice ended: its finish reason and, when a guard stopped it, why."""
+
+    index: int
+    finish_reason: FinishReason
+    stop_reason: str | None = None
+
+
+@dataclass
+class RequestEnd:
+    """The last item of a request's stream, after every choice's last delta: how the request
+    ended. `choices` by index. `stats`: the request's numbers, usage as OpenAI counts it (the
+    prompt once, completion tokens summed over the choices), latency the longest, the rest the
+    first choice to end's (None only when no last delta had stats: never from the engine).
+    `error`: the first failed choice's message."""
+
+    choices: list[ChoiceEnd]
+    stats: RequestStats | None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, lasts: Sequence[Delta]) -> RequestEnd:
+        """The end that follows these last deltas of a request's choices, in the order they came."""
+        known = [delta.stats for delta in lasts if delta.stats is not None]
+        stats = dataclasses.replace(
+            known[0], completion_tokens=sum(s.completion_tokens for s in known), latency=max(s.latency for s in known),
+        ) if known else None
+        choices = [ChoiceEnd(d.index, d.finish_reason, d.stats.stop_reason if d.stats else None)
+                   for d in sorted(lasts, key=lambda d: d.index)]
+        error = next((d.error for d in lasts if d.failed and d.error), None)
+        return cls(choices, stats, error)
+
+    @property
+    def failed(self) -> bool:
+        """A choice failed (FAILED_FINISHES), so the request did."""
+        return any(choice.finish_reason in FAILED_FINISHES for choice in self.choices)
+
+
+RequestOutput = Delta | RequestEnd
+"""What a request's stream yields: its choices' deltas, then its end."""

@@ -13,8 +13,9 @@ from client.servers import free_port
 
 from deployments.contract.errors import ApiError
 from deployments.contract.messages import GenerateCall, TokenizeCall, Tokenized
+from deployments.contract.replies import ReplyEnd
 from deployments.contract.runtime_adapters import RuntimeAdapter
-from engine.request import RequestStats
+from engine.request import Delta, RequestEnd, RequestStats
 
 STATS = RequestStats(prompt_tokens=5, completion_tokens=2, dropped_messages=0, latency=0.1,
                      time_to_first_token=0.05, tokens_per_second=20.0)
@@ -22,6 +23,12 @@ CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
 
 
 FAKE_WINDOW = 64
+
+
+def ended(script: list) -> list:
+    """`script` followed by the ReplyEnd a replica sends after it: the engine's RequestEnd made
+    from the script's last deltas (`RequestEnd.of`, as the engine makes it)."""
+    return [*script, ReplyEnd(RequestEnd.of([item for item in script if isinstance(item, Delta) and item.finish_reason]))]
 
 
 class ScriptedStream:

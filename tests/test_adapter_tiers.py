@@ -14,7 +14,7 @@ from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.errors import AdapterNotFoundError, AdapterTimeoutError, InvalidRequestError
 from engine.loader import load_model
-from engine.request import GenerationRequest
+from engine.request import Delta, GenerationRequest
 from tests.tiny_models import LONG_TEXT, ids, save_tiny_adapter
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
@@ -42,6 +42,8 @@ def store_config(engine_config, store) -> EngineConfig:
 async def collect(engine: Engine, request: GenerationRequest) -> list[int]:
     tokens = []
     async for delta in engine.submit(request):
+        if not isinstance(delta, Delta):  # the RequestEnd after the deltas
+            continue
         tokens += delta.token_ids
         if delta.finish_reason:
             assert delta.finish_reason in ("stop", "length"), delta.error

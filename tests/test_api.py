@@ -22,7 +22,7 @@ from engine.errors import (
 from engine.prompt import Instruction
 from engine.request import Delta
 from tests.error_bodies import error_payloads, leaks
-from tests.fakes import CHAT, STATS, ScriptedBackend
+from tests.fakes import CHAT, STATS, ScriptedBackend, ended
 
 
 def make_client(script: list) -> tuple[TestClient, ScriptedBackend, list]:
@@ -33,8 +33,8 @@ def make_client(script: list) -> tuple[TestClient, ScriptedBackend, list]:
 
 
 def test_an_error_mid_stream_becomes_an_error_event_then_done(caplog):
-    client, backend, finished = make_client([Delta("Hel"), Delta("lo", finish_reason="error", error="boom",
-                                                                  stats=STATS)])
+    client, backend, finished = make_client(ended([Delta("Hel"), Delta("lo", finish_reason="error", error="boom",
+                                                                        stats=STATS)]))
     events = list(event_data(client.post("/v1/chat/completions", json={**CHAT, "stream": True})))
     assert events[-1] == "[DONE]"
     message = json.loads(events[-2])["error"]["message"]
@@ -62,7 +62,7 @@ def test_overload_is_503_with_retry_after():
 
 
 def test_non_streaming_failure_is_500_json_with_the_request_id():
-    for script in ([Delta("x", finish_reason="error", error="NaN logits")],
+    for script in (ended([Delta("x", finish_reason="error", error="NaN logits")]),
                    [ApiError(500, "internal error: KeyError('x') in pid=12")]):
         client, backend, _ = make_client(script)
         response = client.post("/v1/chat/completions", json=CHAT)
@@ -71,7 +71,7 @@ def test_non_streaming_failure_is_500_json_with_the_request_id():
 
 
 def test_success_is_logged_with_stats_and_model_resolution():
-    client, backend, finished = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    client, backend, finished = make_client(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     reply = client.post("/v1/chat/completions", json={**CHAT, "model": "lora"}).json()
     assert reply["usage"]["total_tokens"] == 7
     assert client.post("/v1/chat/completions", json={**CHAT, "model": "base-alias"}).status_code == 200
@@ -81,7 +81,7 @@ def test_success_is_logged_with_stats_and_model_resolution():
 
 
 def test_a_call_carries_its_api_keys_hash_as_tenant_never_the_key():
-    backend = ScriptedBackend([Delta("ok", finish_reason="stop", stats=STATS)])
+    backend = ScriptedBackend(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     client = TestClient(build_api(backend, ApiSettings("base", (), (), api_keys=("sk-one", "sk-two"))))
     generate = {"prompt_config": {"instruction": "Greet", "input": ""}, "generation_config": {"max_new_tokens": 2}}
     for key, path, body in [("sk-one", "/v1/chat/completions", CHAT), ("sk-two", "/v1/completions", {"model": "base", "prompt": "x"}),
@@ -90,13 +90,13 @@ def test_a_call_carries_its_api_keys_hash_as_tenant_never_the_key():
         assert response.status_code == 200
     assert [call.tenant for call in backend.calls] == [client_id("sk-one"), client_id("sk-two"), client_id("sk-one")]
     assert not any("sk-" in repr(call) or b"sk-" in pickle.dumps(call) for call in backend.calls)
-    open_api, open_backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    open_api, open_backend, _ = make_client(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     assert open_api.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-one"}).status_code == 200
     assert open_backend.calls[0].tenant is None  # no keys: everyone is one tenant
 
 
 def test_generate_returns_stripped_output():
-    client, backend, _ = make_client([Delta(" Hello!\n", finish_reason="stop", stats=STATS)])
+    client, backend, _ = make_client(ended([Delta(" Hello!\n", finish_reason="stop", stats=STATS)]))
     body = {"prompt_config": {"instruction": "Greet", "input": ""}, "generation_config": {"max_new_tokens": 7}}
     assert client.post("/generate", json=body).json() == {"output": "Hello!"}
     assert backend.calls[0].prompt == Instruction("Greet", "")
@@ -246,12 +246,12 @@ def test_costly_fields_are_bounded(extra, param):
 
 def test_a_guard_stop_is_told_as_vllms_stop_reason():
     looped = dataclasses.replace(STATS, stop_reason="repetition")
-    client, _, _ = make_client([Delta("La vida", finish_reason="stop", stats=looped)])
+    client, _, _ = make_client(ended([Delta("La vida", finish_reason="stop", stats=looped)]))
     choice = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]
     assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "repetition")
     events = list(event_data(client.post("/v1/completions", json={"model": "base", "prompt": "x", "stream": True})))
     assert json.loads(events[-2])["choices"][0]["stop_reason"] == "repetition"
-    client, _, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    client, _, _ = make_client(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     assert client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["stop_reason"] is None
 
 
@@ -289,8 +289,8 @@ def _checked_by_schemathesis(path: str, status: int, content: bytes):
 
 
 @pytest.mark.parametrize("path, script", [
-    ("/v1/chat/completions", [Delta("a"), Delta("b", finish_reason="stop", stats=STATS)]),
-    ("/v1/completions", [Delta("a"), Delta("b", finish_reason="stop", stats=STATS)]),
+    ("/v1/chat/completions", ended([Delta("a"), Delta("b", finish_reason="stop", stats=STATS)])),
+    ("/v1/completions", ended([Delta("a"), Delta("b", finish_reason="stop", stats=STATS)])),
     ("/v1/chat/completions", [Delta("a"), ApiError(503, "busy")]),
     ("/v1/completions", [Delta("a"), RuntimeError("replica died")]),
 ])
@@ -316,8 +316,8 @@ def test_a_stream_the_route_does_not_declare_fails_the_schema_check(events):
 
 
 def test_n_choices_end_after_the_last_one_with_summed_usage():
-    script = [Delta("a", index=0), Delta("b", index=1), Delta(finish_reason="stop", stats=STATS, index=1),
-              Delta("c", finish_reason="length", stats=STATS, index=0)]
+    script = ended([Delta("a", index=0), Delta("b", index=1), Delta(finish_reason="stop", stats=STATS, index=1),
+                    Delta("c", finish_reason="length", stats=STATS, index=0)])
     client, _, finished = make_client(script)
     reply = client.post("/v1/chat/completions", json={**CHAT, "n": 2}).json()
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in reply["choices"]] == [
@@ -330,7 +330,7 @@ def test_n_choices_end_after_the_last_one_with_summed_usage():
 
 
 def test_one_failed_choice_fails_the_request():
-    client, _, finished = make_client([Delta("a", index=0), Delta(finish_reason="error", error="NaN", stats=STATS, index=1)])
+    client, _, finished = make_client(ended([Delta("a", index=0), Delta(finish_reason="error", error="NaN", stats=STATS, index=1)]))
     assert client.post("/v1/chat/completions", json={**CHAT, "n": 2}).status_code == 500
     assert finished[0].status == 500
 
@@ -355,7 +355,7 @@ HARMLESS = {"store": True, "metadata": {"team": "a"}, "user": "u1", "service_tie
 
 
 def test_fields_that_cannot_change_the_reply_are_ignored_with_one_debug_line(caplog):
-    client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    client, backend, _ = make_client(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     with caplog.at_level("DEBUG", logger="deployments.http.ignored_fields"):
         reply = client.post("/v1/chat/completions", json={**CHAT, **HARMLESS})
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "ok"
@@ -366,7 +366,7 @@ def test_fields_that_cannot_change_the_reply_are_ignored_with_one_debug_line(cap
 
 
 def test_a_text_parts_cache_breakpoint_is_ignored():
-    client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    client, backend, _ = make_client(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     part = {"type": "text", "text": "hi", "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "30m"}}
     assert client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": [part]}]}).status_code == 200
     assert backend.calls[0].messages[0].content == "hi"
@@ -408,7 +408,7 @@ def test_a_bad_logit_bias_is_a_400_naming_the_entry(path, body, bias, param):
 
 @pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "base", "prompt": "x"})])
 def test_logit_bias_reaches_the_engine_with_integer_ids(path, body):
-    client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    client, backend, _ = make_client(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     assert client.post(path, json={**body, "logit_bias": {"5": 100, "300": -100, "7": 0.5}}).status_code == 200
     assert backend.calls[0].overrides.logit_bias == {5: 100.0, 300: -100.0, 7: 0.5}
 
@@ -428,8 +428,8 @@ def _usage(prompt: int, completion: int) -> dict:
 
 @pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "base", "prompt": "x"})])
 def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(path, body):
-    client, _, _ = make_client([Delta("Hel", token_ids=[1], prompt_tokens=5),
-                                Delta("lo", token_ids=[2], finish_reason="stop", stats=STATS, prompt_tokens=5)])
+    client, _, _ = make_client(ended([Delta("Hel", token_ids=[1], prompt_tokens=5),
+                                      Delta("lo", token_ids=[2], finish_reason="stop", stats=STATS, prompt_tokens=5)]))
     usages = _usages(list(event_data(client.post(path, json={**body, **CONTINUOUS}))))
     role = [(0, _usage(5, 0))] if path == "/v1/chat/completions" else []
     assert usages == role + [(0, _usage(5, 1)), (0, _usage(5, 2)), (0, _usage(5, 2)), (None, _usage(5, 2))]
@@ -437,16 +437,16 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(path, body):
 
 def test_continuous_usage_counts_each_choice_on_its_own():
     stats = dataclasses.replace(STATS, completion_tokens=1)
-    client, _, _ = make_client([Delta("a", token_ids=[1], index=0, prompt_tokens=5),
-                                Delta("b", token_ids=[2], index=1, prompt_tokens=5),
-                                Delta("c", token_ids=[3], index=1, finish_reason="stop", stats=dataclasses.replace(stats, completion_tokens=2), prompt_tokens=5),
-                                Delta("", index=0, finish_reason="stop", stats=stats, prompt_tokens=5)])
+    client, _, _ = make_client(ended([Delta("a", token_ids=[1], index=0, prompt_tokens=5),
+                                      Delta("b", token_ids=[2], index=1, prompt_tokens=5),
+                                      Delta("c", token_ids=[3], index=1, finish_reason="stop", stats=dataclasses.replace(stats, completion_tokens=2), prompt_tokens=5),
+                                      Delta("", index=0, finish_reason="stop", stats=stats, prompt_tokens=5)]))
     usages = _usages(list(event_data(client.post("/v1/completions", json={"model": "base", "prompt": "x", "n": 2, **CONTINUOUS}))))
     assert usages == [(0, _usage(5, 1)), (1, _usage(5, 1)), (1, _usage(5, 2)), (1, _usage(5, 2)), (0, _usage(5, 1)),
                       (None, _usage(5, 3))]
 
 
 def test_continuous_usage_stats_need_include_usage_as_in_vllm():
-    client, _, _ = make_client([Delta("ok", token_ids=[1], finish_reason="stop", stats=STATS, prompt_tokens=5)])
+    client, _, _ = make_client(ended([Delta("ok", token_ids=[1], finish_reason="stop", stats=STATS, prompt_tokens=5)]))
     body = {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}}
     assert {usage for _, usage in _usages(list(event_data(client.post("/v1/chat/completions", json=body))))} == {None}

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, Qwen2C
 
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
-from engine.request import GenerationRequest
+from engine.request import Delta, GenerationRequest
 from tests.tiny_models import build_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -34,7 +34,8 @@ def save_model(config, directory):
 
 
 async def collect(engine: Engine, prompt: list[int]) -> list[int]:
-    return [t async for delta in engine.submit(GenerationRequest(prompt, GREEDY)) for t in delta.token_ids]
+    return [t async for delta in engine.submit(GenerationRequest(prompt, GREEDY)) if isinstance(delta, Delta)
+            for t in delta.token_ids]
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))

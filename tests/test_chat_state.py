@@ -11,7 +11,7 @@ from deployments.ui.chat_state import CONTINUE_PROMPT, Conversation, escape, foo
 from engine.config import SamplingOverrides
 from engine.request import Delta, RequestStats
 from tests.error_bodies import leaks
-from tests.fakes import ScriptedBackend
+from tests.fakes import ScriptedBackend, ended
 
 BASE = ServedModels("base")
 STATS = RequestStats(prompt_tokens=9, completion_tokens=12, dropped_messages=0, latency=1.0,
@@ -52,7 +52,7 @@ def test_dropped_turns_raise_a_notice_and_errors_show_in_the_footer():
 
 
 @pytest.mark.parametrize("script", [
-    [Delta("half"), Delta(finish_reason="error", error="RuntimeError at 0x7f00dead (pid=7)")],
+    ended([Delta("half"), Delta(finish_reason="error", error="RuntimeError at 0x7f00dead (pid=7)")]),
     [ApiError(500, "internal error: KeyError('ServeReplica')")],
 ])
 async def test_a_failed_reply_shows_the_request_id_not_the_error(script):
@@ -69,7 +69,7 @@ async def test_a_failed_reply_shows_the_request_id_not_the_error(script):
 async def test_the_page_keeps_the_message_limit():
     from deployments.ui.page import stream_reply
 
-    service = RequestService(ScriptedBackend([Delta("x", finish_reason="stop")]), max_messages=2)
+    service = RequestService(ScriptedBackend(ended([Delta("x", finish_reason="stop")])), max_messages=2)
     long_chat = Conversation().ask("a").extend_reply("first reply").ask("b")  # three messages
     *_, last = [c async for c in stream_reply(service, long_chat, "", "base", SamplingOverrides(), BASE)]
     assert "at most 2 messages" in last.exchanges[-1].footer
@@ -80,7 +80,7 @@ async def test_a_fast_stream_updates_the_page_at_a_bounded_rate():
     last update holds the whole reply with its footer."""
     from deployments.ui.page import stream_reply
 
-    script = [Delta(f"{i} ") for i in range(999)] + [Delta("end", finish_reason="stop", stats=STATS)]
+    script = [Delta(f"{i} ") for i in range(999)] + ended([Delta("end", finish_reason="stop", stats=STATS)])
     service = RequestService(ScriptedBackend(script))
     shown = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "base", SamplingOverrides(), BASE)]
     assert shown[0].exchanges[-1].reply == "0 " and len(shown) < 20

@@ -30,7 +30,7 @@ from deployments.contract.errors import ApiError
 from deployments.contract.messages import GenerateCall
 from deployments.http.api import ApiSettings, build_api
 from engine.request import Delta, RequestStats
-from tests.fakes import served_on_a_port
+from tests.fakes import ended, served_on_a_port
 from tests.serve_fixtures import SERVED_MODEL, llm_handle, log_lines_after
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,8 +323,8 @@ def fake(keyed_server):
 
 def test_replies_stream_piece_by_piece_with_the_key_from_the_environment(fake, terminals):
     url, backend = fake
-    backend.scripts += [[Delta("Hel"), GATE, Delta("lo!", finish_reason="stop", stats=STATS)],
-                        [Delta("Fine.", finish_reason="stop", stats=STATS)]]
+    backend.scripts += [ended([Delta("Hel"), GATE, Delta("lo!", finish_reason="stop", stats=STATS)]),
+                        ended([Delta("Fine.", finish_reason="stop", stats=STATS)])]
     terminal = terminals(url, "--model", "lora", env={"LLM_API_KEY": "sk-right", "OPENAI_API_KEY": "sk-wrong"})
     terminal.expect(cli.USER_PROMPT)
     terminal.type("hi")
@@ -364,7 +364,7 @@ def test_a_missing_or_wrong_key_is_one_line(fake, terminals):
 
 def test_ctrl_c_closes_the_stream_and_the_server_cancels(fake, terminals):
     url, backend = fake
-    backend.scripts += [[Delta("partial "), GATE], [Delta("ok", finish_reason="stop", stats=STATS)]]
+    backend.scripts += [[Delta("partial "), GATE], ended([Delta("ok", finish_reason="stop", stats=STATS)])]
     terminal = terminals(url, "--model", "base", env={"LLM_API_KEY": "sk-right"})
     terminal.expect(cli.USER_PROMPT)
     terminal.type("go on forever")
@@ -383,9 +383,9 @@ def test_server_errors_are_one_line_and_the_session_goes_on(fake, terminals):
     backend.scripts += [
         [ApiError(503, "the server is busy")],
         [ApiError(413, "the prompt is longer than the context window")],
-        [Delta("half"), Delta(finish_reason="error", error="the replica died")],
-        [Delta("fine", finish_reason="stop", stats=STATS)],
-        [Delta(" and more", finish_reason="stop", stats=STATS)],
+        ended([Delta("half"), Delta(finish_reason="error", error="the replica died")]),
+        ended([Delta("fine", finish_reason="stop", stats=STATS)]),
+        ended([Delta(" and more", finish_reason="stop", stats=STATS)]),
     ]
     terminal = terminals(url, "--model", "base", env={"LLM_API_KEY": "sk-right"})
     terminal.expect(cli.USER_PROMPT)

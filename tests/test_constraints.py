@@ -11,6 +11,7 @@ from engine.config import SamplingParams
 from engine.constraints import Grammar
 from engine.errors import InvalidRequestError
 from engine.prompt import ChatMessage
+from engine.request import Delta
 
 PERSON = {
     "type": "object", "additionalProperties": False, "required": ["name", "age", "ok", "tags"],
@@ -25,7 +26,8 @@ async def reply(engine, params: SamplingParams, text: str = "Hi") -> tuple[str, 
     request = engine.chat_request([ChatMessage("user", text)], params)
     out, finish = "", None
     async for delta in engine.submit(request):
-        out, finish = out + delta.text, delta.finish_reason
+        if isinstance(delta, Delta):  # not the RequestEnd after the deltas
+            out, finish = out + delta.text, delta.finish_reason
     return out, finish
 
 

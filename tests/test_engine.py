@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from engine.config import SamplingParams
 from engine.errors import InvalidRequestError, PromptTooLongError, UnknownAdapterError
 from engine.prompt import ChatMessage
-from engine.request import Delta, GenerationRequest
+from engine.request import Delta, GenerationRequest, RequestEnd
 
 PROMPTS = [
     "Hello there",
@@ -22,13 +22,17 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
+async def deltas_of(stream) -> list[Delta]:
+    """A stream's deltas, read to its end: the one RequestEnd, its last item, checked and left out."""
+    items = [item async for item in stream]
+    assert isinstance(items[-1], RequestEnd) and all(isinstance(item, Delta) for item in items[:-1])
+    return items[:-1]
+
+
 async def collect(stream) -> tuple[list[int], str, Delta]:
     """All token ids and text of a stream, and its final delta."""
-    tokens, text = [], ""
-    async for delta in stream:
-        tokens += delta.token_ids
-        text += delta.text
-    return tokens, text, delta
+    deltas = await deltas_of(stream)
+    return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas), deltas[-1]
 
 
 def encode(engine, text: str) -> list[int]:
@@ -96,7 +100,7 @@ async def test_stop_string_cuts_text_before_it(engine, reference):
     stop = full[8:11]
     assert stop.strip() and full.index(stop) > 0
     params = GREEDY.model_copy(update={"stop": [stop]})
-    deltas = [d async for d in engine.submit(GenerationRequest(prompt, params))]
+    deltas = await deltas_of(engine.submit(GenerationRequest(prompt, params)))
     text = "".join(d.text for d in deltas)
     assert text == full[: full.index(stop)]
     assert deltas[-1].finish_reason == "stop"
@@ -124,9 +128,8 @@ async def test_each_choices_first_delta_carries_the_prompts_length(engine):
     prompt = encode(engine, PROMPTS[1])
     params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, n=2)
     by_choice: dict[int, list[Delta]] = {}
-    async for delta in engine.submit(GenerationRequest(prompt, params)):
-        if isinstance(delta, Delta):
-            by_choice.setdefault(delta.index, []).append(delta)
+    for delta in await deltas_of(engine.submit(GenerationRequest(prompt, params))):
+        by_choice.setdefault(delta.index, []).append(delta)
     assert sorted(by_choice) == [0, 1]
     for deltas in by_choice.values():
         assert [d.prompt_tokens for d in deltas] == [len(prompt)] + [None] * (len(deltas) - 1)
@@ -152,7 +155,7 @@ async def test_logit_bias_forces_and_bans_tokens_per_row(engine, reference):
 
 async def first_logprob(engine, prompt: list[int], params: SamplingParams):
     async for delta in engine.submit(GenerationRequest(prompt, params)):
-        if delta.logprobs:
+        if isinstance(delta, Delta) and delta.logprobs:
             return delta.logprobs[0]
 
 
@@ -336,6 +339,52 @@ async def test_a_broken_request_fails_alone(engine, adapter_dirs, reference):
     assert tokens == reference(good[0].prompt_ids, GREEDY.max_tokens)
 
 
+async def test_a_request_ends_with_one_request_end_after_every_choices_last_delta(engine):
+    """The end says how each choice finished and counts usage as OpenAI does: the prompt once,
+    the completion tokens summed over the choices."""
+    prompt = encode(engine, PROMPTS[0])
+    params = SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True, n=3)
+    items = [item async for item in engine.submit(GenerationRequest(prompt, params))]
+    end, deltas = items[-1], items[:-1]
+    assert isinstance(end, RequestEnd) and not end.failed and end.error is None
+    lasts = [d for d in deltas if d.finish_reason]
+    assert sorted(d.index for d in lasts) == [0, 1, 2]
+    assert [(c.index, c.finish_reason) for c in end.choices] == [(0, "length"), (1, "length"), (2, "length")]
+    assert end.stats.prompt_tokens == len(prompt) and end.stats.completion_tokens == 3 * 5
+    assert end.stats.latency == max(d.stats.latency for d in lasts)
+
+
+async def test_a_failed_choice_fails_its_request_and_cancels_the_others(engine, monkeypatch):
+    """Choice 1's logits turn non-finite at its third token: nothing of the other choices follows
+    its last delta but the request's end, which has failed; the other rows are cancelled."""
+    import engine.postprocess as postprocess
+
+    sample = postprocess.sample_next_tokens
+
+    def choice_1_fails(logits, samplers):
+        tokens = sample(logits, samplers)
+        return [None if s.params.seed == 101 and len(s.output_ids) == 2 else t for s, t in zip(samplers, tokens)]
+
+    monkeypatch.setattr(postprocess, "sample_next_tokens", choice_1_fails)
+    params = SamplingParams(temperature=1.0, max_tokens=100, ignore_eos=True, n=3, seed=100)
+    items = [item async for item in engine.submit(GenerationRequest(encode(engine, PROMPTS[1]), params))]
+    *deltas, failed, end = items
+    assert failed.index == 1 and failed.failed and not any(d.finish_reason for d in deltas)
+    assert isinstance(end, RequestEnd) and end.failed and "non-finite" in end.error
+    assert [c.finish_reason for c in end.choices] == ["cancelled", "error", "cancelled"]
+    stats = engine.stats()
+    assert stats.running == stats.tracked_requests == stats.kv_blocks_used == 0
+
+
+def test_failed_means_an_error_or_a_cancel_for_a_choice_and_its_request():
+    """The one definition of a failed finish, as a choice's last delta and its request's end read it."""
+    for reason, failed in [("stop", False), ("length", False), ("error", True), ("cancelled", True)]:
+        last = Delta(finish_reason=reason, index=1)
+        assert last.failed is failed
+        assert RequestEnd.of([Delta(finish_reason="stop"), last]).failed is failed
+    assert not Delta("text").failed
+
+
 async def test_stats_report_timing(engine):
     _, _, final = await collect(engine.submit(GenerationRequest(encode(engine, PROMPTS[0]), GREEDY)))
     stats = final.stats
@@ -388,7 +437,7 @@ async def test_pace_merges_deltas_but_never_holds_the_first_or_last(engine, refe
     prompt = encode(engine, PROMPTS[0])  # its first greedy token has text ("O")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     start = asyncio.get_running_loop().time()
-    deltas = [d async for d in engine.submit(GenerationRequest(prompt, params), pace=lambda: 3600.0)]
+    deltas = await deltas_of(engine.submit(GenerationRequest(prompt, params), pace=lambda: 3600.0))
     assert asyncio.get_running_loop().time() - start < 60
     assert [len(d.token_ids) for d in deltas] == [1, 7]
     assert deltas[-1].finish_reason == "length"
@@ -403,7 +452,7 @@ async def test_pace_starts_at_the_first_text_and_stats_say_how_long_it_was_held(
     the text was held after the first token."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=[stop] if stop else [])
     stream = engine.submit(GenerationRequest(encode(engine, PROMPTS[prompt_index]), params), pace=lambda: 3600.0)
-    deltas = [d async for d in stream]
+    deltas = await deltas_of(stream)
     assert [d.text != "" for d in deltas] == [False, True, True]
     assert [len(d.token_ids) for d in deltas] == [1, 1, 6]
     assert deltas[-1].stats.first_text_held_s > 0
@@ -422,6 +471,8 @@ async def test_pace_spaces_the_deltas_of_a_stream(engine):
     loop = asyncio.get_running_loop()
     arrivals, sizes = [], []
     async for delta in engine.submit(GenerationRequest(prompt, params), pace=lambda: 0.05):
+        if isinstance(delta, RequestEnd):
+            continue
         arrivals.append(loop.time())
         sizes.append(len(delta.token_ids))
     periods = [int(t // 0.05) for t in arrivals[:-1]]  # the last one may come early

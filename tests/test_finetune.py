@@ -11,6 +11,7 @@ from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from finetune.train import IGNORE, FinetuneConfig, encode, finetune, load_records, parse_args, record_messages
 from engine.prompt import ChatMessage, PromptBuilder
+from engine.request import Delta
 from tests.tiny_models import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +58,7 @@ async def test_finetune_writes_an_adapter_the_engine_serves_and_resumes(tiny_mod
         await engine.load_adapter("pirate", str(tmp_path / "pirate"))
         request = engine.chat_request([ChatMessage("user", "Hello!")], SamplingParams(temperature=0, max_tokens=4),
                                       "pirate")
-        assert [d async for d in engine.submit(request)][-1].finish_reason in ("stop", "length")
+        assert [d async for d in engine.submit(request) if isinstance(d, Delta)][-1].finish_reason in ("stop", "length")
     finally:
         await engine.close()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -80,7 +81,7 @@ async def test_demo_adapter_speaks_like_a_pirate_and_the_base_does_not():
             hits = 0
             for question in HELD_OUT:  # none of these is in data/pirate.jsonl
                 request = engine.chat_request([ChatMessage("user", question)], params, adapter)
-                text = "".join([d.text async for d in engine.submit(request)]).lower()
+                text = "".join([d.text async for d in engine.submit(request) if isinstance(d, Delta)]).lower()
                 hits += any(marker in text for marker in PIRATE_MARKERS)
             return hits / len(HELD_OUT)
 

@@ -6,7 +6,7 @@ import pytest
 
 from deployments.frontend.guard import RateLimiter, bearer_token, client_id, key_matches, resolve_keys
 from engine.request import Delta
-from tests.fakes import CHAT, STATS, ScriptedBackend
+from tests.fakes import CHAT, STATS, ScriptedBackend, ended
 
 from fastapi.testclient import TestClient
 
@@ -14,7 +14,7 @@ from deployments.http.api import ApiSettings, build_api
 
 
 def make_client(**settings) -> TestClient:
-    backend = ScriptedBackend([Delta("ok", finish_reason="stop", stats=STATS)])
+    backend = ScriptedBackend(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     return TestClient(build_api(backend, ApiSettings("base", (), (), **settings)))
 
 

@@ -9,6 +9,7 @@ from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
 from engine.loader import builtin_gguf_path, cpu_supports_bf16, load_model, resolve_checkpoint, resolve_device, resolve_dtype
 from engine.prompt import ChatMessage
+from engine.request import Delta
 
 CPU = torch.device("cpu")
 
@@ -49,7 +50,7 @@ async def test_default_model_knows_the_capital_of_france():
         request = engine.chat_request(
             [ChatMessage("user", "What is the capital of France?")], SamplingParams(temperature=0, max_tokens=32)
         )
-        text = "".join([d.text async for d in engine.submit(request)])
+        text = "".join([d.text async for d in engine.submit(request) if isinstance(d, Delta)])
         assert "Paris" in text
     finally:
         await engine.close()

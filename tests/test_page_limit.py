@@ -15,7 +15,7 @@ from deployments.ui.page import ModelInfo, build_ui, page_app, stream_reply
 from deployments.ui.page_limit import PageLimit, PageLogins, page_client
 from engine.config import GenerationDefaults, SamplingOverrides
 from engine.request import Delta
-from tests.fakes import STATS, ScriptedBackend, served_on_a_port
+from tests.fakes import STATS, ScriptedBackend, ended, served_on_a_port
 
 SETTINGS = [0.0, 0.95, 0, 64, 1.0]  # temperature, top_p, top_k, max new tokens, repetition penalty
 
@@ -35,7 +35,7 @@ def test_each_address_has_its_own_bucket():
 
 
 async def test_a_refused_reply_shows_the_message_and_never_reaches_the_backend():
-    backend = ScriptedBackend([Delta("x", finish_reason="stop", stats=STATS)])
+    backend = ScriptedBackend(ended([Delta("x", finish_reason="stop", stats=STATS)]))
     refusal = PageLimit(1)
     refusal.refusal(None)
     shown = [c async for c in stream_reply(RequestService(backend), Conversation().ask("hi"), "", "base",
@@ -46,7 +46,7 @@ async def test_a_refused_reply_shows_the_message_and_never_reaches_the_backend()
 @pytest.fixture
 def limited_page():
     """The page on a scripted backend, at one reply per minute, served by Gradio (no Ray)."""
-    backend = ScriptedBackend([Delta("hello", finish_reason="stop", stats=STATS)])
+    backend = ScriptedBackend(ended([Delta("hello", finish_reason="stop", stats=STATS)]))
     info = ModelInfo(models=("base",), template="auto", defaults=GenerationDefaults())
     ui = build_ui(RequestService(backend), info, limit=PageLimit(1))
     _, url, _ = ui.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
@@ -87,7 +87,7 @@ def test_with_keys_each_key_has_its_own_bucket_whatever_the_address():
 @pytest.fixture
 def keyed_page():
     """The page behind its login (keys sk-a, sk-b) at one reply per minute per key, on uvicorn."""
-    backend = ScriptedBackend([Delta("hello", finish_reason="stop", stats=STATS)])
+    backend = ScriptedBackend(ended([Delta("hello", finish_reason="stop", stats=STATS)]))
     info = ModelInfo(models=("base",), template="auto", defaults=GenerationDefaults())
     logins = PageLogins(("sk-a", "sk-b"))
     ui = build_ui(RequestService(backend), info, limit=PageLimit(1, logins))

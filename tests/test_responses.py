@@ -25,7 +25,7 @@ from engine.logprobs import TokenLogprob
 from engine.prompt import ChatMessage
 from engine.request import Delta
 from engine.tools import ToolCall
-from tests.fakes import STATS, ScriptedBackend, ScriptedStream, served_on_a_port
+from tests.fakes import STATS, ScriptedBackend, ScriptedStream, ended, served_on_a_port
 from tests.test_structured_clients import Person  # the same bounded model the chat clients parse
 from tests.serve_fixtures import SERVED_MODEL as MODEL
 
@@ -60,7 +60,7 @@ def events_of(reply: httpx.Response) -> list[dict]:
 
 
 def test_input_items_become_the_chat_history():
-    client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    client, backend, _ = make_client(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     body = {"model": "base", "instructions": "Be brief.", "tools": [WEATHER], "input": [
         {"role": "developer", "content": "Use tools."},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in "},
@@ -101,7 +101,7 @@ def test_input_items_become_the_chat_history():
 ])
 def test_a_response_makes_the_call_the_equivalent_chat_makes(responses_fields, chat_fields):
     """One contract: the GenerateCall is the chat route's for the same conversation and settings."""
-    client, backend, _ = make_client([Delta("{}", finish_reason="stop", stats=STATS)])
+    client, backend, _ = make_client(ended([Delta("{}", finish_reason="stop", stats=STATS)]))
     assert client.post("/v1/responses", json={"model": "base", "input": "hi", **responses_fields}).status_code == 200
     assert client.post("/v1/chat/completions", json={
         "model": "base", "messages": [{"role": "user", "content": "hi"}], **chat_fields}).status_code == 200
@@ -117,7 +117,7 @@ IGNORED = {"store": True, "metadata": {"k": "v"}, "user": "u1", "service_tier": 
 
 
 def test_fields_that_cannot_change_the_reply_are_accepted_and_ignored():
-    client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    client, backend, _ = make_client(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     reply = client.post("/v1/responses", json={"model": "base", "input": "hi", **IGNORED})
     assert reply.status_code == 200 and reply.json()["metadata"] == {"k": "v"} and reply.json()["store"] is False
     assert client.post("/v1/responses", json={"model": "base", "input": "hi"}).status_code == 200
@@ -151,7 +151,7 @@ def test_fields_that_cannot_change_the_reply_are_accepted_and_ignored():
     ({"n": 2}, "n", "Extra inputs"),
 ])
 def test_what_this_server_does_not_do_is_a_400_naming_the_field(fields, param, words):
-    client, backend, _ = make_client([Delta("ok", finish_reason="stop", stats=STATS)])
+    client, backend, _ = make_client(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     reply = client.post("/v1/responses", json={"model": "base", "input": "hi", **fields})
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
@@ -168,7 +168,7 @@ def test_an_unknown_model_is_openais_404():
 
 
 def test_text_and_usage_as_a_response():
-    client, backend, finished = make_client([Delta("Hel"), Delta("lo", finish_reason="stop", stats=STATS)])
+    client, backend, finished = make_client(ended([Delta("Hel"), Delta("lo", finish_reason="stop", stats=STATS)]))
     reply = client.post("/v1/responses", json={"model": "base", "input": "hi", "instructions": "x"}).json()
     (message,) = reply["output"]
     assert (reply["object"], reply["status"], reply["incomplete_details"], reply["instructions"]) == (
@@ -181,7 +181,7 @@ def test_text_and_usage_as_a_response():
 
 
 def test_a_tool_call_becomes_a_function_call_item():
-    client, _, _ = make_client([Delta("Checking. "), Delta(CALL_TEXT, finish_reason="stop", stats=STATS)])
+    client, _, _ = make_client(ended([Delta("Checking. "), Delta(CALL_TEXT, finish_reason="stop", stats=STATS)]))
     reply = client.post("/v1/responses", json={"model": "base", "input": "hi", "tools": [WEATHER]}).json()
     message, call = reply["output"]
     assert message["content"][0]["text"] == "Checking. " and reply["status"] == "completed"
@@ -191,7 +191,7 @@ def test_a_tool_call_becomes_a_function_call_item():
 
 
 def test_a_reply_cut_by_max_output_tokens_is_incomplete():
-    client, _, _ = make_client([Delta("abc", finish_reason="length", stats=STATS)])
+    client, _, _ = make_client(ended([Delta("abc", finish_reason="length", stats=STATS)]))
     reply = client.post("/v1/responses", json={"model": "base", "input": "hi", "max_output_tokens": 2}).json()
     assert (reply["status"], reply["incomplete_details"], reply["output"][0]["status"]) == (
         "incomplete", {"reason": "max_output_tokens"}, "incomplete")
@@ -201,7 +201,7 @@ def test_a_reply_cut_by_max_output_tokens_is_incomplete():
 
 
 def test_stream_events_are_openais_in_order():
-    client, _, _ = make_client([Delta("Chec"), Delta("king. "), Delta(CALL_TEXT, finish_reason="stop", stats=STATS)])
+    client, _, _ = make_client(ended([Delta("Chec"), Delta("king. "), Delta(CALL_TEXT, finish_reason="stop", stats=STATS)]))
     events = events_of(client.post("/v1/responses", json={"model": "base", "input": "hi", "tools": [WEATHER],
                                                           "stream": True}))
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
@@ -219,7 +219,7 @@ def test_stream_events_are_openais_in_order():
 
 
 def test_an_empty_streamed_reply_still_has_its_message():
-    client, _, _ = make_client([Delta("", finish_reason="stop", stats=STATS)])
+    client, _, _ = make_client(ended([Delta("", finish_reason="stop", stats=STATS)]))
     events = events_of(client.post("/v1/responses", json={"model": "base", "input": "hi", "stream": True}))
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == ""
     non_streamed = client.post("/v1/responses", json={"model": "base", "input": "hi"}).json()
@@ -228,7 +228,7 @@ def test_an_empty_streamed_reply_still_has_its_message():
 
 def test_logprobs_come_with_the_text():
     lp = [TokenLogprob(5, "a", -0.5, [(5, "a", -0.5), (6, "b", -1.5)])]
-    client, _, _ = make_client([Delta("a", token_ids=[5], logprobs=lp, finish_reason="stop", stats=STATS)])
+    client, _, _ = make_client(ended([Delta("a", token_ids=[5], logprobs=lp, finish_reason="stop", stats=STATS)]))
     body = {"model": "base", "input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 1}
     (entry,) = client.post("/v1/responses", json=body).json()["output"][0]["content"][0]["logprobs"]
     assert (entry["token"], entry["logprob"], [t["token"] for t in entry["top_logprobs"]]) == ("a", -0.5, ["a", "b"])
@@ -238,7 +238,7 @@ def test_logprobs_come_with_the_text():
 
 
 def test_a_failure_mid_stream_ends_with_response_failed(caplog):
-    client, backend, finished = make_client([Delta("a"), Delta(finish_reason="error", error="boom", stats=STATS)])
+    client, backend, finished = make_client(ended([Delta("a"), Delta(finish_reason="error", error="boom", stats=STATS)]))
     events = events_of(client.post("/v1/responses", json={"model": "base", "input": "hi", "stream": True}))
     failed = events[-1]
     request_id = backend.calls[0].request_id
@@ -274,7 +274,7 @@ def _checked_by_schemathesis(app, content: bytes):
 
 
 def test_streams_match_the_events_the_route_declares():
-    for script in ([Delta("a"), Delta(CALL_TEXT, finish_reason="length", stats=STATS)],
+    for script in (ended([Delta("a"), Delta(CALL_TEXT, finish_reason="length", stats=STATS)]),
                    [Delta("a"), RuntimeError("replica died")], [Delta("a"), ApiError(400, "no")]):
         client, _, _ = make_client(script)
         reply = client.post("/v1/responses", json={"model": "base", "input": "hi", "tools": [WEATHER], "stream": True})
@@ -416,8 +416,8 @@ async def _run_streamed(agent: Agent, question: str):
 def test_an_agent_runs_a_tool_loop_to_its_answer(streamed):
     """Two turns as the Agents SDK drives them: a function_call, then its function_call_output sent
     back with the whole history (nothing is stored), then the answer."""
-    backend = Turns([Delta(CALL_TEXT, finish_reason="stop", stats=STATS)],
-                    [Delta("It is sunny.", finish_reason="stop", stats=STATS)])
+    backend = Turns(ended([Delta(CALL_TEXT, finish_reason="stop", stats=STATS)]),
+                    ended([Delta("It is sunny.", finish_reason="stop", stats=STATS)]))
     with served_on_a_port(build_api(backend, ApiSettings(MODEL, (), ()))) as url:
         agent = _agent(url)
         if streamed:

@@ -66,6 +66,7 @@ def test_each_request_is_logged_with_its_numbers(client, request_log):
     line = [x for x in request_log.read_text().splitlines() if f"id={reply.id} " in x][-1]
     for field in ("completion_tokens=5 ", "model=tiny", "endpoint=chat", "status=200", "prompt_tokens=", "latency=", "ttft=", "tokens_per_s="):
         assert field in line
+    assert "replica=" in line and "replica=-" not in line  # the replica's name, from the reply's ReplyEnd
 
 
 def test_streaming_chat_with_usage(client, expected_chat):
@@ -285,7 +286,7 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(served, tiny_mo
         def replica_for(adapter: str, call: GenerateCall | None = None) -> str:
             call = call or GenerateCall(params, adapter=adapter, prompt="Hi")
             items = list(handle.options(stream=True).stream.remote(call))
-            return items[-1].stats.replica
+            return items[-1].replica
 
         holder = replica_for("alpha")
         time.sleep(2.5)  # replicas report the adapters they hold to the routers every 2 s

@@ -16,7 +16,7 @@ from deployments.ui.page import stream_reply
 from engine.config import SamplingOverrides
 from engine.errors import AdapterNotFoundError, AdapterTimeoutError
 from engine.request import Delta
-from tests.fakes import STATS, ScriptedBackend
+from tests.fakes import STATS, ScriptedBackend, ended
 
 
 async def test_each_kind_of_name_resolves_and_an_unknown_one_is_the_404():
@@ -34,7 +34,7 @@ async def test_each_kind_of_name_resolves_and_an_unknown_one_is_the_404():
 
 
 async def test_the_page_resolves_names_as_the_api_does():
-    backend = ScriptedBackend([Delta("x", finish_reason="stop", stats=STATS)])
+    backend = ScriptedBackend(ended([Delta("x", finish_reason="stop", stats=STATS)]))
     service, models = RequestService(backend), ServedModels("base", adapters=("lora",))
     reply = [c async for c in stream_reply(service, Conversation().ask("hi"), "", "lora", SamplingOverrides(), models)]
     assert [call.adapter for call in backend.calls] == ["lora"] and reply[-1].exchanges[-1].reply == "x"

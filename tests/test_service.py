@@ -10,7 +10,7 @@ from deployments.frontend.service import Finished, RequestService
 from engine.config import SamplingOverrides
 from engine.prompt import ChatMessage
 from engine.request import Delta
-from tests.fakes import STATS, ScriptedBackend
+from tests.fakes import STATS, ScriptedBackend, ended
 
 
 def service_for(script: list, max_messages: int = 4) -> tuple[RequestService, ScriptedBackend, list[Finished]]:
@@ -24,8 +24,8 @@ def call(messages: int = 1) -> GenerateCall:
 
 
 @pytest.mark.parametrize("script, status", [
-    ([Delta("a"), Delta("b", finish_reason="stop", stats=STATS)], 200),
-    ([Delta("a"), Delta("", finish_reason="error", error="boom")], 500),
+    (ended([Delta("a"), Delta("b", finish_reason="stop", stats=STATS)]), 200),
+    (ended([Delta("a"), Delta("", finish_reason="error", error="boom")]), 500),
     ([ApiError(503, "busy")], 503),
     ([Delta("a")], 500),  # ended without a last delta
 ])
@@ -38,7 +38,7 @@ async def test_each_ending_is_recorded_once(script, status):
 
 
 async def test_a_consumer_that_leaves_cancels_and_is_recorded_as_499():
-    service, backend, finished = service_for([Delta("a"), Delta("b"), Delta("c", finish_reason="stop")])
+    service, backend, finished = service_for(ended([Delta("a"), Delta("b"), Delta("c", finish_reason="stop")]))
     stream = service.stream(call(), "m", "chat")
     assert (await anext(stream)).text == "a"
     await stream.aclose()
@@ -53,7 +53,7 @@ async def test_a_failing_backend_is_recorded_as_500_and_raises():
 
 
 async def test_too_many_messages_are_refused_before_anything_runs():
-    service, backend, finished = service_for([Delta("a", finish_reason="stop")], max_messages=2)
+    service, backend, finished = service_for(ended([Delta("a", finish_reason="stop")]), max_messages=2)
     with pytest.raises(ApiError) as refused:
         await anext(service.stream(call(messages=3), "m", "chat"))
     assert refused.value.status == 400 and not backend.streams and not finished

@@ -12,7 +12,7 @@ from deployments.contract.settings import AppArgs
 from deployments.http.api import ApiSettings, build_api
 from engine.prompt import ChatMessage
 from engine.request import Delta
-from tests.fakes import CHAT, FAKE_WINDOW, STATS, ScriptedBackend
+from tests.fakes import CHAT, FAKE_WINDOW, STATS, ScriptedBackend, ended
 
 
 def make_client(**settings) -> tuple[TestClient, ScriptedBackend]:
@@ -97,7 +97,7 @@ def test_a_loaded_adapter_is_a_model_until_it_is_unloaded():
     assert backend.calls == [RuntimeAdapter("new", "/adapters/new", "runtime:new:1")]
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base", "lora", "new"]
     assert client.get("/v1/models/new").json()["parent"] == "base"
-    backend.script = [Delta("ok", finish_reason="stop", stats=STATS)]
+    backend.script = ended([Delta("ok", finish_reason="stop", stats=STATS)])
     assert client.post("/v1/chat/completions", json={**CHAT, "model": "new"}).status_code == 200
     assert (backend.calls[-1].adapter, backend.calls[-1].adapter_source) == ("runtime:new:1", "/adapters/new")
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "new"}).status_code == 200

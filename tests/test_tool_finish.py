@@ -28,7 +28,7 @@ from engine.config import EngineConfig, GenerationDefaults
 from engine.constraints import GrammarCache
 from engine.engine import Engine
 from engine.request import Delta
-from tests.fakes import CHAT, STATS, ScriptedBackend
+from tests.fakes import CHAT, STATS, ScriptedBackend, ended
 from tests.serve_fixtures import SERVED_MODEL as MODEL
 from tests.tiny_models import build_tokenizer
 
@@ -137,8 +137,8 @@ def test_a_forced_call_ends_after_the_declared_properties(grammars, choice):
 # A call cut by max_tokens over HTTP, on a scripted backend: exact text, n = 2, streamed and not.
 CUT = '<tool_call>\n{"name":"lookup","arguments":{"city":"Pa'
 WHOLE = '<tool_call>\n{"name":"lookup","arguments":{"city":"Rome"}}\n</tool_call>'
-SCRIPT = [Delta(CUT[:20], index=0), Delta(WHOLE[:20], index=1), Delta(CUT[20:], index=0, finish_reason="length",
-          stats=STATS), Delta(WHOLE[20:], index=1, finish_reason="stop", stats=STATS)]
+SCRIPT = ended([Delta(CUT[:20], index=0), Delta(WHOLE[:20], index=1), Delta(CUT[20:], index=0, finish_reason="length",
+                stats=STATS), Delta(WHOLE[20:], index=1, finish_reason="stop", stats=STATS)])
 
 
 @pytest.fixture
@@ -253,7 +253,7 @@ async def test_the_default_model_finishes_a_bind_tools_call_within_64_tokens():
         params = body.to_overrides().resolve(GenerationDefaults())
         request = engine.chat_request(body.chat_messages(), params, tools=body.prompt_tools())
         (last,) = [item async for item in with_tool_calls(engine.submit(request), body.offered_tools())
-                   if item.finish_reason]
+                   if isinstance(item, Delta) and item.finish_reason]
     finally:
         await engine.close()
     assert last.finish_reason == "tool_calls" and last.text == ""

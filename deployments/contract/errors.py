@@ -53,7 +53,7 @@ STATUS_TYPES: dict[int, ErrorType] = {
 class ApiError(Exception):
     """The one error type: an HTTP status and OpenAI's error fields, and for 429/503 when to retry.
 
-    The routes raise it; the LLM replica yields it instead of a delta stream when it refuses a
+    The routes raise it; the LLM replica yields it instead of a reply's items when it refuses a
     request (a value crosses Ray as it is, where an exception would come wrapped); `from_error`
     is the one mapping from engine errors to HTTP. A 500's message is internal: clients get
     `public(request_id)` instead.

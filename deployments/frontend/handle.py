@@ -9,8 +9,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.contract.errors import ApiError
 from deployments.contract.messages import GenerateCall, TokenizeCall, Tokenized
+from deployments.contract.replies import Item
 from deployments.contract.runtime_adapters import RuntimeAdapter
-from deployments.frontend.service import Item
 
 
 class HandleBackend:

@@ -28,7 +28,7 @@ class RequestRecorder:
             "ttft=%s tokens_per_s=%s dropped_messages=%d replica=%s stop_reason=%s",
             finished.request_id, model, endpoint, status, stats.prompt_tokens, stats.completion_tokens,
             stats.latency, _fmt(stats.time_to_first_token, "{:.3f}s"), _fmt(stats.tokens_per_second, "{:.1f}"),
-            stats.dropped_messages, stats.replica or "-", stats.stop_reason or "-",
+            stats.dropped_messages, finished.replica or "-", stats.stop_reason or "-",
         )
 
 

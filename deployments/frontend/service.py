@@ -2,49 +2,24 @@
 page (deployments/ui/page.py).
 
 No HTTP and no Ray here. `RequestService.stream(call, ...)` checks the request's limits, reads
-the backend's items for it and, whatever happens (finished, refused, failed, or the consumer
-stopped reading), reports how it ended exactly once, through `on_finish` (the request log and
-the metrics): 200 finished, the refusal's status, 500 failed, 499 the client left. A request
-with n choices has finished when all n have (`Endings`); one failed choice fails it.
+the backend's items for it (deployments/contract/replies.py) and, whatever happens (finished,
+refused, failed, or the consumer stopped reading), reports how it ended exactly once, through
+`on_finish` (the request log and the metrics): 200 finished, the refusal's status, 500 failed,
+499 the client left. The request has ended at its ReplyEnd, which says whether it failed (the
+engine's RequestEnd: one failed choice fails it); nothing here counts choices.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.request import Delta, RequestStats
+from engine.request import RequestStats
 
 from deployments.contract.errors import ApiError
 from deployments.contract.messages import GenerateCall
-
-Item = Delta | ApiError  # a refusal comes as an item, in place of the deltas
-FAILED_FINISHES = ("error", "cancelled")
-
-
-class Endings:
-    """Counts the choices' last deltas; `stats` sums them once all `n` have ended."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.ended: list[RequestStats | None] = []
-
-    def add(self, delta: Delta) -> bool:
-        """Record a choice's last delta; True when it was the n-th."""
-        self.ended.append(delta.stats)
-        return len(self.ended) == self.n
-
-    @property
-    def stats(self) -> RequestStats | None:
-        known = [s for s in self.ended if s is not None]
-        if not known:
-            return None
-        return dataclasses.replace(
-            known[0], completion_tokens=sum(s.completion_tokens for s in known),
-            latency=max(s.latency for s in known),
-        )
+from deployments.contract.replies import Item, ReplyEnd
 
 
 class ItemStream(Protocol):
@@ -66,13 +41,15 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class Finished:
-    """How one request ended, for the request log and metrics (status 499: the client left)."""
+    """How one request ended, for the request log and metrics (status 499: the client left);
+    `stats` and `replica` from its ReplyEnd, when it came."""
 
     request_id: str
     model: str
     endpoint: str
     status: int
     stats: RequestStats | None = None
+    replica: str = ""
 
 
 class RequestService:
@@ -88,28 +65,25 @@ class RequestService:
             raise ApiError(400, f"at most {self.max_messages} messages per request", param="messages")
 
     async def stream(self, call: GenerateCall, model: str, endpoint: str) -> AsyncIterator[Item]:
-        """The backend's items up to the last delta or a refusal. Close it (or read it to the
-        end) to record the request; closing early cancels the generation."""
+        """The backend's items up to the ReplyEnd or a refusal. Close it (or read it to the end)
+        to record the request; closing early cancels the generation."""
         self.check(call)
-        status, stats = 499, None
-        endings = Endings(call.overrides.n)
+        status, stats, replica = 499, None, ""
         stream = self.backend.stream(call)
         try:
             async for item in stream:
                 if isinstance(item, ApiError):
                     status = item.status
-                elif item.finish_reason in FAILED_FINISHES:
-                    status, stats = 500, item.stats
-                elif item.finish_reason and endings.add(item):
-                    status, stats = 200, endings.stats
+                elif isinstance(item, ReplyEnd):
+                    status, stats, replica = 500 if item.end.failed else 200, item.end.stats, item.replica
                 yield item
                 if status != 499:
                     return
-            status = 500  # the stream ended without a last delta
+            status = 500  # the stream ended without its ReplyEnd
         except Exception:
             status = 500
             raise
         finally:
             if status == 499:
                 stream.cancel()
-            self.on_finish(Finished(call.request_id, model, endpoint, status, stats))
+            self.on_finish(Finished(call.request_id, model, endpoint, status, stats, replica))

@@ -1,4 +1,5 @@
-"""The HTTP API as a FastAPI app over a backend that streams Deltas (no Ray in here).
+"""The HTTP API as a FastAPI app over a backend that streams a call's items (no Ray in here):
+Deltas, then one ReplyEnd (deployments/contract/replies.py).
 
 Request path: validate (pydantic) -> resolve the model (deployments/frontend/served_models.py, the
 one 404 for an unknown name) -> GenerateCall -> the shared request path
@@ -21,14 +22,15 @@ from fastapi import Depends, FastAPI, Header
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from engine.prompt import Instruction
-from engine.request import Delta, new_request_id
+from engine.request import Delta, RequestEnd, new_request_id
 
 from deployments.contract.errors import ApiError, ErrorResponse, internal_error, public
 from deployments.contract.messages import GenerateCall, TokenizeCall, Tokenized
+from deployments.contract.replies import Item, ReplyEnd
 from deployments.contract.runtime_adapters import RuntimeAdapter, RuntimeAdapters
 from deployments.frontend.guard import BodySizeLimit, RateLimiter, bearer_token, client_id, key_matches
 from deployments.frontend.served_models import ServedModels, StoredNames
-from deployments.frontend.service import FAILED_FINISHES, Backend, Finished, Item, RequestService
+from deployments.frontend.service import Backend, Finished, RequestService
 from deployments.http.choice_buffers import ChoiceBuffers
 from deployments.http.http_errors import install_error_handling
 from deployments.http.ignored_fields import log_ignored
@@ -128,8 +130,8 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         envelope = ResponseEnvelope(meta.id, body.model, body.echo())
         if body.stream:
             return await service.stream_responses(call, meta, envelope)
-        buffers = await service.complete(call, meta, "responses")
-        return envelope.finished(buffers.outputs()[0], Usage.of(buffers.endings.stats))
+        buffers, end = await service.complete(call, meta, "responses")
+        return envelope.finished(buffers.outputs()[0], Usage.of(end.stats))
 
     @app.post("/v1/completions", dependencies=guarded, response_model=Completion, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, tenant: str | None = Depends(service.tenant)):
@@ -147,7 +149,7 @@ def build_api(backend: ApiBackend, settings: ApiSettings) -> FastAPI:
         meta = ResponseMeta("completion", model)
         call = GenerateCall(body.generation_config.to_overrides(), prompt=prompt, request_id=meta.id, tenant=tenant,
                             **await service.call_fields(model))
-        buffers = await service.complete(call, meta, "generate")
+        buffers, _ = await service.complete(call, meta, "generate")
         return GenerateResponse(output=buffers.per_choice[0].text.strip())
 
     @app.get("/v1/models", dependencies=guarded, response_model=ModelList, responses=ERRORS)
@@ -292,33 +294,37 @@ class ApiService:
     async def respond(self, call: GenerateCall, meta: ResponseMeta, stream: bool, usage: UsageWanted):
         if stream:
             return await self.stream_sse(call, meta, usage)
-        buffers = await self.complete(call, meta, meta.kind)
-        return meta.response(buffers.outputs(), Usage.of(buffers.endings.stats))
+        buffers, end = await self.complete(call, meta, meta.kind)
+        return meta.response(buffers.outputs(), Usage.of(end.stats))
 
     def _items(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> AsyncIterator[Item]:
         """The call's items; with tools, its tool calls taken out of the text (tool_calls.py)."""
         items = self.requests.stream(call, meta.model, endpoint)
         return with_tool_calls(items, meta.tool_calls) if meta.tool_calls else items
 
-    async def complete(self, call: GenerateCall, meta: ResponseMeta, endpoint: str) -> ChoiceBuffers:
-        """Run a call to the end (every choice); raise ApiError if it fails."""
-        buffers, final, ended = _buffers_for(call, meta), None, False
+    async def complete(self, call: GenerateCall, meta: ResponseMeta,
+                       endpoint: str) -> tuple[ChoiceBuffers, RequestEnd]:
+        """Run a call to its end: its choices, and the end that says it succeeded; raise ApiError
+        if it fails."""
+        buffers, end = _buffers_for(call, meta), None
         async with aclosing(self._items(call, meta, endpoint)) as items:
             try:
                 async for item in items:
                     if isinstance(item, ApiError):
                         raise public(item, call.request_id)
+                    if isinstance(item, ReplyEnd):
+                        end = item.end
+                        continue
                     buffers.collect(item)
                     if item.finish_reason:
-                        final = item
-                        ended = item.finish_reason not in FAILED_FINISHES and buffers.end(item)
+                        buffers.end_choice(item)
             except ApiError as err:
                 raise public(err, call.request_id) from None
             except Exception as err:  # the replica died or the handle failed
                 raise internal_error(call.request_id, repr(err)) from err
-        if not ended:
-            raise internal_error(call.request_id, final.error if final and final.error else "generation was interrupted")
-        return buffers
+        if end is None or end.failed:
+            raise internal_error(call.request_id, end.error if end and end.error else "generation was interrupted")
+        return buffers, end
 
     async def stream_sse(self, call: GenerateCall, meta: ResponseMeta, usage: UsageWanted):
         """Answer with SSE once the first item is in (so a refusal still gets its status)."""
@@ -373,27 +379,31 @@ class ApiService:
 
     def _frame(self, request_id: str, item: Item, meta: ResponseMeta, usage: UsageWanted,
                buffers: ChoiceBuffers) -> tuple[str, bool]:
-        """SSE text for one item, and whether the stream is over (every choice ended, or failed)."""
+        """SSE text for one item, and whether the stream is over (its end, or a refusal)."""
         if isinstance(item, ApiError):
             return sse(public(item, request_id).body), True
+        if isinstance(item, ReplyEnd):
+            return self._end_frame(request_id, item.end, meta, usage), True
         piece = buffers.piece(item)
         frame = ""
         if piece.text or piece.logprobs:
             frame = sse(meta.chunk(piece.text, index=item.index, logprobs=piece.logprobs,
                                    usage=self._so_far(usage, buffers, item.index)))
-        if item.finish_reason in FAILED_FINISHES:
-            error = internal_error(request_id, item.error or "generation was cancelled")
-            return frame + sse(error.body), True
-        if not item.finish_reason:
+        if not item.finish_reason or item.failed:  # a failed choice: the error event comes with the end
             return frame, False
-        done = buffers.end(item)
+        buffers.end_choice(item)
         so_far = self._so_far(usage, buffers, item.index)
         if getattr(item, "tool_calls", None):
             frame += sse(meta.tool_call_chunk(item.tool_calls, index=item.index, usage=so_far))
         frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats, index=item.index, usage=so_far))
-        if done and usage.final:
-            frame += sse(meta.usage_chunk(Usage.of(buffers.endings.stats)))
-        return frame, done
+        return frame, False
+
+    @staticmethod
+    def _end_frame(request_id: str, end: RequestEnd, meta: ResponseMeta, usage: UsageWanted) -> str:
+        """The request's end: an error event if it failed, else the usage chunk when asked for."""
+        if end.failed:
+            return sse(internal_error(request_id, end.error or "generation was cancelled").body)
+        return sse(meta.usage_chunk(Usage.of(end.stats))) if usage.final else ""
 
     @staticmethod
     def _so_far(usage: UsageWanted, buffers: ChoiceBuffers, index: int) -> Usage | None:

@@ -2,12 +2,12 @@
 buffer per choice.
 
 A request with n choices gets one delta stream whose deltas carry their choice's `index`; each
-choice ends with its own last delta (finish reason and stats). `Endings`
-(deployments/frontend/service.py, which the request record uses too) says when all n have
-ended and sums their stats (usage per OpenAI: prompt tokens once, completion tokens summed over
-the choices). `ChoiceBuffers` turns each delta into what the client sees of it (its text, with the
-echoed prompt before a choice's first text, and its logprobs in the endpoint's shape) and
-collects whole choices for a non-streaming response.
+choice ends with its own last delta (its finish reason and stats, for the choice's finish chunk),
+and the request with its ReplyEnd (deployments/contract/replies.py: the usage, whether it
+failed), which the caller reads: nothing here decides that the response is over.
+`ChoiceBuffers` turns each delta into what the client sees of it (its text, with the echoed
+prompt before a choice's first text, and its logprobs in the endpoint's shape) and collects
+whole choices for a non-streaming response.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from engine.logprobs import TokenLogprob
 from engine.request import Delta
 
-from deployments.frontend.service import Endings
 from deployments.http.logprob_format import chat_logprobs, completion_logprobs
 from deployments.http.openai_format import ChatLogprobs, ChoiceOutput, CompletionLogprobs, Kind, Usage
 
@@ -47,7 +46,6 @@ class ChoiceBuffers:
     def __init__(self, kind: Kind, n: int, logprobs: bool):
         self.kind, self.logprobs = kind, logprobs
         self.per_choice = [ChoiceBuffer() for _ in range(n)]
-        self.endings = Endings(n)
         self.prompt_tokens = 0
 
     def collect(self, delta: Delta) -> tuple[str, list[TokenLogprob]]:
@@ -75,10 +73,10 @@ class ChoiceBuffers:
         text, entries = self.collect(delta)
         return Piece(text, self._format(entries, self.per_choice[delta.index]) if entries else None)
 
-    def end(self, delta: Delta) -> bool:
-        """Record a choice's last delta; True when every choice has ended."""
-        self.per_choice[delta.index].last = delta
-        return self.endings.add(delta)
+    def end_choice(self, last: Delta) -> None:
+        """Record a choice's last delta (after its text was collected): its finish for `outputs`,
+        its final token count for `usage_so_far`."""
+        self.per_choice[last.index].last = last
 
     def outputs(self) -> list[ChoiceOutput]:
         """The whole choices (for a non-streaming response), by index."""

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, RootModel
 from engine.request import Delta
 
 from deployments.contract.errors import ApiError, internal_error, public
-from deployments.frontend.service import FAILED_FINISHES, Item
+from deployments.contract.replies import Item, ReplyEnd
 from deployments.http.choice_buffers import ChoiceBuffers
 from deployments.http.openai_format import ChatTokenLogprob, Usage
 from deployments.http.responses_format import (
@@ -208,15 +208,17 @@ async def response_events(request_id: str, first: Item, items: AsyncIterator[Ite
 
 
 def _frames_of(item: Item, request_id: str, events: ResponseEvents, buffers: ChoiceBuffers) -> tuple[str, bool]:
-    """SSE text for one item, and whether the stream is over."""
+    """SSE text for one item, and whether the stream is over (its end, or a refusal)."""
     if isinstance(item, ApiError):
         err = public(item, request_id)
         return (events.failed(err.message) if err.status == 500 else events.error(err)), True
+    if isinstance(item, ReplyEnd):
+        end = item.end
+        if end.failed:
+            return events.failed(internal_error(request_id, end.error or "generation was cancelled").message), True
+        return events.finish(buffers.per_choice[0].last, Usage.of(end.stats)), True
     piece = buffers.piece(item)
     frames = events.text_piece(piece.text, piece.logprobs.content or [] if piece.logprobs else [])
-    if item.finish_reason in FAILED_FINISHES:
-        return frames + events.failed(internal_error(request_id, item.error or "generation was cancelled").message), True
-    if not item.finish_reason:
-        return frames, False
-    buffers.end(item)
-    return frames + events.finish(item, Usage.of(buffers.endings.stats)), True
+    if item.finish_reason and not item.failed:
+        buffers.end_choice(item)
+    return frames, False

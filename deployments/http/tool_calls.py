@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.request import Delta
 
-from deployments.frontend.service import FAILED_FINISHES, Item
+from deployments.contract.replies import Item
 from deployments.http.structured import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, OfferedTools, ParsedToolCall
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ async def with_tool_calls(items: AsyncIterator[Item], offered: OfferedTools) -> 
                 continue
             splitter = splitters.setdefault(item.index, ToolCallSplitter(offered))
             text = splitter.feed(item.text)
-            if not item.finish_reason or item.finish_reason in FAILED_FINISHES:
+            if not item.finish_reason or item.failed:
                 yield replace(item, text=text)
                 continue
             cut = item.finish_reason == "length"

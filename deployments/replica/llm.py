@@ -7,9 +7,10 @@ deployments/frontend/served_models.py; a configured one, a runtime one from its 
 by name in the adapter stores; the engine's tiers keep it, engine/adapters.py); `_prepare` builds
 the engine request; `_admit` (`@serve.batch`, admission only) hands the requests that arrived
 together to the engine as one group, which it prefills together, and returns each request its own
-delta stream; `stream` then reads that stream and yields each delta back over the handle. Deltas are
-paced (see `message_pause`): Ray's per-message CPU competes with the model for cores. Everything
-worth testing lives in `engine/`.
+stream; `stream` then reads that stream and yields each delta back over the handle, and last the
+engine's RequestEnd wrapped in a ReplyEnd with this replica's name (deployments/contract/replies.py).
+Deltas are paced (see `message_pause`): Ray's per-message CPU competes with the model for cores.
+Everything worth testing lives in `engine/`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from ray import serve
 
 from engine.engine import Engine, EngineStats
 from engine.errors import EngineError
-from engine.request import Delta, GenerationRequest
+from engine.request import GenerationRequest, RequestEnd, RequestOutput
 
 from deployments.contract.errors import ApiError
 from deployments.contract.messages import GenerateCall, TokenizeCall, Tokenized
+from deployments.contract.replies import Item, ReplyEnd
 from deployments.contract.runtime_adapters import RuntimeAdapter, folder_problem
 from deployments.contract.settings import AppArgs, BatchSettings
 from deployments.replica.load_report import RecentTTFT, load_report, routing_stats
@@ -60,7 +62,8 @@ def message_pause(full_load_interval_s: float, running: int, full_load_rows: int
 
 
 class LLMServer:
-    """Holds the engine; `stream(call)` yields Deltas, or one ApiError when it refuses the call."""
+    """Holds the engine; `stream(call)` yields Deltas and a ReplyEnd, or one ApiError when it
+    refuses the call."""
 
     async def __init__(self, args: AppArgs):
         """Load the model and the preloaded adapters off the event loop."""
@@ -149,28 +152,31 @@ class LLMServer:
         except (EngineError, ValueError) as err:
             return ApiError(400, str(err), param="tokens")
 
-    async def stream(self, call: GenerateCall) -> AsyncIterator[Delta | ApiError]:
-        """Generate for one call; a client disconnect cancels its engine row."""
+    async def stream(self, call: GenerateCall) -> AsyncIterator[Item]:
+        """Generate for one call; a client disconnect cancels its engine rows."""
         self._start_gauges()
         try:
             self._check_adapter(call)
             async with self.engine.holding_adapter(call.adapter, call.adapter_source) as waited:
                 request = self._prepare(call, waited)
-                deltas = await self._admit(request)
+                outputs = await self._admit(request)
         except (EngineError, ValueError, UnlistedAdapterError) as err:
-            deltas = err
-        if isinstance(deltas, Exception):
-            yield ApiError.from_error(deltas)
+            outputs = err
+        if isinstance(outputs, Exception):
+            yield ApiError.from_error(outputs)
             return
         try:
-            async for delta in deltas:
-                if delta.stats is not None:
-                    delta.stats.replica = self.replica
-                    if delta.stats.time_to_first_token is not None:
-                        self.recent_ttft.add(delta.stats.time_to_first_token)
-                yield delta
+            async for output in outputs:
+                yield self._ended(output) if isinstance(output, RequestEnd) else output
         finally:
-            await deltas.aclose()  # cancels the row if it is still running
+            await outputs.aclose()  # cancels the rows if they are still running
+
+    def _ended(self, end: RequestEnd) -> ReplyEnd:
+        """The request's end as the front ends get it (with this replica's name); its TTFT counts
+        for autoscaling."""
+        if end.stats is not None and end.stats.time_to_first_token is not None:
+            self.recent_ttft.add(end.stats.time_to_first_token)
+        return ReplyEnd(end, self.replica)
 
     def _prepare(self, call: GenerateCall, adapter_load_s: float) -> GenerationRequest:
         """Apply defaults, build the prompt within the context budget (the adapter is resident)."""
@@ -203,9 +209,9 @@ class LLMServer:
             raise UnlistedAdapterError(f"adapter {name!r} is not in the config and came without a runtime folder")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _admit(self, requests: list[GenerationRequest]) -> list[AsyncIterator[Delta] | Exception]:
+    async def _admit(self, requests: list[GenerationRequest]) -> list[AsyncIterator[RequestOutput] | Exception]:
         """One admission group: submitted together, so the engine prefills them together. Each
-        request gets its delta stream, or the exception that refused it."""
+        request gets its stream, or the exception that refused it."""
         self.metrics.batch_size.observe(len(requests))
         return self.engine.submit_group(requests, pace=self._message_pause)
 

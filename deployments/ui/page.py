@@ -22,10 +22,11 @@ from ray.serve import Application
 
 from engine.config import GenerationDefaults, SamplingOverrides, SamplingParams
 from engine.prompt import ALPACA_CHAT_CONTEXT
-from engine.request import Delta
+from engine.request import RequestEnd
 
 from deployments.contract.errors import ApiError, internal_error, public
 from deployments.contract.messages import GenerateCall
+from deployments.contract.replies import ReplyEnd
 from deployments.frontend.guard import resolve_keys
 from deployments.frontend.handle import HandleBackend
 from deployments.frontend.request_log import RequestRecorder
@@ -83,12 +84,13 @@ async def stream_reply(
                 if isinstance(item, ApiError):
                     yield conversation.finish_reply(None, f"⚠ {public(item, call.request_id).message}")
                     return
-                if item.text:
+                ended = isinstance(item, ReplyEnd)
+                if ended:
+                    conversation = conversation.finish_reply(item.end.stats, _finish_note(call.request_id, item.end))
+                elif item.text:
                     conversation = conversation.extend_reply(item.text)
-                if item.finish_reason:
-                    conversation = conversation.finish_reply(item.stats, _finish_note(call.request_id, item))
                 pending = True
-                if item.finish_reason or time.monotonic() - shown_at >= PAGE_UPDATE_INTERVAL_S:
+                if ended or time.monotonic() - shown_at >= PAGE_UPDATE_INTERVAL_S:
                     shown_at, pending = time.monotonic(), False
                     yield conversation
         if pending:
@@ -126,11 +128,11 @@ def _field_bounds(name: str, step: float) -> tuple[float | None, float | None]:
     return low, high
 
 
-def _finish_note(request_id: str, last: Delta) -> str:
+def _finish_note(request_id: str, end: RequestEnd) -> str:
     """What the reply's footer says about how it ended, when that is worth saying."""
-    if last.finish_reason == "error":
-        return f"⚠ {internal_error(request_id, last.error or 'generation failed').message}"
-    if last.stats and last.stats.stop_reason == "repetition":
+    if end.failed:
+        return f"⚠ {internal_error(request_id, end.error or 'generation failed').message}"
+    if end.stats and end.stats.stop_reason == "repetition":
         return "stopped: the reply kept repeating itself"
     return ""
 
