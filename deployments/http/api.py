@@ -46,7 +46,7 @@ from deployments.http.protocol import (
 from deployments.http.responses import ResponsesRequest, new_response_id
 from deployments.http.responses_format import ResponseEnvelope, ResponseObject
 from deployments.http.responses_stream import ResponseEvents, ResponseStreamEvent, response_events
-from deployments.http.tool_calls import with_tool_calls
+from deployments.http.tool_calls import tool_calls_of, with_tool_calls
 
 __all__ = ["ApiBackend", "ApiSettings", "Backend", "Finished", "Item", "build_api"]
 
@@ -393,8 +393,8 @@ class ApiService:
             return frame, False
         buffers.end_choice(item)
         so_far = self._so_far(usage, buffers, item.index)
-        if getattr(item, "tool_calls", None):
-            frame += sse(meta.tool_call_chunk(item.tool_calls, index=item.index, usage=so_far))
+        if calls := tool_calls_of(item):
+            frame += sse(meta.tool_call_chunk(calls, index=item.index, usage=so_far))
         frame += sse(meta.chunk(finish_reason=item.finish_reason, stats=item.stats, index=item.index, usage=so_far))
         return frame, False
 

@@ -19,6 +19,7 @@ from engine.request import Delta
 
 from deployments.http.logprob_format import chat_logprobs, completion_logprobs
 from deployments.http.openai_format import ChatLogprobs, ChoiceOutput, CompletionLogprobs, Kind, Usage
+from deployments.http.tool_calls import tool_calls_of
 
 
 @dataclass
@@ -87,7 +88,7 @@ class ChoiceBuffers:
             outputs.append(ChoiceOutput(
                 index=index, text=state.text, finish_reason=last.finish_reason if last else "length",
                 stop_reason=last.stats.stop_reason if last and last.stats else None, logprobs=logprobs,
-                tool_calls=getattr(last, "tool_calls", None) or None,
+                tool_calls=(tool_calls_of(last) if last else None) or None,
             ))
         return outputs
 

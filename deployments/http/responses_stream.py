@@ -28,6 +28,7 @@ from deployments.contract.errors import ApiError, internal_error, public
 from deployments.contract.replies import Item, ReplyEnd
 from deployments.http.choice_buffers import ChoiceBuffers
 from deployments.http.openai_format import ChatTokenLogprob, Usage
+from deployments.http.tool_calls import tool_calls_of
 from deployments.http.responses_format import (
     FunctionCallOut, ItemStatus, OutputItem, OutputMessage, OutputText, ResponseEnvelope, ResponseError, ResponseObject,
     function_call_item, item_status, message_item, new_message_id,
@@ -149,7 +150,7 @@ class ResponseEvents:
     def finish(self, last: Delta, usage: Usage | None) -> str:
         """The closing events for the reply's last delta: the message, the tool calls, and
         response.completed (or .incomplete)."""
-        status, calls = item_status(last.finish_reason), getattr(last, "tool_calls", None) or []
+        status, calls = item_status(last.finish_reason), tool_calls_of(last)
         frames = self._close_message(status) if self.message_id or not calls else ""
         for call in calls:
             index, item = len(self.output), function_call_item(call, status)

@@ -8,7 +8,8 @@ back as content. A reply cut by max_tokens (finish_reason "length") inside a cal
 its whole calls and the last call's arguments text so far (`parse_cut_tool_calls`) are its
 calls, as OpenAI returns a cut call; a call cut before its name is known is dropped (logged).
 `with_tool_calls` applies it to a request's item stream: content deltas as they come, and the
-calls on the last delta (`ToolCallDelta`, finish_reason "tool_calls", or "length" when cut).
+calls on each choice's last delta (a `ToolCallDelta`, finish_reason "tool_calls", or "length"
+when cut); readers take them with `tool_calls_of`.
 """
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ _DECODER = json.JSONDecoder()
 
 @dataclass
 class ToolCallDelta(Delta):
-    """A reply's last delta, carrying the tool calls found in it."""
+    """A choice's last delta as `with_tool_calls` yields it: with the tool calls found in its reply."""
 
     tool_calls: list[ParsedToolCall] = field(default_factory=list)
+
+
+def tool_calls_of(last: Delta) -> list[ParsedToolCall]:
+    """The tool calls of a choice whose last delta this is (none unless `with_tool_calls` found some)."""
+    return last.tool_calls if isinstance(last, ToolCallDelta) else []
 
 
 def parse_tool_calls(text: str) -> list[ParsedToolCall] | None:
