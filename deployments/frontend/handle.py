@@ -9,7 +9,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.contract.errors import ApiError
 from deployments.contract.messages import GenerateCall, TokenizeCall, Tokenized
-from deployments.contract.replies import Item
+from deployments.contract.replies import Item, ReplyEnd
 from deployments.contract.runtime_adapters import RuntimeAdapter
 
 
@@ -35,22 +35,30 @@ class HandleBackend:
 
 class ShedWhenFull:
     """A handle stream (an ItemStream, deployments/frontend/service.py) that turns Serve's
-    back-pressure (replica queues full) into a 503 item, its last."""
+    back-pressure (replica queues full) into a 503 item, its last, and unpacks the last delta a
+    ReplyEnd carries (deployments/contract/replies.py)."""
 
     def __init__(self, response: DeploymentResponseGenerator):
         self.response: DeploymentResponseGenerator | None = response  # None once shed
+        self._unpacked: list[Item] = []  # the end, after the last delta it carried
 
     def __aiter__(self) -> ShedWhenFull:
         return self
 
     async def __anext__(self) -> Item:
+        if self._unpacked:
+            return self._unpacked.pop(0)
         if self.response is None:
             raise StopAsyncIteration
         try:
-            return await self.response.__anext__()
+            item = await self.response.__anext__()
         except BackPressureError:
             self.response = None
             return ApiError(503, "the server is at capacity; retry shortly")
+        if isinstance(item, ReplyEnd):
+            first, *self._unpacked = item.items()
+            return first
+        return item
 
     def cancel(self) -> None:
         if self.response is not None:

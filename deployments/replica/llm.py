@@ -29,7 +29,7 @@ from engine.request import GenerationRequest, RequestEnd, RequestOutput
 
 from deployments.contract.errors import ApiError
 from deployments.contract.messages import GenerateCall, TokenizeCall, Tokenized
-from deployments.contract.replies import Item, ReplyEnd
+from deployments.contract.replies import Item, ReplyEnd, carry_last_delta
 from deployments.contract.runtime_adapters import RuntimeAdapter, folder_problem
 from deployments.contract.settings import AppArgs, BatchSettings
 from deployments.replica.load_report import RecentTTFT, load_report, routing_stats
@@ -166,17 +166,17 @@ class LLMServer:
             yield ApiError.from_error(outputs)
             return
         try:
-            async for output in outputs:
-                yield self._ended(output) if isinstance(output, RequestEnd) else output
+            async for item in carry_last_delta(outputs, self.replica):
+                if isinstance(item, ReplyEnd):
+                    self._count_ttft(item.end)
+                yield item
         finally:
             await outputs.aclose()  # cancels the rows if they are still running
 
-    def _ended(self, end: RequestEnd) -> ReplyEnd:
-        """The request's end as the front ends get it (with this replica's name); its TTFT counts
-        for autoscaling."""
+    def _count_ttft(self, end: RequestEnd) -> None:
+        """The request's TTFT counts for autoscaling."""
         if end.stats is not None and end.stats.time_to_first_token is not None:
             self.recent_ttft.add(end.stats.time_to_first_token)
-        return ReplyEnd(end, self.replica)
 
     def _prepare(self, call: GenerateCall, adapter_load_s: float) -> GenerationRequest:
         """Apply defaults, build the prompt within the context budget (the adapter is resident)."""
