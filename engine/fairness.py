@@ -24,10 +24,8 @@ key cannot starve the others.
   counter at or below the floor is dropped: the lift would give the same value.
 
 Weights: generated 4, prompt 1 (the paper's experiments use 1 and 2). What fair share should
-spread here is step time, and a generated token costs about 3.5 to 6 prompt tokens of it
-(the design notes' measurements, bf16 on this 2-core CPU: a decode step computes 32 rows in
-about 62 ms and 16 in 51 ms, while prefill runs at about 0.55 ms per token), more on long
-contexts; 4 sits in that range. The weights only set the exchange rate between the two
+spread here is step time, and a generated token costs a few prompt tokens of it, more on long
+contexts (bench/README.md, Design notes, for the measurement behind 4). The weights only set the exchange rate between the two
 kinds of service: the rules and their bounds are the same for any positive pair.
 
 `FairShare` applies the rules to the scheduler's rows (engine/scheduler.py): it learns

@@ -2,9 +2,9 @@
 
 A decoder layer calls q_proj, k_proj and v_proj on the same hidden states, and gate_proj and
 up_proj on the same input of the MLP. On the CPU (bf16, oneDNN-packed weights) each call has a
-fixed cost that dominates at decode sizes: measured here at 8 rows, q/k/v as three calls take
-81 us and as one call over the concatenated weight 42 us; gate/up 109 and 80 us. The results
-are bitwise equal (each output column is the same dot product).
+fixed cost that dominates at decode sizes, so one call over the concatenated weight is faster
+(bench/README.md, Design notes). The results are bitwise equal (each output column is the same
+dot product).
 
 `FusedProjection` holds the packed concatenated weight of a group. The first member called
 with a new input computes the whole group's output once; every member returns its own

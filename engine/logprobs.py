@@ -21,10 +21,9 @@ well): the scheduler skips the lookup while a row's prompt logprobs are incomple
 blocks are still cached for the requests after it.
 
 Cost: rows that do not ask pay one attribute test per row and step (and the runner one per
-chunk). A row that asks pays a log_softmax and a top-k over its vocabulary row per token
-(about 0.14 ms per step for one row with 5 top tokens on the tiny test model, cProfile); a
-prompt chunk being scored keeps [chunk tokens, vocab] logits, bounded by `max_step_tokens`
-(512 x 49k x 4 bytes = 100 MB for SmolLM2, freed after the step).
+chunk). A row that asks pays a log_softmax and a top-k over its vocabulary row per token; a
+prompt chunk being scored keeps [chunk tokens, vocab] float32 logits, bounded by
+`max_step_tokens` x vocabulary size, freed after the step.
 Thread: the engine core's worker thread.
 """
 
