@@ -22,15 +22,19 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bench.cli import add_rounds_option, fmt, publish, round_orders, setup_logging
+from bench.process_cpu import RoleSnapshot
 from bench.relay import relay
-from bench.systems import SERVE_CONFIG, TransformersServe, config_app_args, serve_app, transformers_serve
+from bench.systems import DIAGNOSTICS_TIMEOUT_S, SERVE_CONFIG, TransformersServe, config_app_args, serve_app, transformers_serve
+from deployments.local import llm_handle
 from deployments.contract.settings import AppArgs
+from engine.core import EngineStats
 
 log = logging.getLogger("bench.guidellm")
 SYSTEMS = ("serve", "transformers-serve")
@@ -40,7 +44,7 @@ GUIDELLM_TIMEOUT_S = 3600
 
 @dataclass(frozen=True)
 class Level:
-    """One guidellm benchmark: a system at one concurrency."""
+    """One guidellm benchmark: a system at one concurrency, with where the cores went."""
 
     system: str
     concurrency: int
@@ -48,6 +52,25 @@ class Level:
     errors: int
     tokens_per_s: float
     ttft_p50_ms: float
+    cores: dict[str, float] = field(default_factory=dict)  # per role during the run (bench/process_cpu.py)
+    steps: StepFigures | None = None  # the LLM replica's steps during the run (ours only)
+
+
+@dataclass(frozen=True)
+class StepFigures:
+    """The LLM replica's engine steps over a run, from its step counters (EngineStats)."""
+
+    rows_per_step: float
+    ms_per_step: float
+    busy: float  # share of the run's wall time the engine spent in steps
+
+    @classmethod
+    def between(cls, before: EngineStats, after: EngineStats, wall: float) -> StepFigures | None:
+        steps = after.steps - before.steps
+        if steps <= 0:
+            return None
+        seconds = after.step_seconds - before.step_seconds
+        return cls((after.step_rows - before.step_rows) / steps, 1000 * seconds / steps, seconds / wall)
 
 
 def data_spec(args: argparse.Namespace) -> str:
@@ -59,8 +82,18 @@ def data_spec(args: argparse.Namespace) -> str:
     return spec
 
 
-def run_guidellm(url: str, model: str, tokenizer: str, concurrency: int, args: argparse.Namespace) -> Level:
-    """One concurrent profile of `args.requests_per_stream x concurrency` requests; its summary."""
+def run_guidellm(url: str, model: str, tokenizer: str, concurrency: int, args: argparse.Namespace,
+                 engine_stats: Callable[[], EngineStats] | None = None) -> Level:
+    """One concurrent profile of `args.requests_per_stream x concurrency` requests; its summary,
+    the cores each role used meanwhile and, given `engine_stats`, the replica's steps."""
+    stats_before, cpu_before, start = engine_stats() if engine_stats else None, RoleSnapshot.take(), time.monotonic()
+    level = _guidellm(url, model, tokenizer, concurrency, args)
+    wall = time.monotonic() - start
+    steps = StepFigures.between(stats_before, engine_stats(), wall) if stats_before is not None else None
+    return replace(level, cores=RoleSnapshot.take().cores_since(cpu_before, wall), steps=steps)
+
+
+def _guidellm(url: str, model: str, tokenizer: str, concurrency: int, args: argparse.Namespace) -> Level:
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "report.json"
         command = [
@@ -96,17 +129,23 @@ def measure(system: str, values: dict[str, Any], args: argparse.Namespace) -> li
     if system == "serve":
         model = AppArgs.model_validate(values).model_name
         with serve_app(values, ray_logs=False) as url, relay(url, rewrite=False) as relayed:
-            return levels(system, relayed, model, tokenizer, args)
+            return levels(system, relayed, model, tokenizer, args, replica_stats)
     with transformers_serve(spec) as endpoint, relay(endpoint.url, rewrite=True) as relayed:
         return levels(system, relayed, spec.model, tokenizer, args)
 
 
-def levels(system: str, url: str, model: str, tokenizer: str, args: argparse.Namespace) -> list[Level]:
+def replica_stats() -> EngineStats:
+    """The LLM replica's engine stats (inside `serve_app`)."""
+    return llm_handle().diagnostics.remote().result(timeout_s=DIAGNOSTICS_TIMEOUT_S)["stats"]
+
+
+def levels(system: str, url: str, model: str, tokenizer: str, args: argparse.Namespace,
+           engine_stats: Callable[[], EngineStats] | None = None) -> list[Level]:
     """A short untimed warm-up, then every level."""
-    run_guidellm(url, model, tokenizer, 1, argparse.Namespace(**{**vars(args), "requests_per_stream": 2}))
+    _guidellm(url, model, tokenizer, 1, argparse.Namespace(**{**vars(args), "requests_per_stream": 2}))
     results = []
     for concurrency in args.concurrency:
-        level = run_guidellm(url, model, tokenizer, concurrency, args)
+        level = run_guidellm(url, model, tokenizer, concurrency, args, engine_stats)
         log.info("%s c=%d: %.1f tok/s, TTFT p50 %.0f ms, %d errors", system, concurrency, level.tokens_per_s,
                  level.ttft_p50_ms, level.errors)
         results.append(replace(level, system=system))
@@ -129,8 +168,21 @@ def report(rounds: Sequence[dict[str, list[Level]]], args: argparse.Namespace) -
             for ours, theirs in zip(measured["serve"], measured["transformers-serve"]):
                 lines.append(f"| {ours.concurrency} | {fmt(ours.tokens_per_s / theirs.tokens_per_s)} "
                              f"| {fmt(ours.ttft_p50_ms / theirs.ttft_p50_ms)} |")
-        lines.append("")
+        lines += ["", *where_cores_went(measured)]
     return "\n".join(lines)
+
+
+def where_cores_went(measured: dict[str, list[Level]]) -> list[str]:
+    """Cores per role during each level, and our replica's steps."""
+    lines = ["| system | c | cores by role | rows/step | ms/step | engine busy |", "|---|---:|---|---:|---:|---:|"]
+    for system, results in measured.items():
+        for lv in results:
+            cores = ", ".join(f"{role} {value:.2f}" for role, value in sorted(lv.cores.items(), key=lambda kv: -kv[1]))
+            steps = lv.steps
+            figures = (f"{steps.rows_per_step:.1f} | {steps.ms_per_step:.1f} | {steps.busy:.2f}" if steps
+                       else "- | - | -")
+            lines.append(f"| {system} | {lv.concurrency} | {cores} | {figures} |")
+    return [*lines, ""]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -43,3 +43,25 @@ def test_the_relay_spells_ignore_eos_as_transformers_serve_takes_it():
     assert rewrite_body(body) == {"model": "m", "stream": True, "stream_options": {"include_usage": True},
                                   **TRANSFORMERS_IGNORE_EOS}
     assert rewrite_body({"model": "m", "stream_options": {"continuous_usage_stats": True}}) == {"model": "m"}
+
+
+def test_processes_get_their_role_from_the_command_line():
+    from bench.process_cpu import OTHER, role_of
+
+    assert role_of(["ray::ServeReplica:llm:LLMServer"]) == "llm replica"
+    assert role_of(["ray::ProxyActor"]) == "proxy"
+    assert role_of(["/usr/bin/python", "-m", "guidellm", "run"]) == "guidellm"
+    assert role_of(["/opt/ray/core/src/ray/raylet/raylet", "--node"]) == "ray daemons"
+    assert role_of(["bash"]) == OTHER
+
+
+def test_step_figures_come_from_the_counters_growth():
+    from bench.guidellm_compare import StepFigures
+    from engine.core import EngineStats
+
+    def stats(steps: int, seconds: float, rows: int) -> EngineStats:
+        return EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, steps=steps, step_seconds=seconds, step_rows=rows)
+
+    figures = StepFigures.between(stats(10, 1.0, 40), stats(30, 3.0, 200), wall=4.0)
+    assert (figures.rows_per_step, figures.ms_per_step, figures.busy) == (8.0, 100.0, 0.5)
+    assert StepFigures.between(stats(10, 1.0, 40), stats(10, 1.0, 40), wall=4.0) is None
