@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed: short questions, --max-tokens each; spread: log-normal lengths (ShareGPT-like)")
     p.add_argument("--prompt-median", type=int, help="spread workload: median prompt tokens")
     p.add_argument("--reply-median", type=int, help="spread workload: median reply tokens (ignore_eos)")
+    p.add_argument("--length-sigma", type=float, default=0.9,
+                   help="spread workload: log-normal sigma of both lengths (0: every request at the medians)")
     add_system_options(p, SYSTEMS, SERVE_CONFIG, timeout_s=1800.0)
     p.add_argument("--max-batch-size", type=int, default=32, help="engine rows (serve and engine)")
     p.add_argument("--batch-size", type=int, help="serve: @serve.batch admission group size")
@@ -131,7 +133,7 @@ def level_plan(args: argparse.Namespace, values: dict[str, Any]) -> dict[int, li
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    return {c: spread_requests(count, args.prompt_median, args.reply_median, count_tokens)
+    return {c: spread_requests(count, args.prompt_median, args.reply_median, count_tokens, sigma=args.length_sigma)
             for c, count in counts.items()}
 
 

@@ -40,19 +40,20 @@ def fixed_requests(count: int, max_tokens: int) -> list[WorkRequest]:
     return [WorkRequest(QUESTIONS[i % len(QUESTIONS)], max_tokens) for i in range(count)]
 
 
-def lognormal_length(rng: random.Random, median: int, bounds: tuple[int, int]) -> int:
-    """A length from a log-normal with this median and SIGMA, clipped to bounds."""
-    return min(max(round(rng.lognormvariate(math.log(median), SIGMA)), bounds[0]), bounds[1])
+def lognormal_length(rng: random.Random, median: int, bounds: tuple[int, int], sigma: float = SIGMA) -> int:
+    """A length from a log-normal with this median and sigma (0: the median), clipped to bounds."""
+    return min(max(round(rng.lognormvariate(math.log(median), sigma)), bounds[0]), bounds[1])
 
 
 def spread_requests(count: int, prompt_median: int, reply_median: int,
-                    count_tokens: Callable[[str], int], seed: int = SEED) -> list[WorkRequest]:
-    """The spread workload: `count` requests with log-normal prompt and reply lengths (seeded)."""
+                    count_tokens: Callable[[str], int], seed: int = SEED, sigma: float = SIGMA) -> list[WorkRequest]:
+    """The spread workload: `count` requests with log-normal prompt and reply lengths (seeded);
+    `sigma` 0 gives every request the medians (guidellm's fixed synthetic shape)."""
     rng = random.Random(seed)
     requests = []
     for i in range(count):
-        prompt = lognormal_length(rng, prompt_median, PROMPT_RANGE)
-        reply = lognormal_length(rng, reply_median, REPLY_RANGE)
+        prompt = lognormal_length(rng, prompt_median, PROMPT_RANGE, sigma)
+        reply = lognormal_length(rng, reply_median, REPLY_RANGE, sigma)
         requests.append(WorkRequest(user_message(i, 0, prompt, count_tokens), reply, prompt))
     return requests
 

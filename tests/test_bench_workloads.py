@@ -65,3 +65,8 @@ def test_step_figures_come_from_the_counters_growth():
     figures = StepFigures.between(stats(10, 1.0, 40), stats(30, 3.0, 200), wall=4.0)
     assert (figures.rows_per_step, figures.ms_per_step, figures.busy) == (8.0, 100.0, 0.5)
     assert StepFigures.between(stats(10, 1.0, 40), stats(10, 1.0, 40), wall=4.0) is None
+
+
+def test_the_spread_workload_with_sigma_zero_gives_every_request_the_medians():
+    requests = spread_requests(20, 96, 40, count_words, sigma=0.0)
+    assert {r.prompt_tokens for r in requests} == {96} and {r.max_tokens for r in requests} == {40}
