@@ -25,7 +25,7 @@ from tests.tiny_models import ids, save_tiny_adapter
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # (atol, rtol) of the kernel against a float64 reference: float32 sums, and the output's rounding
-TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-6, 2**-8), torch.float16: (1e-6, 2**-10)}
+TOLERANCE = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (1e-6, 2**-8), torch.float16: (1e-6, 2**-10)}
 
 
 @pytest.fixture(scope="module")
