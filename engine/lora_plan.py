@@ -27,6 +27,15 @@ So the number of ops per layer depends on the number of rank classes present, no
 number of adapters. `length` is the mean number of tokens per adapter rounded up to a power
 of two: decode steps have pieces of single tokens, prefill chunks pieces of whole chunks.
 
+With the CPU kernel (`build(..., kernel=True)`; engine/lora_kernel.py) there are no classes
+or pieces: a span of one adapter is a segment when its tokens x rank reach `KERNEL_WORK`
+(there a matmul beats the kernel, whose cost grows with tokens x rank); every other token
+using an adapter is a **kernel token**. `KernelTokens` holds, for the range from the first
+kernel token to the last, each token's first pool row and rank as int32 tensors (rank 0 for
+the base-model and segment tokens in between), built once per step; every layer passes them
+to one kernel call, which computes each token at its adapter's own rank and blocks an
+adapter's consecutive tokens (the order above keeps them together).
+
 Thread: built and read on the engine's worker thread, one plan per forward.
 """
 
@@ -40,8 +49,9 @@ import torch
 
 LONG_RUN = 32  # tokens of one adapter in a step from which it is computed as its own segment
 # With the CPU kernel: a span of one adapter is a segment (matmuls) from this many tokens x
-# rank, else kernel tokens (the kernel's cost grows with tokens x rank, a matmul's far less).
-KERNEL_WORK = 6144
+# rank, else kernel tokens (the kernel's cost grows with tokens x rank, a matmul's far less;
+# bench/README.md has where they cross).
+KERNEL_WORK = 5632
 MIN_CLASS = 8  # the smallest rank class: rows computed per gathered token at least
 
 

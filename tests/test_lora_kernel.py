@@ -116,6 +116,51 @@ def test_shrink_then_expand_is_add_lora_and_zero_past_each_rank(kernel):
     assert torch.equal(out, fused)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_value_survives_a_zero_lora(kernel, dtype):
+    """All 65,536 bit patterns as the output, plus a LoRA of zeros (row 0): each value is
+    widened and rounded back unchanged (-0 becomes +0 as with `add_`, NaNs stay NaN)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    out = bits.view(dtype).reshape(2048, 32).clone()
+    x = torch.randn(2048, 64).to(dtype)
+    a_rows, b_rows = torch.zeros(2, 1, 64, dtype=dtype), [torch.zeros(2, 32, dtype=dtype)]
+    kernel.add_lora_(out, x, a_rows, b_rows, [0], torch.zeros(2048, dtype=torch.int32),
+                     torch.ones(2048, dtype=torch.int32), 0)
+    before, after = bits.view(dtype).reshape(2048, 32), out
+    nan = before.isnan()
+    assert torch.equal(after.isnan(), nan)
+    same = ~nan & (before != 0)
+    assert torch.equal(after.view(torch.int16)[same], before.view(torch.int16)[same])
+    assert not after[before == 0].view(torch.int16).any()  # +0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_outputs_round_to_nearest_even_as_torch_does(kernel, dtype):
+    """Products that float32 holds exactly (x * a * b; for float16 b a power of two), so the
+    only rounding is the output's: equal, bit for bit, to torch's own conversion, through
+    subnormals, ties and overflow to infinity."""
+    generator = torch.Generator().manual_seed(7)
+    tokens, columns = 64, 96  # three vector chunks of 32 per row, no tail
+    x, a_rows = torch.zeros(tokens, 64, dtype=dtype), torch.zeros(2, 1, 64, dtype=dtype)
+    x[:, 0] = (torch.randn(tokens, generator=generator) * 2.0 ** torch.randint(-12, 12, (tokens,), generator=generator)).to(dtype)
+    a_rows[1, 0, 0] = 1.5
+    if dtype == torch.bfloat16:
+        b = torch.randn(columns, generator=generator) * 2.0 ** torch.randint(-120, 120, (columns,), generator=generator)
+    else:
+        b = torch.sign(torch.randn(columns, generator=generator)) * 2.0 ** torch.randint(-30, 12, (columns,), generator=generator)
+    b_rows = [torch.zeros(2, columns, dtype=dtype)]
+    b_rows[0][1] = b.to(dtype)
+    out = torch.zeros(tokens, columns, dtype=dtype)
+    kernel.add_lora_(out, x, a_rows, b_rows, [0], torch.ones(tokens, dtype=torch.int32),
+                     torch.ones(tokens, dtype=torch.int32), 0)
+    h = x[:, :1].float() * a_rows[1, 0, 0].float()
+    expected = (h * b_rows[0][1].float()).to(dtype)
+    assert expected.isinf().any() and (expected.abs() < torch.finfo(dtype).tiny).any()  # the cases are there
+    nonzero = expected != 0  # zeros may differ in sign: a sum of products starts at +0
+    assert torch.equal(out.view(torch.int16)[nonzero], expected.view(torch.int16)[nonzero])
+    assert (out[~nonzero] == 0).all()
+
+
 def test_calls_with_no_lora_tokens_change_nothing(kernel):
     a_rows, b_rows, first, rank, x, wide = random_pool(torch.float32)
     out = wide[:, :169].clone()
@@ -149,7 +194,7 @@ def test_bad_calls_are_refused_with_a_reason(kernel, change, message):
 def test_the_kernel_plan_lists_each_tokens_rows_and_keeps_heavy_spans_as_segments():
     cpu = torch.device("cpu")
     a, b, c = Placement(1, 8, 8), Placement(9, 12, 16), Placement(21, 64, 64)
-    long = KERNEL_WORK // 64  # tokens of c from which c's span is a segment
+    long = -(-KERNEL_WORK // 64)  # tokens of c from which c's span is a segment
     plan = LoraStep.build([(2, 3, a), (3, 5, b), (5, 5 + long, c), (5 + long, 6 + long, a)], cpu, kernel=True)
     assert [(s.start, s.stop, s.first_row, s.rank) for s in plan.segments] == [(5, 5 + long, 21, 64)]
     assert not plan.gathers and plan.kernel.start == 2

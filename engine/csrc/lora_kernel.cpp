@@ -115,16 +115,41 @@ struct Elem<c10::BFloat16> {  // raw bits; float -> bf16 rounds to nearest even,
 };
 
 template <>
-struct Elem<c10::Half> {  // c10's scalar conversions, same even/odd order: correct, not fast
-  using raw = c10::Half;
+struct Elem<c10::Half> {  // raw bits, even/odd words as for bf16; c10's conversions, lane-wise
+  using raw = uint16_t;
   static constexpr int C = 2 * LANES, P = 2;
-  static LORA_INLINE float get(raw v) { return float(v); }
-  static LORA_INLINE raw put(float v) { return raw(v); }
+  static LORA_INLINE float get(raw v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
+  static LORA_INLINE raw put(float v) { return c10::detail::fp16_ieee_from_fp32_value(v); }
+  // c10::detail::fp16_ieee_to_fp32_value on each lane's low 16 bits (branches as selects).
+  static LORA_INLINE vfloat widen(vu32 h) {
+    const vu32 w = h << 16, sign = w & 0x80000000u, two_w = w + w;
+    const vfloat normalized = bits_as<vfloat>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const vfloat denormalized = bits_as<vfloat>((two_w >> 17) | (126u << 23)) - 0.5f;
+    const vu32 small = (vu32)(two_w < (1u << 27));
+    return bits_as<vfloat>(sign | (bits_as<vu32>(denormalized) & small) | (bits_as<vu32>(normalized) & ~small));
+  }
+  // c10::detail::fp16_ieee_from_fp32_value on each lane, into its low 16 bits.
+  static LORA_INLINE vu32 narrow(vfloat f) {
+    const vu32 w = bits_as<vu32>(f), shl1_w = w + w, sign = w & 0x80000000u;
+    vfloat base = (bits_as<vfloat>(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+    vu32 bias = shl1_w & 0xFF000000u;
+    const vu32 low = (vu32)(bias < 0x71000000u);
+    bias = (bias & ~low) | (low & 0x71000000u);
+    base = bits_as<vfloat>((bias >> 1) + 0x07800000u) + base;
+    const vu32 bits = bits_as<vu32>(base);
+    const vu32 nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    const vu32 nan = (vu32)(shl1_w > 0xFF000000u);
+    return (sign >> 16) | (nan & 0x7E00u) | (nonsign & ~nan);
+  }
   static LORA_INLINE void load(const raw* p, vfloat* v) {
-    for (int l = 0; l < LANES; ++l) v[0][l] = float(p[2 * l]), v[1][l] = float(p[2 * l + 1]);
+    vu32 words;
+    std::memcpy(&words, p, sizeof words);
+    v[0] = widen(words & 0xFFFFu);
+    v[1] = widen(words >> 16);
   }
   static LORA_INLINE void store(raw* p, const vfloat* v) {
-    for (int l = 0; l < LANES; ++l) p[2 * l] = raw(v[0][l]), p[2 * l + 1] = raw(v[1][l]);
+    vu32 words = narrow(v[0]) | (narrow(v[1]) << 16);
+    std::memcpy(p, &words, sizeof words);
   }
 };
 
