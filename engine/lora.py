@@ -1,6 +1,6 @@
 """LoRA adapters on one base model: a row pool per Linear layer, computed per step's plan.
 
-Data structures (the Punica BGMV / S-LoRA idea in plain torch, on any device):
+Data structures (the Punica BGMV / S-LoRA idea, on any device):
 
 - `LoraLayers` puts a `LoraLinear` in the place of every `nn.Linear` of the model but the
   LM head. Each has a **row pool**: `a_rows [P + 1, in]` and `b_rows [P + 1, out]` on the
@@ -16,10 +16,19 @@ Data structures (the Punica BGMV / S-LoRA idea in plain torch, on any device):
   rows and zeros the rest; a layer the adapter does not target gets zeros. At most
   `max_adapters` are placed at once.
 - Per step the runner sets `context.step`, one `LoraStep` plan (engine/lora_plan.py) that every
-  layer follows: segments (long runs of one adapter: matmuls on views of its rows) and
-  gathered rank classes (one batched shrink and one `embedding_bag` expand per class, however
-  many adapters it mixes). An empty plan (a base-model step) costs nothing beyond the base
-  matmul.
+  layer follows. Which path computes it is fixed when the layers are made (`kernel`,
+  EngineConfig.lora_kernel; `LoraLayers.kernel` is the loaded kernel or None):
+  - **the CPU kernel** ("auto" on a CPU model, when engine/lora_kernel.py builds): the plan's
+    `kernel` tables give every decode-like token its first pool row and rank, and one
+    `add_lora_` call per layer adds all of them, each token reading its own adapter's rows
+    where they lie (its own rank: no classes, no padding). With `prepack`, q/k/v and gate/up
+    take that call once per group (`KernelFusedProjection`, beside their fused matmul), so a
+    decoder layer makes 4 calls. Spans of one adapter heavy enough for a matmul to win
+    (lora_plan.KERNEL_WORK tokens x rank, long prefill chunks) stay segments (below).
+  - **torch ops** (CUDA, "torch", or no kernel): segments (long runs of one adapter: matmuls
+    on views of its rows) and gathered rank classes (one batched shrink and one
+    `embedding_bag` expand per class, however many adapters it mixes).
+  An empty plan (a base-model step) costs nothing beyond the base matmul.
 
 The base matmul is the layer's own (`PackedLinear`): with `prepack`, a oneDNN-packed copy of
 the weight, and siblings that read one input (q/k/v, gate/up) share one packed matmul
@@ -30,8 +39,10 @@ reads adapters with `read_adapter`, engine/lora_weights.py, and keeps the `place
 runner reads).
 
 One step end to end: the runner orders chunks by `order_key`, builds the plan from each
-chunk's token range and its adapter's Placement, sets `context.step`, runs the model (each
-LoraLinear: base output, then the plan's LoRA added in place), and clears `context.step`.
+chunk's token range and its adapter's Placement (for the path the layers have), sets
+`context.step`, runs the model (each LoraLinear: base output, then the plan's LoRA added in
+place: kernel tokens in one call, its group's when fused, then segments, then gathers), and
+clears `context.step`.
 
 Threads: `place` and `remove` run on the engine's worker
 thread between steps, as does every forward; `read_adapter` may run on any thread.
