@@ -62,7 +62,7 @@ from engine.lora_weights import HostAdapter
 __all__ = ["LoraLayers", "LoraLinear", "Placement", "RowAllocator", "fuse_siblings"]
 
 EMBEDDING_BAG_SUM = 0  # torch.embedding_bag's mode
-KERNEL_COLUMNS = [0]  # a lone member's LoRA goes to column 0 of its own output
+KERNEL_COLUMNS = (0,)  # a lone member's LoRA goes to column 0 of its own output
 # Segments of at most this many tokens are computed in float32: on this CPU a bf16 matmul
 # (oneDNN) costs about 40-60 us however small, a float32 one (MKL) about 5; the conversions
 # of such a segment's tokens and rows are small. Measured: 32 decode rows of one adapter,

@@ -32,6 +32,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +57,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class LoraKernel:
     """The loaded ops (module docstring)."""
 
-    shrink: object
-    expand_: object
-    add_lora_: object
+    shrink: Callable[..., torch.Tensor]
+    expand_: Callable[..., None]
+    add_lora_: Callable[..., None]
 
 
 @functools.cache
@@ -95,8 +96,9 @@ def _reason(error: Exception) -> str:
 
 def kernel_for(setting: str, device: torch.device, dtype: torch.dtype) -> LoraKernel | None:
     """The kernel when `setting` ("auto" | "torch", EngineConfig.lora_kernel) allows it for a
-    model on `device` in `dtype`; None means the torch path (logged once, with why, when
-    "auto" cannot use the kernel)."""
+    model on `device` in `dtype`; None means the torch path (logged with why when "auto"
+    cannot use the kernel: a warning for a failed build, info for a GPU or another dtype,
+    where torch ops are the plan)."""
     if setting == "torch":
         return None
     if setting != "auto":
