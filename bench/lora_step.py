@@ -1,7 +1,8 @@
 """Mixed-adapter decoding against the code before the row-pool LoRA, in-process, same run.
 
-Each of `--trees` (default: the code before the change, commit 8ede813 in a git worktree
-made here, and this tree) runs in its own subprocess with its own PYTHONPATH. The worker
+Each of two trees (the code before the change, `--before` commit, default 8ede813, the
+row-pool LoRA's predecessor, extracted here with `git archive`, and this tree) runs in its
+own subprocess with its own PYTHONPATH. The worker
 (`--worker`, this file run inside the other tree) drives only the public Engine API, so
 the same worker code runs against both: `Engine.from_config`, `await engine.load_adapter`,
 `engine.submit`. It loads the default model (SmolLM2-135M-Instruct, bf16) and
@@ -17,6 +18,7 @@ share the two cores, and a busy second core slows every OpenMP op.
 
     python -m bench.lora_step --rounds 3 --output bench/lora-step-results.md
     python -m bench.lora_step --quick
+    python -m bench.lora_step --quick --before fa27276   # against main before the CPU LoRA kernel
 """
 
 from __future__ import annotations
@@ -129,10 +131,13 @@ class Tree:
         return json.loads(line)
 
 
-def before_tree(path: Path) -> Path:
-    """A git worktree of the code before the change (made once)."""
+def before_tree(path: Path, commit: str) -> Path:
+    """The files of `commit` in `path` (extracted once with `git archive`: no worktree, no
+    change to the repository)."""
     if not (path / "engine").is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), BEFORE_COMMIT], check=True)
+        path.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(path)], input=archive, check=True)
     return path
 
 
@@ -163,12 +168,12 @@ def uptime() -> str:
 def report(trees: list[Tree], ks: list[int], args: argparse.Namespace, loads: list[str]) -> str:
     before, after = trees
     lines = [
-        "# Mixed-adapter decoding: row-pool LoRA against the code before it\n",
+        f"# Mixed-adapter decoding: this tree against commit {args.before}\n",
         f"`python -m bench.lora_step --rounds {args.rounds}`: {args.rows} rows x {args.tokens} new tokens "
         f"(prompts of {PROMPT_TOKENS} tokens), greedy, bf16, SmolLM2-135M-Instruct, rank-{args.rank} "
         f"random adapters on every linear layer; row i uses adapter i mod k. Tokens/s from the first "
         f"submit to the last delta; medians over {args.rounds} rounds (the trees alternate per k).\n",
-        f"- before: {before.path} (commit {BEFORE_COMMIT}); after: {after.path}",
+        f"- before: {before.path} (commit {args.before}); after: {after.path}",
         *(f"- load: {load}" for load in loads),
         "",
         "| k adapters | before tok/s | after tok/s | before / its k=0 | after / its k=0 | after / before |",
@@ -195,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--before", type=Path, default=Path(tempfile.gettempdir()) / "lora-step-before",
-                        help=f"worktree of commit {BEFORE_COMMIT} (made when missing)")
+    parser.add_argument("--before", default=BEFORE_COMMIT, metavar="COMMIT",
+                        help=f"the code to compare with (default {BEFORE_COMMIT}, before the row-pool LoRA)")
+    parser.add_argument("--before-tree", type=Path, default=None,
+                        help="where that commit's files are (default: a temp folder named after it; made when missing)")
     parser.add_argument("--after", type=Path, default=ROOT)
     parser.add_argument("--quick", action="store_true", help="k = 0, 4; one round; 16 tokens")
     parser.add_argument("--output", type=Path)
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(worker(args.worker, args.adapters, args.rows, args.tokens))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    trees = [Tree("before", before_tree(args.before)), Tree("after", args.after)]
+    before = args.before_tree or Path(tempfile.gettempdir()) / f"lora-step-before-{args.before}"
+    trees = [Tree("before", before_tree(before, args.before)), Tree("after", args.after)]
     with tempfile.TemporaryDirectory(prefix="lora-step-") as folder:
         make_adapters(Path(folder), args.adapters, args.rank)
         loads = [f"start: {uptime()}"]

@@ -132,6 +132,11 @@ class EngineConfig(BaseModel):
     adapter_load_timeout_s: float = Field(
         60.0, gt=0, description="A request whose adapter takes longer to fetch and read fails (504)."
     )
+    lora_kernel: Literal["auto", "torch"] = Field(
+        "auto",
+        description="How a step's LoRA is computed: auto = the CPU kernel (engine/csrc, built on first use) "
+        "for a CPU model, else torch ops; torch = torch ops always (engine/lora.py).",
+    )
     fair_share: bool = Field(
         True, description="Admit waiting requests by least recent service per adapter and API key (VTC).",
     )

@@ -94,7 +94,7 @@ class Engine:
         self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.lora = self._worker.submit(
             LoraLayers, loaded.model, int(config.adapter_device_memory), config.max_active_adapters,
-            prepack=uses_packed_weights(loaded, config),
+            prepack=uses_packed_weights(loaded, config), kernel=config.lora_kernel,
         ).result()
         self.adapters = AdapterManager(
             self.lora, TierLimits(int(config.adapter_host_memory), config.adapter_load_timeout_s),

@@ -1,6 +1,6 @@
 """LoRA adapters on one base model: a row pool per Linear layer, computed per step's plan.
 
-Data structures (the Punica BGMV / S-LoRA idea in plain torch, on any device):
+Data structures (the Punica BGMV / S-LoRA idea, on any device):
 
 - `LoraLayers` puts a `LoraLinear` in the place of every `nn.Linear` of the model but the
   LM head. Each has a **row pool**: `a_rows [P + 1, in]` and `b_rows [P + 1, out]` on the
@@ -16,10 +16,19 @@ Data structures (the Punica BGMV / S-LoRA idea in plain torch, on any device):
   rows and zeros the rest; a layer the adapter does not target gets zeros. At most
   `max_adapters` are placed at once.
 - Per step the runner sets `context.step`, one `LoraStep` plan (engine/lora_plan.py) that every
-  layer follows: segments (long runs of one adapter: matmuls on views of its rows) and
-  gathered rank classes (one batched shrink and one `embedding_bag` expand per class, however
-  many adapters it mixes). An empty plan (a base-model step) costs nothing beyond the base
-  matmul.
+  layer follows. Which path computes it is fixed when the layers are made (`kernel`,
+  EngineConfig.lora_kernel; `LoraLayers.kernel` is the loaded kernel or None):
+  - **the CPU kernel** ("auto" on a CPU model, when engine/lora_kernel.py builds): the plan's
+    `kernel` tables give every decode-like token its first pool row and rank, and one
+    `add_lora_` call per layer adds all of them, each token reading its own adapter's rows
+    where they lie (its own rank: no classes, no padding). With `prepack`, q/k/v and gate/up
+    take that call once per group (`KernelFusedProjection`, beside their fused matmul), so a
+    decoder layer makes 4 calls. Spans of one adapter heavy enough for a matmul to win
+    (lora_plan.KERNEL_WORK tokens x rank, long prefill chunks) stay segments (below).
+  - **torch ops** (CUDA, "torch", or no kernel): segments (long runs of one adapter: matmuls
+    on views of its rows) and gathered rank classes (one batched shrink and one
+    `embedding_bag` expand per class, however many adapters it mixes).
+  An empty plan (a base-model step) costs nothing beyond the base matmul.
 
 The base matmul is the layer's own (`PackedLinear`): with `prepack`, a oneDNN-packed copy of
 the weight, and siblings that read one input (q/k/v, gate/up) share one packed matmul
@@ -30,8 +39,10 @@ reads adapters with `read_adapter`, engine/lora_weights.py, and keeps the `place
 runner reads).
 
 One step end to end: the runner orders chunks by `order_key`, builds the plan from each
-chunk's token range and its adapter's Placement, sets `context.step`, runs the model (each
-LoraLinear: base output, then the plan's LoRA added in place), and clears `context.step`.
+chunk's token range and its adapter's Placement (for the path the layers have), sets
+`context.step`, runs the model (each LoraLinear: base output, then the plan's LoRA added in
+place: kernel tokens in one call, its group's when fused, then segments, then gathers), and
+clears `context.step`.
 
 Threads: `place` and `remove` run on the engine's worker
 thread between steps, as does every forward; `read_adapter` may run on any thread.
@@ -44,12 +55,14 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from engine.fused_linear import FUSABLE_GROUPS, FusedProjection
+from engine.lora_kernel import LoraKernel, kernel_for
 from engine.lora_plan import LoraStep, Placement, rank_class
 from engine.lora_weights import HostAdapter
 
 __all__ = ["LoraLayers", "LoraLinear", "Placement", "RowAllocator", "fuse_siblings"]
 
 EMBEDDING_BAG_SUM = 0  # torch.embedding_bag's mode
+KERNEL_COLUMNS = (0,)  # a lone member's LoRA goes to column 0 of its own output
 # Segments of at most this many tokens are computed in float32: on this CPU a bf16 matmul
 # (oneDNN) costs about 40-60 us however small, a float32 one (MKL) about 5; the conversions
 # of such a segment's tokens and rows are small. Measured: 32 decode rows of one adapter,
@@ -154,12 +167,15 @@ class LoraLinear(PackedLinear):
     adding the LoRA of the step's plan (`context.step`) to its output in place."""
 
     def __init__(self, base: torch.nn.Linear, context: LoraContext, shrink: LoraShrink, member: int,
-                 prepack: bool = False):
+                 prepack: bool = False, kernel: LoraKernel | None = None):
         super().__init__(base, prepack)
-        self.context, self.shrink, self.member = context, shrink, member
+        self.context, self.shrink, self.member, self.kernel = context, shrink, member, kernel
         rows = shrink.a_rows.shape[0]
         self.b_rows = torch.empty(rows, self.out_features, dtype=base.weight.dtype, device=base.weight.device)
         self.b_rows[0].zero_()
+        self.group_kernel = False  # True: its KernelFusedProjection adds the kernel's LoRA (fuse_siblings)
+        self._kernel_a = shrink.a_rows[:, member : member + 1]  # [P + 1, 1, in]: this member's A rows, for the kernel
+        self._kernel_b = [self.b_rows]
 
     @property
     def a_rows(self) -> torch.Tensor:
@@ -170,14 +186,20 @@ class LoraLinear(PackedLinear):
         out = super().forward(x)
         step = self.context.step
         if step:
-            self.add_lora(x, out.view(-1, self.out_features), step)
+            self.add_lora(x, out, step)
         return out
 
     def add_lora(self, x: torch.Tensor, out: torch.Tensor, step: LoraStep) -> None:
-        """out[t] += LoRA of token t (`x` [..., tokens, in], `out` [tokens, out], in place), as
-        `step` says: a segment's expand is one matmul on a view of its B rows (`addmm_`, or in
+        """out[t] += LoRA of token t (`x` [..., tokens, in], `out` [..., tokens, out], in place),
+        as `step` says: the kernel's tokens in one call (unless this layer's fused group made
+        it already); a segment's expand is one matmul on a view of its B rows (`addmm_`, or in
         float32 for a short one), a gather's one `embedding_bag` reading each token's B rows
         where they lie, weighted by its shrink."""
+        if (k := step.kernel) is not None and not self.group_kernel:
+            self.kernel.add_lora_(out, x, self._kernel_a, self._kernel_b, KERNEL_COLUMNS, k.first, k.rank, k.start)
+        if not (step.segments or step.gathers):
+            return
+        out = out.view(-1, self.out_features)
         parts = iter(self.shrink.parts(self.member, x, step))
         for seg, shrunk in zip(step.segments, parts):
             b = self.b_rows[seg.first_row : seg.first_row + seg.rank]
@@ -240,10 +262,14 @@ class LoraLayers:
 
     Thread rule: `place` and `remove` on the engine's worker thread, between steps."""
 
-    def __init__(self, model: PreTrainedModel, pool_bytes: int, max_adapters: int, prepack: bool = False):
+    def __init__(self, model: PreTrainedModel, pool_bytes: int, max_adapters: int, prepack: bool = False,
+                 kernel: str = "auto"):
+        """`kernel`: EngineConfig.lora_kernel ("auto": the CPU kernel when it builds; "torch")."""
         self.context = LoraContext()
         self.max_adapters = max_adapters
         targets, heads = _linear_layers(model)
+        weight = next(iter(targets.values())).weight if targets else None
+        self.kernel = kernel_for(kernel, weight.device, weight.dtype) if weight is not None else None
         self.linear_shapes = {name: (m.in_features, m.out_features) for name, m in targets.items()}
         self.bytes_per_row = sum((m.in_features + m.out_features) * m.weight.element_size() for m in targets.values())
         self.capacity_rows = pool_bytes // self.bytes_per_row if self.bytes_per_row else 0
@@ -252,7 +278,7 @@ class LoraLayers:
             first = targets[names[0]].weight
             shrink = LoraShrink(len(names), targets[names[0]].in_features, self.capacity_rows, first.dtype, first.device)
             for member, name in enumerate(names):
-                self.layers[name] = LoraLinear(targets[name], self.context, shrink, member, prepack)
+                self.layers[name] = LoraLinear(targets[name], self.context, shrink, member, prepack, self.kernel)
                 model.set_submodule(name, self.layers[name])
         if prepack:
             for name, base in heads.items():
@@ -316,7 +342,9 @@ def _shrink_groups(model: torch.nn.Module, targets: dict[str, torch.nn.Linear]) 
 
 def fuse_siblings(model: torch.nn.Module) -> None:
     """Give each group of packed sibling layers (q/k/v, gate/up: FUSABLE_GROUPS) one matmul
-    (engine/fused_linear.py); the members' own packed copies are dropped."""
+    (engine/fused_linear.py); the members' own packed copies are dropped. A group that is one
+    LoraShrink's members, with the kernel, also gets its kernel LoRA in one call
+    (KernelFusedProjection)."""
     for parent in model.modules():
         for names in FUSABLE_GROUPS:
             members = [getattr(parent, name, None) for name in names]
@@ -324,6 +352,41 @@ def fuse_siblings(model: torch.nn.Module) -> None:
                 continue
             if not FusedProjection.can_fuse(members):
                 continue
-            group = FusedProjection([m.weight for m in members], [m.bias for m in members])
+            if KernelFusedProjection.fits(members):
+                group = KernelFusedProjection(members)
+            else:
+                group = FusedProjection([m.weight for m in members], [m.bias for m in members])
             for index, member in enumerate(members):
                 member.fused, member.packed = (group, index), None
+                if isinstance(group, KernelFusedProjection):
+                    member.group_kernel = True
+
+
+class KernelFusedProjection(FusedProjection):
+    """The fused matmul of LoRA siblings that also adds, as it computes the group's output,
+    every member's LoRA of the step's kernel tokens: one kernel call for q/k/v (or gate/up)
+    instead of one per member, each member's into its own columns. Segments and gathers stay
+    per member (LoraLinear.add_lora)."""
+
+    def __init__(self, members: list[LoraLinear]):
+        super().__init__([m.weight for m in members], [m.bias for m in members])
+        first = members[0]
+        self.context, self.kernel, self.a_rows = first.context, first.kernel, first.shrink.a_rows
+        self.b_rows = [m.b_rows for m in members]
+        self.starts = [start for start, _ in self.columns]
+
+    @staticmethod
+    def fits(members: list[PackedLinear]) -> bool:
+        """Members that are, in order, all of one LoraShrink's members, with the kernel."""
+        return (
+            len(members) > 1 and all(isinstance(m, LoraLinear) and m.kernel is not None for m in members)
+            and all(m.shrink is members[0].shrink and m.member == i for i, m in enumerate(members))
+            and members[0].shrink.members == len(members)
+        )
+
+    def output(self, member: int, x: torch.Tensor) -> torch.Tensor:
+        fresh = self._input is not x or member in self._taken  # the base class computes the group's output now
+        out = super().output(member, x)
+        if fresh and (k := self.context.step.kernel) is not None:
+            self.kernel.add_lora_(self._output, x, self.a_rows, self.b_rows, self.starts, k.first, k.rank, k.start)
+        return out

@@ -27,6 +27,15 @@ So the number of ops per layer depends on the number of rank classes present, no
 number of adapters. `length` is the mean number of tokens per adapter rounded up to a power
 of two: decode steps have pieces of single tokens, prefill chunks pieces of whole chunks.
 
+With the CPU kernel (`build(..., kernel=True)`; engine/lora_kernel.py) there are no classes
+or pieces: a span of one adapter is a segment when its tokens x rank reach `KERNEL_WORK`
+(there a matmul beats the kernel, whose cost grows with tokens x rank); every other token
+using an adapter is a **kernel token**. `KernelTokens` holds, for the range from the first
+kernel token to the last, each token's first pool row and rank as int32 tensors (rank 0 for
+the base-model and segment tokens in between), built once per step; every layer passes them
+to one kernel call, which computes each token at its adapter's own rank and blocks an
+adapter's consecutive tokens (the order above keeps them together).
+
 Thread: built and read on the engine's worker thread, one plan per forward.
 """
 
@@ -39,6 +48,10 @@ from itertools import groupby
 import torch
 
 LONG_RUN = 32  # tokens of one adapter in a step from which it is computed as its own segment
+# With the CPU kernel: a span of one adapter is a segment (matmuls) from this many tokens x
+# rank, else kernel tokens (the kernel's cost grows with tokens x rank, a matmul's far less;
+# bench/README.md has where they cross).
+KERNEL_WORK = 5632
 MIN_CLASS = 8  # the smallest rank class: rows computed per gathered token at least
 
 
@@ -122,27 +135,58 @@ class LoraGather:
 
 
 @dataclass(frozen=True)
+class KernelTokens:
+    """Tokens [start, start + n) for the CPU kernel (engine/lora_kernel.py): token start + t
+    uses pool rows [first[t], first[t] + rank[t]); rank 0: none here (a base-model token, or
+    one of a segment between kernel tokens)."""
+
+    start: int
+    first: torch.Tensor  # int32 [n]
+    rank: torch.Tensor  # int32 [n]
+
+    @classmethod
+    def build(cls, spans: Sequence[tuple[int, int, Placement]], device: torch.device) -> KernelTokens:
+        """From (start, stop, placement) spans in row order."""
+        start = spans[0][0]
+        first = [0] * (spans[-1][1] - start)
+        rank = [0] * len(first)
+        for begin, end, placement in spans:
+            first[begin - start : end - start] = [placement.start] * (end - begin)
+            rank[begin - start : end - start] = [placement.rank] * (end - begin)
+        return cls(start, torch.tensor(first, dtype=torch.int32, device=device),
+                   torch.tensor(rank, dtype=torch.int32, device=device))
+
+
+@dataclass(frozen=True)
 class LoraStep:
     """The plan every LoRA layer follows in one forward (module docstring). Empty: base only."""
 
     segments: tuple[LoraSegment, ...] = ()
     gathers: tuple[LoraGather, ...] = field(default_factory=tuple)
+    kernel: KernelTokens | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.segments or self.gathers)
+        return bool(self.segments or self.gathers or self.kernel)
 
     @classmethod
-    def build(cls, runs: Sequence[tuple[int, int, Placement]], device: torch.device) -> LoraStep:
+    def build(cls, runs: Sequence[tuple[int, int, Placement]], device: torch.device, kernel: bool = False) -> LoraStep:
         """The plan of (start, stop, placement) token runs that use an adapter, in row order
-        (`order_key`'s); consecutive runs of one placement merge into one span."""
+        (`order_key`'s); consecutive runs of one placement merge into one span. `kernel`: the
+        layers have the CPU kernel, which takes every span of less than KERNEL_WORK tokens x rank."""
         spans: list[tuple[int, int, Placement]] = []
         for start, stop, placement in runs:
             if spans and spans[-1][2] == placement and spans[-1][1] == start:
                 spans[-1] = (spans[-1][0], stop, placement)
             else:
                 spans.append((start, stop, placement))
-        segments = tuple(LoraSegment(s, e, p.start, p.rank) for s, e, p in spans if e - s >= LONG_RUN)
-        rest = [span for span in spans if span[1] - span[0] < LONG_RUN]
+        if kernel:
+            long = [(e - s) * p.rank >= KERNEL_WORK for s, e, p in spans]
+        else:
+            long = [e - s >= LONG_RUN for s, e, _ in spans]
+        segments = tuple(LoraSegment(s, e, p.start, p.rank) for (s, e, p), is_long in zip(spans, long) if is_long)
+        rest = [span for span, is_long in zip(spans, long) if not is_long]
+        if kernel:
+            return cls(segments, (), KernelTokens.build(rest, device) if rest else None)
         gathers = tuple(
             LoraGather.build(list(group), width, device)
             for width, group in groupby(rest, key=lambda span: span[2].rank_class)

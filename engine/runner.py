@@ -105,7 +105,7 @@ class ModelRunner:
             (seq.q_start, seq.q_start + seq.q_len, self.placements[chunk.row.request.adapter])
             for chunk, seq in zip(chunks, sequences) if chunk.row.request.adapter is not None
         ]
-        return LoraStep.build(runs, self.device) if runs else LoraStep()
+        return LoraStep.build(runs, self.device, kernel=self.lora.kernel is not None) if runs else LoraStep()
 
     def pack(self, chunks: list[ScheduledChunk]) -> PackedStep:
         """Lay the chunks out in one row, in `order_key` order (see the module docstring)."""

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from engine.config import SamplingParams
 from engine.errors import InvalidRequestError
 from engine.lora import LoraLayers
+from engine import lora_plan
 from engine.lora_plan import LONG_RUN, LoraStep, Placement, rank_class
 from engine.lora_weights import read_adapter
 from engine.request import GenerationRequest
@@ -69,11 +70,17 @@ def recording_runner(engine) -> list[tuple[LoraStep, list[tuple[str | None, list
     return steps
 
 
-async def test_a_packed_step_of_mixed_ranks_equals_peft(make_engine, mixed_adapters, peft_models):
+@pytest.mark.parametrize("lora_kernel", ["auto", "torch"])
+async def test_a_packed_step_of_mixed_ranks_equals_peft(make_engine, mixed_adapters, peft_models, lora_kernel,
+                                                         monkeypatch):
     """Base rows, five adapters (ranks 8, 16, 12 in class 16, 64, rsLoRA) decoding single
     tokens while a long prompt of one adapter is prefilled as a segment: every sampled logit
-    equals PEFT's for the same tokens."""
-    engine = make_engine(max_step_tokens=256, max_batch_size=16)
+    equals PEFT's for the same tokens. On either path: the CPU kernel's tokens (its segment
+    threshold lowered so that the prompt is one), or torch ops' gathered rank classes."""
+    monkeypatch.setattr(lora_plan, "KERNEL_WORK", 16 * LONG_RUN)
+    engine = make_engine(max_step_tokens=256, max_batch_size=16, lora_kernel=lora_kernel)
+    if lora_kernel == "auto" and engine.lora.kernel is None:
+        pytest.skip("the LoRA kernel does not build here")
     for name, folder in mixed_adapters.items():
         await engine.load_adapter(name, str(folder))
     steps = recording_runner(engine)
@@ -88,7 +95,10 @@ async def test_a_packed_step_of_mixed_ranks_equals_peft(make_engine, mixed_adapt
         engine.core.step()
     mixed = steps[1][0]
     assert [s.stop - s.start for s in mixed.segments] == [len(long_prompt) + 1]  # and r16's decode token
-    assert sorted(g.width for g in mixed.gathers) == [8, 16, 64]
+    if lora_kernel == "torch":
+        assert sorted(g.width for g in mixed.gathers) == [8, 16, 64] and mixed.kernel is None
+    else:  # r8 twice, r12, r64 and rs decode through the kernel, each with its own rank
+        assert not mixed.gathers and sorted(r for r in mixed.kernel.rank.tolist() if r) == [8, 8, 8, 12, 64]
     checked = 0
     with torch.inference_mode():
         for _, rows in steps:
