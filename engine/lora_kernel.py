@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -75,6 +77,7 @@ def build(name: str = NAME, sources: tuple[Path, ...] = SOURCES, build_directory
     from torch.utils import cpp_extension
 
     started = time.perf_counter()
+    _find_ninja()
     try:
         cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=list(CFLAGS),
                            extra_ldflags=list(OPENMP), is_python_module=False, verbose=False,
@@ -86,6 +89,15 @@ def build(name: str = NAME, sources: tuple[Path, ...] = SOURCES, build_directory
     ops = torch.ops.lora_serve
     log.info("LoRA kernel loaded in %.1f s", time.perf_counter() - started)
     return LoraKernel(ops.shrink.default, ops.expand_.default, ops.add_lora_.default)
+
+
+def _find_ninja() -> None:
+    """torch looks for `ninja` on PATH; the one requirements.txt installs sits beside this
+    interpreter, which is not on PATH when the venv's python is run by its path (make, Ray
+    workers). Put that folder at PATH's end when PATH has no ninja of its own."""
+    scripts = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (scripts / "ninja").exists():
+        os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), str(scripts)])
 
 
 def _reason(error: Exception) -> str:
