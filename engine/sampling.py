@@ -100,26 +100,79 @@ def apply_penalties(logits: torch.Tensor, row: RowSampler) -> torch.Tensor:
     return logits
 
 
-def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p; masked entries become -inf. Rows: [n, vocab]."""
-    device = logits.device
-    temps = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
-    logits = logits / temps.unsqueeze(-1)
-    if not any(p.uses_filters for p in params):
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+CANDIDATES = 128  # a filtering row first looks at its most likely tokens only
+
+
+@dataclass
+class _Filtered:
+    """Rows' k most likely tokens `ids` [n, k], their `logits` (temperature applied, filtered-out
+    ones -inf), and whether each row's cut falls within them (`settled` [n])."""
+
+    logits: torch.Tensor
+    ids: torch.Tensor
+    settled: torch.Tensor
+
+
+def drawable(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row, (filtered logits, their token ids) to draw from; each row's depends on that row
+    alone, never on its neighbours (a seed gives the same tokens in any batch).
+
+    A row without filters draws from its whole vocabulary in place. A filtering row (top-k,
+    top-p, min-p) looks at its CANDIDATES most likely tokens when its cut falls among them (its
+    top_k within them, their mass past its top_p, or its min_p threshold above the last of
+    them), else at its whole vocabulary sorted: the same tokens survive either way, but a
+    top-k of CANDIDATES costs a fraction of sorting the vocabulary."""
     vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    out: list[tuple[torch.Tensor, torch.Tensor]] = [(logits[0], logits[0])] * len(params)  # all replaced below
+    plain = [i for i, p in enumerate(params) if not p.uses_filters]
+    if plain:
+        scaled = _tempered(logits[plain], [params[i] for i in plain])
+        ids = torch.arange(vocab, device=logits.device)
+        for row, i in zip(scaled, plain):
+            out[i] = (row, ids)
+    pending = [i for i, p in enumerate(params) if p.uses_filters]
+    for k in (min(CANDIDATES, vocab), vocab):
+        if not pending:
+            break
+        found = _filtered(logits[pending], [params[i] for i in pending], k)
+        settled = found.settled.tolist() if k < vocab else [True] * len(pending)
+        for j, i in enumerate(pending):
+            if settled[j]:
+                out[i] = (found.logits[j], found.ids[j])
+        pending = [i for j, i in enumerate(pending) if not settled[j]]
+    return out
+
+
+def _tempered(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    temps = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
+    return logits / temps.unsqueeze(-1)
+
+
+def _filtered(logits: torch.Tensor, params: Sequence[SamplingParams], k: int) -> _Filtered:
+    """Temperature, then top-k, top-p and min-p over each row's k most likely tokens (their
+    probabilities over the whole row)."""
+    device, vocab = logits.device, logits.shape[-1]
+    logits = _tempered(logits, params)
+    ordered, ids = logits.topk(k, dim=-1) if k < vocab else logits.sort(dim=-1, descending=True)
+    probs = (ordered - logits.logsumexp(dim=-1, keepdim=True)).exp()
     top_k = torch.tensor([p.top_k or vocab for p in params], device=device).unsqueeze(-1)
-    remove = ranks >= top_k
-    probs = sorted_logits.softmax(dim=-1)
     top_p = torch.tensor([p.top_p for p in params], device=device, dtype=probs.dtype).unsqueeze(-1)
-    remove |= (probs.cumsum(dim=-1) - probs) >= top_p  # keep the smallest set reaching top_p
     min_p = torch.tensor([p.min_p for p in params], device=device, dtype=probs.dtype).unsqueeze(-1)
+    remove = torch.arange(k, device=device).unsqueeze(0) >= top_k
+    remove |= (probs.cumsum(dim=-1) - probs) >= top_p  # keep the smallest set reaching top_p
     remove |= probs < min_p * probs[:, :1]
     remove[:, 0] = False  # the most likely token always survives
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    settled = ((top_k <= k) | ((top_p < 1.0) & (probs[:, :-1].sum(-1, keepdim=True) >= top_p))
+               | (probs[:, -1:] < min_p * probs[:, :1])).squeeze(-1)
+    return _Filtered(ordered.masked_fill(remove, float("-inf")), ids, settled)
+
+
+def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p: [n, vocab], filtered-out entries -inf."""
+    out = torch.full_like(logits, float("-inf"))
+    for row, (kept, ids) in zip(out, drawable(logits, params)):
+        row.scatter_(-1, ids, kept)
+    return out
 
 
 def sample_next_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int | None]:
@@ -143,10 +196,8 @@ def sample_next_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list
     tokens: list[int | None] = logits.argmax(dim=-1).tolist()
     sampling = [i for i, row in enumerate(rows) if not row.params.greedy and finite[i]]
     if sampling:
-        filtered = filter_logits(logits[sampling], [rows[i].params for i in sampling])
-        probs = filtered.softmax(dim=-1)
-        for probs_row, i in zip(probs, sampling):
-            tokens[i] = int(torch.multinomial(probs_row, 1, generator=rows[i].generator))
+        for (kept, ids), i in zip(drawable(logits[sampling], [rows[i].params for i in sampling]), sampling):
+            tokens[i] = int(ids[torch.multinomial(kept.softmax(dim=-1), 1, generator=rows[i].generator)])
     for row, token, ok in zip(rows, tokens, finite):
         if row.constraint is not None and ok:
             row.constraint.accept(token)

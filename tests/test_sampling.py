@@ -73,3 +73,44 @@ def test_logit_bias_is_added_to_its_own_row_before_the_choice():
     assert biased.tolist() == [[100.0, 5.0, 1.0], [0.0, 5.0, 1.0], [0.0, -95.0, 1.5]]
     draws = {sample_next_tokens(logits[:1].clone(), [row(logit_bias={1: -100, 2: -100})])[0] for _ in range(50)}
     assert draws == {0}
+
+
+def reference_kept(logits: torch.Tensor, p: SamplingParams) -> set[int]:
+    """The tokens top-k, top-p and min-p keep, by sorting the whole row (the definition)."""
+    probs = (logits / p.temperature).softmax(-1)
+    order = probs.argsort(descending=True)
+    kept, mass = [], 0.0
+    for rank, token in enumerate(order.tolist()):
+        prob = float(probs[token])
+        if rank and ((p.top_k and rank >= p.top_k) or mass >= p.top_p or prob < p.min_p * float(probs[order[0]])):
+            break
+        kept.append(token)
+        mass += prob
+    return set(kept)
+
+
+def test_filters_keep_the_same_tokens_whether_the_cut_is_among_the_candidates_or_past_them():
+    from engine.sampling import CANDIDATES
+
+    torch.manual_seed(3)
+    vocab = 8 * CANDIDATES
+    peaked, flat = torch.randn(vocab) * 8, torch.randn(vocab) * 0.1
+    cases = [(peaked, SamplingParams(temperature=0.2, top_p=0.9)),  # cut among the candidates
+             (flat, SamplingParams(top_p=0.95)),  # past them: the whole row is sorted
+             (flat, SamplingParams(top_k=3 * CANDIDATES)),
+             (flat, SamplingParams(min_p=0.5)),
+             (peaked, SamplingParams(top_k=5, top_p=0.5, min_p=0.1))]
+    logits = torch.stack([row for row, _ in cases])
+    kept = torch.isfinite(filter_logits(logits, [p for _, p in cases]))
+    for i, (row, params) in enumerate(cases):
+        assert set(kept[i].nonzero().flatten().tolist()) == reference_kept(row, params), params
+    assert kept[1].sum() > CANDIDATES and kept[2].sum() == 3 * CANDIDATES
+
+
+def test_a_seeded_row_draws_the_same_beside_rows_that_sort_their_whole_vocabulary():
+    torch.manual_seed(4)
+    logits = torch.randn(3, 1024)
+    logits[0] *= 0.1  # flat: its top_p cut lies past the candidates
+    solo = sample_next_tokens(logits[1:2].clone(), [row(seed=11, top_p=0.9)])[0]
+    batch = sample_next_tokens(logits.clone(), [row(top_p=0.99), row(seed=11, top_p=0.9), row(temperature=0.5)])
+    assert batch[1] == solo
