@@ -11,6 +11,12 @@ from dataclasses import dataclass
 import psutil
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process, the kernel)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq
+
+
 @dataclass(frozen=True)
 class CpuSnapshot:
     """Busy CPU seconds of the whole machine and of this process tree (Ray's processes included)."""
@@ -21,7 +27,6 @@ class CpuSnapshot:
     @classmethod
     def take(cls) -> CpuSnapshot:
         """Now; processes that end between two snapshots lose their last moments (rare here)."""
-        t = psutil.cpu_times()
         own: dict[int, float] = {}
         me = psutil.Process()
         for proc in [me, *me.children(recursive=True)]:
@@ -30,7 +35,7 @@ class CpuSnapshot:
             except psutil.Error:  # ended meanwhile
                 continue
             own[proc.pid] = times.user + times.system
-        return cls(t.user + t.nice + t.system + t.irq + t.softirq, own)
+        return cls(machine_busy_seconds(), own)
 
     def cores_since(self, earlier: CpuSnapshot, wall: float) -> tuple[float, float]:
         """(cores used by this process tree, cores used by everything else) on average since `earlier`."""

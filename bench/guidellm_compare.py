@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cli import add_rounds_option, fmt, publish, round_orders, setup_logging
+from bench.load import EngineSteps
 from bench.process_cpu import RoleSnapshot
 from bench.relay import relay
 from bench.systems import DIAGNOSTICS_TIMEOUT_S, SERVE_CONFIG, TransformersServe, config_app_args, serve_app, transformers_serve
@@ -53,24 +54,8 @@ class Level:
     tokens_per_s: float
     ttft_p50_ms: float
     cores: dict[str, float] = field(default_factory=dict)  # per role during the run (bench/process_cpu.py)
-    steps: StepFigures | None = None  # the LLM replica's steps during the run (ours only)
-
-
-@dataclass(frozen=True)
-class StepFigures:
-    """The LLM replica's engine steps over a run, from its step counters (EngineStats)."""
-
-    rows_per_step: float
-    ms_per_step: float
-    busy: float  # share of the run's wall time the engine spent in steps
-
-    @classmethod
-    def between(cls, before: EngineStats, after: EngineStats, wall: float) -> StepFigures | None:
-        steps = after.steps - before.steps
-        if steps <= 0:
-            return None
-        seconds = after.step_seconds - before.step_seconds
-        return cls((after.step_rows - before.step_rows) / steps, 1000 * seconds / steps, seconds / wall)
+    wall: float = 0.0  # seconds the run took, guidellm's start-up included
+    steps: EngineSteps | None = None  # the LLM replica's steps during the run (ours only)
 
 
 def data_spec(args: argparse.Namespace) -> str:
@@ -89,8 +74,8 @@ def run_guidellm(url: str, model: str, tokenizer: str, concurrency: int, args: a
     stats_before, cpu_before, start = engine_stats() if engine_stats else None, RoleSnapshot.take(), time.monotonic()
     level = _guidellm(url, model, tokenizer, concurrency, args)
     wall = time.monotonic() - start
-    steps = StepFigures.between(stats_before, engine_stats(), wall) if stats_before is not None else None
-    return replace(level, cores=RoleSnapshot.take().cores_since(cpu_before, wall), steps=steps)
+    steps = EngineSteps.between(stats_before, engine_stats()) if stats_before is not None else None
+    return replace(level, cores=RoleSnapshot.take().cores_since(cpu_before, wall), wall=wall, steps=steps)
 
 
 def _guidellm(url: str, model: str, tokenizer: str, concurrency: int, args: argparse.Namespace) -> Level:
@@ -174,14 +159,13 @@ def report(rounds: Sequence[dict[str, list[Level]]], args: argparse.Namespace) -
 
 def where_cores_went(measured: dict[str, list[Level]]) -> list[str]:
     """Cores per role during each level, and our replica's steps."""
-    lines = ["| system | c | cores by role | rows/step | ms/step | engine busy |", "|---|---:|---|---:|---:|---:|"]
+    lines = ["| system | c | cores by role | engine steps | rows/step | ms/step | engine busy |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for system, results in measured.items():
         for lv in results:
             cores = ", ".join(f"{role} {value:.2f}" for role, value in sorted(lv.cores.items(), key=lambda kv: -kv[1]))
-            steps = lv.steps
-            figures = (f"{steps.rows_per_step:.1f} | {steps.ms_per_step:.1f} | {steps.busy:.2f}" if steps
-                       else "- | - | -")
-            lines.append(f"| {system} | {lv.concurrency} | {cores} | {figures} |")
+            steps = lv.steps.cells(lv.wall) if lv.steps else "| - | - | - | - "
+            lines.append(f"| {system} | {lv.concurrency} | {cores} {steps}|")
     return [*lines, ""]
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from bench.cpu import machine_busy_seconds
+
 # (role, words that mark it in a command line): the first match wins, so specific names first
 ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("llm replica", ("LLMServer",)),
@@ -51,8 +53,7 @@ class RoleSnapshot:
             if times is None:
                 continue
             processes[proc.pid] = (role_of(proc.info["cmdline"] or []), times.user + times.system)
-        t = psutil.cpu_times()
-        return cls(processes, t.user + t.nice + t.system + t.irq + t.softirq)
+        return cls(processes, machine_busy_seconds())
 
     def cores_since(self, earlier: RoleSnapshot, wall: float) -> dict[str, float]:
         """Cores used on average per role since `earlier` (processes started meanwhile count in

@@ -123,7 +123,7 @@ def drawable(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[tup
     them), else at its whole vocabulary sorted: the same tokens survive either way, but a
     top-k of CANDIDATES costs a fraction of sorting the vocabulary."""
     vocab = logits.shape[-1]
-    out: list[tuple[torch.Tensor, torch.Tensor]] = [(logits[0], logits[0])] * len(params)  # all replaced below
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     plain = [i for i, p in enumerate(params) if not p.uses_filters]
     if plain:
         scaled = _tempered(logits[plain], [params[i] for i in plain])
@@ -140,7 +140,7 @@ def drawable(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[tup
             if settled[j]:
                 out[i] = (found.logits[j], found.ids[j])
         pending = [i for j, i in enumerate(pending) if not settled[j]]
-    return out
+    return [out[i] for i in range(len(params))]
 
 
 def _tempered(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

@@ -56,15 +56,15 @@ def test_processes_get_their_role_from_the_command_line():
 
 
 def test_step_figures_come_from_the_counters_growth():
-    from bench.guidellm_compare import StepFigures
+    from bench.load import EngineSteps
     from engine.core import EngineStats
 
     def stats(steps: int, seconds: float, rows: int) -> EngineStats:
         return EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, steps=steps, step_seconds=seconds, step_rows=rows)
 
-    figures = StepFigures.between(stats(10, 1.0, 40), stats(30, 3.0, 200), wall=4.0)
-    assert (figures.rows_per_step, figures.ms_per_step, figures.busy) == (8.0, 100.0, 0.5)
-    assert StepFigures.between(stats(10, 1.0, 40), stats(10, 1.0, 40), wall=4.0) is None
+    # steps, rows per step 8.0, ms per step 100.0, busy 0.50 of the wall time
+    assert EngineSteps.between(stats(10, 1.0, 40), stats(30, 3.0, 200)).cells(4.0) == "| 20 | 8.0 | 100.0 | 0.50 "
+    assert EngineSteps.between(stats(10, 1.0, 40), stats(10, 1.0, 40)).cells(4.0) == "| 0 | - | - | - "
 
 
 def test_the_spread_workload_with_sigma_zero_gives_every_request_the_medians():
