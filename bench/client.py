@@ -34,6 +34,7 @@ class Chunk:
     tokens: int | None = None  # content: tokens in this chunk when known; usage: completion tokens
     text: str = ""  # content only
     prompt_tokens: int | None = None  # usage only, when the server reports it
+    cached_tokens: int | None = None  # usage only: prompt tokens from the server's prefix cache, when reported
 
 
 class RequestFailed(Exception):
@@ -53,6 +54,7 @@ class RequestResult:
     error: str | None = None
     text: str = ""  # the streamed content
     prompt_tokens: int | None = None  # from the server's usage
+    cached_tokens: int | None = None  # of prompt_tokens, from the server's prefix cache (usage's details)
 
     @property
     def tpot(self) -> float | None:
@@ -88,7 +90,9 @@ def parse_chunk(chunk: dict[str, Any]) -> list[Chunk]:
     chunks = [Chunk("content", text=text) for c in chunk.get("choices", [])
               if (text := (c.get("delta") or {}).get("content"))]
     if (tokens := completion_tokens(chunk)) is not None:
-        chunks.append(Chunk("usage", tokens, prompt_tokens=chunk["usage"].get("prompt_tokens")))
+        usage = chunk["usage"]
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        chunks.append(Chunk("usage", tokens, prompt_tokens=usage.get("prompt_tokens"), cached_tokens=cached))
     return chunks
 
 
@@ -156,4 +160,5 @@ async def measure(stream: AsyncIterator[Chunk]) -> RequestResult:
     tokens = usage.tokens if usage is not None and usage.tokens is not None else sum(c or 1 for c in counts)
     return RequestResult(times[0] if times else None, latency, tokens, len(times),
                          tuple(per_token_gaps(times, counts, tokens)), error, "".join(texts),
-                         usage.prompt_tokens if usage is not None else None)
+                         usage.prompt_tokens if usage is not None else None,
+                         usage.cached_tokens if usage is not None else None)

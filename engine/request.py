@@ -62,14 +62,17 @@ class RequestStats:
     # From the first token to the first visible text (held back as part of a UTF-8 character or a
     # possible stop string); None when no text was released. TTFT as a user sees it is the sum.
     first_text_held_s: float | None = None
+    cached_prompt_tokens: int = 0  # of prompt_tokens: found in the prefix cache, not computed
+    queue_s: float | None = None  # arrival -> admission (KV blocks given), of time_to_first_token
 
 
 @dataclass
 class Delta:
     """A piece of one choice's output (`index`; a request has `params.n` choices). A choice's
     last delta has finish_reason and stats set. `logprobs` (when asked) score `token_ids`, one
-    each; a choice's first delta carries its prompt's length (`prompt_tokens`, for usage in
-    every chunk), and its prompt's text (`echo`) and logprobs when asked."""
+    each; a choice's first delta carries its prompt's length (`prompt_tokens`, and of it
+    `cached_prompt_tokens`: for usage in every chunk), and its prompt's text (`echo`) and
+    logprobs when asked."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -81,6 +84,7 @@ class Delta:
     prompt_text: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     prompt_tokens: int | None = None  # the prompt's length, on a choice's first delta
+    cached_prompt_tokens: int | None = None  # of those, found in the prefix cache (first delta too)
 
     def merge(self, later: Delta) -> Delta:
         """This delta followed by `later` (of the same choice), as one."""
@@ -98,6 +102,8 @@ class Delta:
             prompt_text=self.prompt_text if self.prompt_text is not None else later.prompt_text,
             prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
             prompt_tokens=self.prompt_tokens if self.prompt_tokens is not None else later.prompt_tokens,
+            cached_prompt_tokens=(self.cached_prompt_tokens if self.cached_prompt_tokens is not None
+                                  else later.cached_prompt_tokens),
         )
 
     @property

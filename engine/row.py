@@ -52,6 +52,8 @@ class Row:
     block_keys: list[bytes] = field(default_factory=list)
     num_computed: int = 0
     arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # first admission (KV blocks given); a preemption keeps it
+    cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at that admission
     first_token_at: float | None = None
     first_text_at: float | None = None  # when the first visible text was released (see advance)
     finish_reason: FinishReason | None = None
@@ -186,7 +188,10 @@ class Row:
     def _delta(self, **fields) -> Delta:
         """A delta of this row's choice; the first one carries the prompt's length."""
         first, self.delivered = not self.delivered, True
-        return Delta(index=self.choice, prompt_tokens=len(self.request.prompt_ids) if first else None, **fields)
+        if not first:
+            return Delta(index=self.choice, **fields)
+        return Delta(index=self.choice, prompt_tokens=len(self.request.prompt_ids),
+                     cached_prompt_tokens=self.cached_prompt_tokens, **fields)
 
     def stats(self) -> RequestStats:
         now = time.monotonic()
@@ -205,4 +210,6 @@ class Row:
             tokens_per_second=(completion - 1) / decode_time if completion > 1 and decode_time else None,
             stop_reason=self.stop_reason,
             adapter_load_s=loading,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            queue_s=self.admitted_at - self.arrival if self.admitted_at else None,
         )

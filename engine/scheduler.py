@@ -14,6 +14,9 @@ State: `waiting` (a deque in arrival order; preempted rows go back to its front)
    blocks of its longest cached prefix (same tokens, same adapter), takes blocks for the rest
    of its tokens at once (so its prefill never stalls for memory halfway), and gets its
    first chunk. A long prompt is thus prefilled over several steps while streams go on.
+   A row is admitted only in the step that schedules its first chunk, so it looks its prefix
+   up then: requests that arrive together with a long common prefix (a shared system prompt
+   or document) compute it once, in the first one's chunks, and the others find it cached.
    The other choices of a request with n > 1 (forks, engine/row.py) wait behind its first
    row until that has computed the prompt, then hold its prompt's blocks and compute only
    the last partial block themselves: one prefill for n choices. A row that needs prompt
@@ -45,10 +48,10 @@ Thread: the engine core's worker thread; plain Python, no tensors.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import chain
 
 from engine.blocks import BlockManager
 from engine.fairness import FairShare
@@ -98,18 +101,44 @@ class Scheduler:
         if self.fair:
             self.fair.sync(self.waiting)
         chunks = self._decode_chunks()
-        budget = self.max_step_tokens - len(chunks)
-        first = True
-        for row in chain((row for row in self.running if not row.decoding), self._admitted()):
-            remaining = row.num_tokens - row.num_computed
-            if budget <= 0 or (remaining > budget and not first):
-                break  # only the step's first prompt is split: the others wait, oldest first
-            chunks.append(ScheduledChunk(row, row.num_computed, min(remaining, budget)))
-            budget -= chunks[-1].length
-            first = False
+        chunks += self._prompt_chunks(self.max_step_tokens - len(chunks))
         if self.fair:
             for chunk in chunks:
                 self.fair.charge(chunk.row, chunk.start, chunk.length, chunk.sample)
+        return chunks
+
+    def _prompt_chunks(self, budget: int) -> list[ScheduledChunk]:
+        """Prompt chunks within `budget` tokens: rows still prefilling, oldest first, then waiting
+        rows admitted in admission order. Only the first chunk is split to fit; a waiting row is
+        admitted only when its chunk is scheduled, so its cached prefix is looked up when its
+        prefill starts (a prefix computed by a step it waited through counts)."""
+        chunks: list[ScheduledChunk] = []
+
+        def take(row: Row, remaining: int) -> bool:
+            nonlocal budget
+            if budget <= 0 or (remaining > budget and chunks):
+                return False
+            chunks.append(ScheduledChunk(row, row.num_computed, min(remaining, budget)))
+            budget -= chunks[-1].length
+            return True
+
+        for row in [row for row in self.running if not row.decoding]:
+            if not take(row, row.num_tokens - row.num_computed):
+                return chunks
+        for row in self._order():
+            if len(self.running) >= self.max_rows or budget <= 0:
+                break
+            if self.can_admit is not None and not self.can_admit(row):
+                continue
+            prefix = self._prefix(row)
+            if prefix is None or (row.num_tokens - len(prefix[1]) * self.blocks.block_size > budget and chunks):
+                break
+            if not self._admit(row, *prefix):
+                break
+            self.waiting.remove(row)
+            if self.fair:
+                self.fair.started(row)
+            take(row, row.num_tokens - row.num_computed)
         return chunks
 
     def admission_order(self) -> list[Row]:
@@ -123,19 +152,6 @@ class Scheduler:
         if self.fair is None:
             return iter(list(self.waiting))
         return self.fair.order(self.waiting)
-
-    def _admitted(self) -> Iterator[Row]:
-        """Waiting rows in admission order past the gate, each admitted when the caller asks
-        for the next (rows and blocks permitting)."""
-        candidates = (row for row in self._order() if self.can_admit is None or self.can_admit(row))
-        while len(self.running) < self.max_rows:
-            row = next(candidates, None)
-            if row is None or not self._admit(row):
-                return
-            self.waiting.remove(row)
-            if self.fair:
-                self.fair.started(row)
-            yield row
 
     def remove(self, row: Row) -> None:
         """Take a finished or cancelled row out, giving its blocks back (they stay cached)."""
@@ -184,21 +200,27 @@ class Scheduler:
 
     # ----- prefill -----------------------------------------------------------------------
 
-    def _admit(self, row: Row) -> bool:
-        """Give `row` its cached prefix and blocks for the rest of its tokens; False (and no
-        change) when the blocks are not there, keeping one spare block per running row."""
-        size = self.blocks.block_size
+    def _prefix(self, row: Row) -> tuple[list[bytes], list[int]] | None:
+        """The prefix keys of `row`'s tokens and the cached blocks it can start from (a fork:
+        its parent's prompt blocks); None while a fork's parent has not computed the prompt."""
         tokens = row.tokens
         parent = self._running_parent(row)
         if parent is not None:  # a fork: shares the prompt blocks its parent computed
             if parent.num_computed < len(parent.request.prompt_ids):
-                return False
-            keys = parent.block_keys[: (len(tokens) - 1) // size]
-            cached = parent.table.blocks[: len(keys)]
+                return None
+            keys = parent.block_keys[: (len(tokens) - 1) // self.blocks.block_size]
+            return keys, parent.table.blocks[: len(keys)]
+        keys = self.blocks.keys(tokens[: len(tokens) - 1], row.adapter_identity)  # >= 1 token to compute
+        return keys, [] if row.scoring_prompt else self.blocks.match(keys)  # cached tokens have no logits
+
+    def _admit(self, row: Row, keys: list[bytes], cached: list[int]) -> bool:
+        """Give `row` its `cached` prefix blocks and blocks for the rest of its tokens; False
+        (and no change) when the blocks are not there, keeping one spare block per running row."""
+        size = self.blocks.block_size
+        tokens = row.tokens
+        parent = self._running_parent(row)
+        if parent is not None:  # a fork shares its parent's prompt logprobs with its blocks
             row.prompt_logprobs = parent.prompt_logprobs
-        else:
-            keys = self.blocks.keys(tokens[: len(tokens) - 1], row.adapter_identity)  # >= 1 token to compute
-            cached = [] if row.scoring_prompt else self.blocks.match(keys)  # cached tokens have no logits
         self.blocks.hold(cached)
         needed = -(-len(tokens) // size) - len(cached)
         fresh = None
@@ -212,6 +234,9 @@ class Scheduler:
         row.num_computed = len(cached) * size
         self.stats.queried_tokens += len(tokens)
         self.stats.hit_tokens += row.num_computed
+        if row.admitted_at is None:
+            row.admitted_at = time.monotonic()
+            row.cached_prompt_tokens = min(row.num_computed, len(row.request.prompt_ids))
         self.running.append(row)
         return True
 

@@ -18,7 +18,7 @@ from deployments.contract.runtime_adapters import RuntimeAdapter
 from engine.request import Delta, RequestEnd, RequestStats
 
 STATS = RequestStats(prompt_tokens=5, completion_tokens=2, dropped_messages=0, latency=0.1,
-                     time_to_first_token=0.05, tokens_per_second=20.0)
+                     time_to_first_token=0.05, tokens_per_second=20.0, cached_prompt_tokens=4)
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
 
 

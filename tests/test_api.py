@@ -73,7 +73,7 @@ def test_non_streaming_failure_is_500_json_with_the_request_id():
 def test_success_is_logged_with_stats_and_model_resolution():
     client, backend, finished = make_client(ended([Delta("ok", finish_reason="stop", stats=STATS)]))
     reply = client.post("/v1/chat/completions", json={**CHAT, "model": "lora"}).json()
-    assert reply["usage"]["total_tokens"] == 7
+    assert reply["usage"]["total_tokens"] == 7 and reply["usage"]["prompt_tokens_details"] == {"cached_tokens": 4}
     assert client.post("/v1/chat/completions", json={**CHAT, "model": "base-alias"}).status_code == 200
     assert [c.adapter for c in backend.calls] == ["lora", None]
     # one id: the response's, the engine request's (the call's) and the request log's
@@ -422,13 +422,14 @@ def _usages(events: list[str]) -> list[tuple[int | None, dict | None]]:
     return [(c["choices"][0]["index"] if c["choices"] else None, c["usage"]) for c in chunks]
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 4) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 @pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "base", "prompt": "x"})])
 def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(path, body):
-    client, _, _ = make_client(ended([Delta("Hel", token_ids=[1], prompt_tokens=5),
+    client, _, _ = make_client(ended([Delta("Hel", token_ids=[1], prompt_tokens=5, cached_prompt_tokens=4),
                                       Delta("lo", token_ids=[2], finish_reason="stop", stats=STATS, prompt_tokens=5)]))
     usages = _usages(list(event_data(client.post(path, json={**body, **CONTINUOUS}))))
     role = [(0, _usage(5, 0))] if path == "/v1/chat/completions" else []
@@ -437,8 +438,8 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(path, body):
 
 def test_continuous_usage_counts_each_choice_on_its_own():
     stats = dataclasses.replace(STATS, completion_tokens=1)
-    client, _, _ = make_client(ended([Delta("a", token_ids=[1], index=0, prompt_tokens=5),
-                                      Delta("b", token_ids=[2], index=1, prompt_tokens=5),
+    client, _, _ = make_client(ended([Delta("a", token_ids=[1], index=0, prompt_tokens=5, cached_prompt_tokens=4),
+                                      Delta("b", token_ids=[2], index=1, prompt_tokens=5, cached_prompt_tokens=4),
                                       Delta("c", token_ids=[3], index=1, finish_reason="stop", stats=dataclasses.replace(stats, completion_tokens=2), prompt_tokens=5),
                                       Delta("", index=0, finish_reason="stop", stats=stats, prompt_tokens=5)]))
     usages = _usages(list(event_data(client.post("/v1/completions", json={"model": "base", "prompt": "x", "n": 2, **CONTINUOUS}))))

@@ -98,6 +98,28 @@ def test_only_a_steps_first_prompt_is_split(make_engine, reference):
     assert computed[: chunks + 2] == [16] * chunks + [rest, 1 + 10]
 
 
+def test_requests_arriving_together_compute_their_shared_prefix_once(make_engine, reference):
+    engine = make_engine(max_batch_size=4, max_step_tokens=24)
+    shared = ids(engine, LONG_TEXT)[:20]
+    prompts = [shared + ids(engine, f" user {i}") for i in range(3)]
+    requests = [GenerationRequest(p, GREEDY, request_id=str(i)) for i, p in enumerate(prompts)]
+    stats = {}
+    rows = [engine.new_row(r) for r in requests]
+    for row in rows:
+        engine.core.add(row)
+    while not all(row.finish_reason for row in rows):
+        for request_id, delta in engine.core.step():
+            if delta.stats:
+                stats[request_id] = delta.stats
+    # the first computes the shared tokens; the others wait (their prompts do not fit beside it)
+    # and, admitted in the next step, find its full blocks (4 tokens each) cached
+    common = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[1])) if a != b)
+    assert common >= 20
+    assert [stats[str(i)].cached_prompt_tokens for i in range(3)] == [0, common // 4 * 4, common // 4 * 4]
+    assert all(row.sampler.output_ids == reference(p, GREEDY.max_tokens) for row, p in zip(rows, prompts))
+    assert all(stats[str(i)].queue_s >= 0 for i in range(3))
+
+
 def test_memory_stays_within_the_budget_and_preempted_rows_resume_exactly(make_engine, reference):
     engine = make_engine(max_kv_tokens=160, max_batch_size=8, max_step_tokens=64)
     params = GREEDY.model_copy(update={"max_tokens": 50})

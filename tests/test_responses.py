@@ -177,6 +177,7 @@ def test_text_and_usage_as_a_response():
     assert message["content"] == [{"type": "output_text", "text": "Hello", "annotations": [], "logprobs": None}]
     assert {k: reply["usage"][k] for k in ("input_tokens", "output_tokens", "total_tokens")} == {
         "input_tokens": 5, "output_tokens": 2, "total_tokens": 7}
+    assert reply["usage"]["input_tokens_details"] == {"cached_tokens": 4}
     assert finished == [Finished(reply["id"], "base", "responses", 200, STATS)] and backend.calls[0].request_id == reply["id"]
 
 

@@ -363,7 +363,7 @@ class ApiService:
             try:
                 if meta.kind == "chat":
                     if isinstance(first, Delta):
-                        buffers.prompt_tokens = first.prompt_tokens or 0
+                        buffers.note_prompt(first)
                     yield "".join(sse(meta.chunk(role=True, index=i, usage=self._so_far(usage, buffers, i)))
                                   for i in range(len(buffers.per_choice)))
                 frame, done = self._frame(request_id, first, meta, usage, buffers)

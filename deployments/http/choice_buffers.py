@@ -18,7 +18,14 @@ from engine.logprobs import TokenLogprob
 from engine.request import Delta
 
 from deployments.http.logprob_format import chat_logprobs, completion_logprobs
-from deployments.http.openai_format import ChatLogprobs, ChoiceOutput, CompletionLogprobs, Kind, Usage
+from deployments.http.openai_format import (
+    ChatLogprobs,
+    ChoiceOutput,
+    CompletionLogprobs,
+    Kind,
+    PromptTokensDetails,
+    Usage,
+)
 from deployments.http.tool_calls import tool_calls_of
 
 
@@ -48,6 +55,7 @@ class ChoiceBuffers:
         self.kind, self.logprobs = kind, logprobs
         self.per_choice = [ChoiceBuffer() for _ in range(n)]
         self.prompt_tokens = 0
+        self.cached_tokens = 0
 
     def collect(self, delta: Delta) -> tuple[str, list[TokenLogprob]]:
         """Add a delta to its choice; return its text (echoed prompt first) and logprobs."""
@@ -57,17 +65,24 @@ class ChoiceBuffers:
         state.text += text
         state.entries += entries
         state.tokens += len(delta.token_ids)
-        self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
+        self.note_prompt(delta)
         return text, entries
+
+    def note_prompt(self, delta: Delta) -> None:
+        """Take the prompt's token counts from a choice's first delta (later ones carry none)."""
+        self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
+        self.cached_tokens = delta.cached_prompt_tokens or self.cached_tokens
 
     def usage_so_far(self, index: int) -> Usage:
         """vLLM's continuous usage of choice `index`: the prompt, and the choice's tokens so far
         (its final count once it has ended)."""
         state = self.per_choice[index]
         stats = state.last.stats if state.last else None
-        prompt = stats.prompt_tokens if stats else self.prompt_tokens
-        completion = stats.completion_tokens if stats else state.tokens
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        if stats is not None:
+            return Usage.of(stats)
+        prompt, completion = self.prompt_tokens, state.tokens
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
 
     def piece(self, delta: Delta) -> Piece:
         """The delta as the client sees it in a stream."""

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from engine.request import RequestStats
 
@@ -33,17 +33,23 @@ DONE = "[DONE]"  # the last event's data
 DONE_FRAME = f"data: {DONE}\n\n"
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens found in the prefix cache (not computed again).")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
     def of(cls, stats: RequestStats | None) -> Usage | None:
         if stats is None:
             return None
         return cls(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                   total_tokens=stats.prompt_tokens + stats.completion_tokens)
+                   total_tokens=stats.prompt_tokens + stats.completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_prompt_tokens))
 
 
 class TopLogprob(BaseModel):

@@ -70,8 +70,10 @@ class ResponseUsage(BaseModel):
     def of(cls, usage: Usage | None) -> ResponseUsage | None:
         if usage is None:
             return None
+        details = usage.prompt_tokens_details
         return cls(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                   total_tokens=usage.total_tokens)
+                   total_tokens=usage.total_tokens,
+                   input_tokens_details=InputTokensDetails(cached_tokens=details.cached_tokens if details else 0))
 
 
 class IncompleteDetails(BaseModel):
