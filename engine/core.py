@@ -30,9 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.attention_kernel import kernel_for as attention_kernel_for
 from engine.blocks import BlockManager
 from engine.config import EngineConfig
-from engine.kv_cache import PagedKVCache
+from engine.kv_cache import PagedKVCache, attention_shape
 from engine.loader import LoadedModel
 from engine.adapters import AdapterManager
 from engine.postprocess import Event, Postprocessor
@@ -95,7 +96,11 @@ class EngineCore:
             self.blocks, config.max_batch_size, config.max_step_tokens, fair_share=config.fair_share,
             can_admit=lambda row: adapters.is_active(row.request.adapter, row.adapter_identity),
         )
-        self.runner = ModelRunner(loaded.model, self.cache, adapters.layers, adapters.placements)
+        self.runner = ModelRunner(
+            loaded.model, self.cache, adapters.layers, adapters.placements,
+            attention_kernel_for(config.attention_kernel, loaded.device, loaded.dtype,
+                                 attention_shape(loaded.model.config)[1]),
+        )
         self.post = Postprocessor(self.scheduler, loaded.tokenizer)
         self._incoming: deque[Row] = deque()
         self._last_rows = 0

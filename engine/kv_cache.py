@@ -29,6 +29,7 @@ import torch
 from transformers import PretrainedConfig
 
 if TYPE_CHECKING:
+    from engine.attention_kernel import AttendOp
     from engine.config import EngineConfig
 
 
@@ -80,15 +81,23 @@ class SequenceLayout:
     q_len: int
     runs: list[tuple[int, int]]
     gather: torch.Tensor | None = None  # [context] slots in order: attention copies the context out first
+    kernel_slots: torch.Tensor | None = None  # [context] int32 slots in order: the attention kernel reads them
 
     @property
     def context(self) -> int:
         return sum(length for _, length in self.runs)
 
+    def context_slots(self) -> torch.Tensor:
+        """The slot of every context position, in order (on the CPU)."""
+        return torch.cat([torch.arange(first, first + length) for first, length in self.runs])
+
     def gathered(self, device: torch.device) -> SequenceLayout:
-        """This layout with `gather` set: the slot of every context position, in order."""
-        slots = torch.cat([torch.arange(first, first + length) for first, length in self.runs])
-        return SequenceLayout(self.q_start, self.q_len, self.runs, slots.to(device))
+        """This layout with `gather` set."""
+        return SequenceLayout(self.q_start, self.q_len, self.runs, self.context_slots().to(device))
+
+    def with_kernel_slots(self) -> SequenceLayout:
+        """This layout with `kernel_slots` set (the kernel runs on the CPU)."""
+        return SequenceLayout(self.q_start, self.q_len, self.runs, kernel_slots=self.context_slots().int())
 
 
 @dataclass
@@ -123,6 +132,7 @@ class StepLayout:
     tokens: int  # T
     short_decodes: ShortDecodes | None
     sequences: list[SequenceLayout]
+    attention_kernel: AttendOp | None = None  # attends the sequences with kernel_slots
 
 
 class PagedKVCache:

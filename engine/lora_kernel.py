@@ -13,10 +13,8 @@ uses rows [first[t], first[t] + rank[t]), rank 0 none; first and rank int32 [n])
 
 x, a_rows, b_rows and out share one dtype (float32, bfloat16 or float16) and sum in float32.
 
-`torch.utils.cpp_extension.load` builds it with the system's C++ compiler and ninja into
-torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions), once per
-source version; later processes load the cached library. `make install` builds it
-(`python -m engine.lora_kernel`), so tests and servers find it ready. When the build fails
+It is built by engine/native_build.py (torch's extension cache, once per source version and
+torch version; `make install` builds it: `python -m engine.lora_kernel`). When the build fails
 (no compiler, no ninja), `load_kernel` logs one warning saying why and returns None: the
 torch path runs instead.
 
@@ -29,10 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
-import re
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,18 +34,12 @@ from pathlib import Path
 
 import torch
 
+from engine.native_build import CSRC, load_library, versioned
+
 log = logging.getLogger(__name__)
 
-# One build per torch version (torch's cache is keyed by the sources and flags, not by torch).
-NAME = "lora_serve_kernel_" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
-SOURCES = (Path(__file__).resolve().parent / "csrc" / "lora_kernel.cpp",)
-# -O3: load() adds no optimization flag of its own (-O2 builds in half the time, 18 s here,
-# and runs a step's calls at one adapter about 30% slower). No -march: the source picks the
-# instruction set per CPU at run time (target_clones), so a cached build runs on any CPU.
-# -fopenmp: at::parallel_for is inline and runs serially without it; the library then links
-# libgomp.so.1, the runtime torch itself loaded (torch ships it), so both share one thread pool.
-OPENMP = ("-fopenmp",) if sys.platform.startswith("linux") else ()
-CFLAGS = ("-O3", "-Wno-psabi", *OPENMP)
+NAME = versioned("lora_serve_kernel")
+SOURCES = (CSRC / "lora_kernel.cpp",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -74,36 +62,10 @@ def load_kernel() -> LoraKernel | None:
 def build(name: str = NAME, sources: tuple[Path, ...] = SOURCES, build_directory: Path | None = None) -> LoraKernel | None:
     """Build (or load the cached build of) `sources` as the library `name` and return its ops;
     None, with one warning saying why, when that fails. `build_directory`: default torch's."""
-    from torch.utils import cpp_extension
-
-    started = time.perf_counter()
-    _find_ninja()
-    try:
-        cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=list(CFLAGS),
-                           extra_ldflags=list(OPENMP), is_python_module=False, verbose=False,
-                           build_directory=str(build_directory) if build_directory else None)
-    except Exception as error:  # noqa: BLE001 - whatever stops the build (compiler, ninja, headers), the torch path runs
-        log.warning("LoRA kernel not available, using the torch path: %s", _reason(error))
-        log.debug("LoRA kernel build failed", exc_info=True)
+    if not load_library(name, sources, "LoRA kernel", build_directory):
         return None
     ops = torch.ops.lora_serve
-    log.info("LoRA kernel loaded in %.1f s", time.perf_counter() - started)
     return LoraKernel(ops.shrink.default, ops.expand_.default, ops.add_lora_.default)
-
-
-def _find_ninja() -> None:
-    """torch looks for `ninja` on PATH; the one requirements.txt installs sits beside this
-    interpreter, which is not on PATH when the venv's python is run by its path (make, Ray
-    workers). Put that folder at PATH's end when PATH has no ninja of its own."""
-    scripts = Path(sys.executable).parent
-    if shutil.which("ninja") is None and (scripts / "ninja").exists():
-        os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), str(scripts)])
-
-
-def _reason(error: Exception) -> str:
-    """One line of a failed build: the compiler's first error, else the message's first line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return next((line for line in lines if "error:" in line or "not found" in line), lines[0])[:300]
 
 
 def kernel_for(setting: str, device: torch.device, dtype: torch.dtype) -> LoraKernel | None:

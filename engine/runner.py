@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from engine.attention import SHORT_CONTEXT, should_gather, use_paged_attention
+from engine.attention import KERNEL_MIN_QUERIES, SHORT_CONTEXT, should_gather, use_paged_attention
+from engine.attention_kernel import AttendOp
 from engine.kv_cache import PagedKVCache, SequenceLayout, ShortDecodes, StepLayout
 from engine.logprobs import PromptSpan, prompt_positions
 from engine.lora import LoraLayers
@@ -59,13 +60,15 @@ class ModelRunner:
     """Runs the model on packed steps over the engine's KV cache."""
 
     def __init__(
-        self, model: PreTrainedModel, cache: PagedKVCache, lora: LoraLayers, placements: Mapping[str, Placement]
+        self, model: PreTrainedModel, cache: PagedKVCache, lora: LoraLayers, placements: Mapping[str, Placement],
+        attention_kernel: AttendOp | None = None,
     ):
         """`placements`: each loaded adapter's rows, read at every step (its owner updates it
-        between steps)."""
+        between steps); `attention_kernel`: the CPU bf16 kernel for prompt chunks, or None (SDPA)."""
         use_paged_attention(model)
         self.model = model
         self.cache = cache
+        self.attention_kernel = attention_kernel
         self.lora = lora
         self.placements = placements
         self.device = next(model.parameters()).device
@@ -134,11 +137,13 @@ class ModelRunner:
         for seq in sequences:
             if seq.q_len == 1 and seq.context <= SHORT_CONTEXT:
                 short.append(seq)
+            elif self.attention_kernel is not None and seq.q_len >= KERNEL_MIN_QUERIES:
+                others.append(seq.with_kernel_slots())
             else:
                 others.append(seq.gathered(device) if should_gather(seq, device) else seq)
         layout = StepLayout(
             self.cache, torch.tensor(slots, device=device), len(ids),
-            ShortDecodes.build(short, device) if short else None, others,
+            ShortDecodes.build(short, device) if short else None, others, self.attention_kernel,
         )
         return PackedStep(
             input_ids=torch.tensor([ids], device=device),

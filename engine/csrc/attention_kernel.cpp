@@ -1,0 +1,290 @@
+// Attention of a bf16 prompt chunk over its context on the CPU, with AVX-512 BF16 dot products.
+//
+// PyTorch's CPU flash kernel widens bf16 to fp32 and multiplies at the fp32 rate; this CPU's
+// bf16 dot product (vdpbf16ps: pairs of bf16 products summed into fp32) runs about four
+// times that. The kernel keeps flash attention's shape (one pass over the keys in blocks, a
+// running max and sum per query, no score matrix in memory) and its precision on GPUs:
+// scores are exact fp32 sums of bf16 products, softmax is fp32, and the probabilities are
+// rounded to bf16 for the product with the values, whose sums are fp32 again.
+//
+// Op (schema in TORCH_LIBRARY below):
+//   attend(q [H, M, D] bf16, keys [H, S, D] bf16, values [H, S, D] bf16, slots int32 [N],
+//          queries n, scale) -> out [H, M, D] bf16
+// H: KV heads; the query heads sharing a KV head are folded into M: row g * n + i is query i
+// of head g of the group (M = group * n). Key j of the context lies in cache slot slots[j]
+// (the context may lie in several runs of blocks); query i sits at position N - n + i and
+// sees keys 0..N - n + i (causal within the chunk, all of the earlier context). D: a
+// multiple of 16. keys / values: the cache layer, last dimension contiguous.
+//
+// One call: (1) repack the context's keys into tiles of 16 keys with each pair of dims
+// interleaved, and its values with each pair of keys interleaved, so every vdpbf16ps reads one
+// full vector (the repack is the gather: slots are read here and nowhere else); (2) for each
+// KV head and group of ROWS query rows (in parallel), walk the keys in blocks of BLOCK:
+// scores for ROWS x BLOCK, the online softmax update, the probabilities times the values.
+// Blocks no row of the group may see (causal) are skipped.
+//
+// The op is compiled for AVX-512 BF16 (function target attributes); `supported()` says
+// whether this CPU has it. Callers use another path when it does not (engine/attention.py).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace lora_serve_attention {
+namespace {
+
+constexpr int KEYS = 16;   // keys per score tile: one vector of fp32 scores
+constexpr int BLOCK = 64;  // keys per softmax block
+constexpr int TILES = BLOCK / KEYS;
+constexpr int ROWS = 8;    // query rows computed together (each key tile is read once for them)
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr float FLOOR = -1e30f;  // the running max before any key: finite, so exp(FLOOR - x) is 0
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define BF16_INLINE BF16_TARGET inline __attribute__((always_inline))
+
+bool cpu_has_bf16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+// e^x for x <= 0: 2^(x log2 e) = 2^n * 2^f, n = round, |f| <= 1/2, 2^f by its
+// degree-6 Taylor polynomial (relative error about 1e-7).
+BF16_INLINE __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // below: 0 after the rounding to bf16 anyway
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(LOG2E));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The context repacked for vdpbf16ps (see the file comment). Words are bf16 pairs.
+struct Packed {
+  int64_t padded;  // keys, rounded up to BLOCK (the rest are zeros, masked out)
+  int64_t pairs;   // D / 2
+  std::vector<uint32_t> keys;    // [H][padded / KEYS][pairs][KEYS]: dims 2p, 2p+1 of key t*16+k
+  std::vector<uint32_t> values;  // [H][padded / 2][D / KEYS][KEYS]: dim c of keys 2j, 2j+1
+};
+
+const uint16_t* slot_row(const at::Tensor& cache, int64_t head, int32_t slot) {
+  return reinterpret_cast<const uint16_t*>(cache.data_ptr<at::BFloat16>()) + head * cache.stride(0) +
+         static_cast<int64_t>(slot) * cache.stride(1);
+}
+
+Packed repack(const at::Tensor& keys, const at::Tensor& values, const int32_t* slots, int64_t n_keys) {
+  const int64_t heads = keys.size(0), dim = keys.size(2);
+  Packed packed;
+  packed.padded = (n_keys + BLOCK - 1) / BLOCK * BLOCK;
+  packed.pairs = dim / 2;
+  const int64_t tiles = packed.padded / KEYS;
+  packed.keys.assign(heads * packed.padded * packed.pairs, 0);
+  packed.values.assign(heads * packed.padded * packed.pairs, 0);
+  at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t head = item / tiles, tile = item % tiles;
+      uint32_t* kout = packed.keys.data() + (head * tiles + tile) * packed.pairs * KEYS;
+      uint32_t* vout = packed.values.data() + (head * tiles + tile) * (KEYS / 2) * dim;
+      for (int k = 0; k < KEYS; ++k) {
+        const int64_t key = tile * KEYS + k;
+        if (key >= n_keys) break;
+        const uint16_t* krow = slot_row(keys, head, slots[key]);
+        const uint16_t* vrow = slot_row(values, head, slots[key]);
+        for (int64_t p = 0; p < packed.pairs; ++p) {
+          kout[p * KEYS + k] = uint32_t(krow[2 * p]) | (uint32_t(krow[2 * p + 1]) << 16);
+        }
+        // key pair k / 2 of this tile; dims in chunks of KEYS; the even key in the low half
+        uint32_t* vpair = vout + (k / 2) * dim;
+        const int shift = (k % 2) * 16;
+        for (int64_t c = 0; c < dim; ++c) {
+          vpair[(c / KEYS) * KEYS + c % KEYS] |= uint32_t(vrow[c]) << shift;
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+struct Rows {
+  // the query rows [first, first + count) of one KV head, and the last key each may see
+  int64_t first;
+  int count;
+  int64_t last_key[ROWS];
+};
+
+// Scores of ROWS query rows against one block of keys: scores[r][k], fp32, scaled.
+BF16_INLINE void block_scores(const uint32_t* const q[ROWS], const uint32_t* ktiles, int64_t pairs, float scale,
+                              float scores[ROWS][BLOCK]) {
+  for (int t = 0; t < TILES; ++t) {
+    const uint32_t* tile = ktiles + t * pairs * KEYS;
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512bh k = (__m512bh)_mm512_loadu_si512(tile + p * KEYS);
+      for (int r = 0; r < ROWS; ++r) {
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(q[r][p])), k);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      _mm512_storeu_ps(scores[r] + t * KEYS, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+    }
+  }
+}
+
+// Online softmax over one block for one row: keys past `last` (relative to the block) get 0,
+// updates max and sum, rescales the row's output, writes the bf16 probabilities.
+BF16_INLINE void softmax_block(float* scores, int64_t last, float& max, float& sum, float* out, int64_t dim,
+                               uint16_t* probs) {
+  __m512 s[TILES];
+  __mmask16 keep[TILES];
+  __m512 block_max = _mm512_set1_ps(FLOOR);
+  for (int t = 0; t < TILES; ++t) {
+    const int64_t visible = std::clamp<int64_t>(last + 1 - t * KEYS, 0, KEYS);
+    keep[t] = visible >= KEYS ? __mmask16(0xFFFF) : __mmask16((1u << visible) - 1);
+    s[t] = _mm512_loadu_ps(scores + t * KEYS);
+    block_max = _mm512_mask_max_ps(block_max, keep[t], block_max, s[t]);
+  }
+  const float new_max = std::max(max, _mm512_reduce_max_ps(block_max));
+  const float correction = std::exp(max - new_max);
+  const __m512 shift = _mm512_set1_ps(new_max);
+  __m512 total = _mm512_setzero_ps();
+  for (int t = 0; t < TILES; t += 2) {
+    const __m512 p0 = _mm512_maskz_mov_ps(keep[t], exp_ps(_mm512_sub_ps(s[t], shift)));
+    const __m512 p1 = _mm512_maskz_mov_ps(keep[t + 1], exp_ps(_mm512_sub_ps(s[t + 1], shift)));
+    total = _mm512_add_ps(total, _mm512_add_ps(p0, p1));
+    _mm512_storeu_si512(probs + t * KEYS, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+  }
+  sum = sum * correction + _mm512_reduce_add_ps(total);
+  max = new_max;
+  if (correction != 1.0f) {
+    const __m512 c = _mm512_set1_ps(correction);
+    for (int64_t d = 0; d < dim; d += KEYS) _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_loadu_ps(out + d), c));
+  }
+}
+
+// out[r] += probs[r] @ values of the block, for ROWS rows.
+BF16_INLINE void block_values(const uint16_t probs[ROWS][BLOCK], const uint32_t* vpairs, int64_t dim,
+                              float* out[ROWS]) {
+  for (int64_t c = 0; c < dim; c += KEYS) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_loadu_ps(out[r] + c);
+    for (int j = 0; j < BLOCK / 2; ++j) {
+      const __m512bh v = (__m512bh)_mm512_loadu_si512(vpairs + j * dim + c);
+      for (int r = 0; r < ROWS; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, probs[r] + 2 * j, sizeof(pair));
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(pair)), v);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(out[r] + c, acc[r]);
+  }
+}
+
+BF16_TARGET void attend_rows(const at::Tensor& q, const Packed& packed, int64_t head, const Rows& rows, float scale,
+                             at::Tensor& result) {
+  const int64_t dim = q.size(2), pairs = packed.pairs, tiles = packed.padded / KEYS;
+  const uint32_t zeros[256] = {};
+  const uint32_t* qrows[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    qrows[r] = r < rows.count ? reinterpret_cast<const uint32_t*>(q.data_ptr<at::BFloat16>() + head * q.stride(0) +
+                                                                  (rows.first + r) * q.stride(1))
+                              : zeros;
+  }
+  std::vector<float> out_buffer(ROWS * dim, 0.0f);
+  float* out[ROWS];
+  for (int r = 0; r < ROWS; ++r) out[r] = out_buffer.data() + r * dim;
+  float max[ROWS], sum[ROWS];
+  std::fill(max, max + ROWS, FLOOR);
+  std::fill(sum, sum + ROWS, 0.0f);
+  alignas(64) float scores[ROWS][BLOCK];
+  alignas(64) uint16_t probs[ROWS][BLOCK];
+  const int64_t last = *std::max_element(rows.last_key, rows.last_key + rows.count);
+  const uint32_t* kbase = packed.keys.data() + head * tiles * pairs * KEYS;
+  const uint32_t* vbase = packed.values.data() + head * (packed.padded / 2) * dim;
+  for (int64_t start = 0; start <= last; start += BLOCK) {
+    block_scores(qrows, kbase + (start / KEYS) * pairs * KEYS, pairs, scale, scores);
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t visible = r < rows.count ? rows.last_key[r] - start : -1;
+      softmax_block(scores[r], visible, max[r], sum[r], out[r], dim, probs[r]);
+    }
+    block_values(probs, vbase + (start / 2) * dim, dim, out);
+  }
+  uint16_t* dest = reinterpret_cast<uint16_t*>(result.data_ptr<at::BFloat16>());
+  for (int r = 0; r < rows.count; ++r) {
+    const __m512 inverse = _mm512_set1_ps(1.0f / sum[r]);
+    uint16_t* row = dest + head * result.stride(0) + (rows.first + r) * result.stride(1);
+    for (int64_t c = 0; c < dim; c += KEYS) {
+      const __m256bh converted = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(out[r] + c), inverse));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + c), (__m256i)converted);
+    }
+  }
+}
+
+bool supported() {
+  static const bool has = cpu_has_bf16();
+  return has;
+}
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& slots,
+                  int64_t queries, double scale) {
+  TORCH_CHECK(supported(), "attend: this CPU has no AVX-512 BF16");
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "attend: q, keys, values must be 3-d");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
+                  values.scalar_type() == at::kBFloat16, "attend: bfloat16 tensors only");
+  TORCH_CHECK(q.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(), "attend: CPU tensors only");
+  const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2);
+  TORCH_CHECK(keys.size(0) == heads && values.size(0) == heads, "attend: q, keys, values need the same KV heads");
+  TORCH_CHECK(keys.size(2) == dim && values.size(2) == dim, "attend: q, keys, values need the same head size");
+  TORCH_CHECK(dim % KEYS == 0 && dim <= 512, "attend: the head size must be a multiple of 16, at most 512");
+  TORCH_CHECK(q.stride(2) == 1 && keys.stride(2) == 1 && values.stride(2) == 1, "attend: last dimension contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kInt && slots.dim() == 1 && slots.is_contiguous(), "attend: slots int32 [N]");
+  const int64_t n_keys = slots.size(0);
+  TORCH_CHECK(queries > 0 && queries <= n_keys && rows % queries == 0,
+              "attend: queries must divide q's rows and be at most the context");
+  const int32_t* slot = slots.data_ptr<int32_t>();
+  for (int64_t j = 0; j < n_keys; ++j) {
+    TORCH_CHECK(slot[j] >= 0 && slot[j] < keys.size(1) && slot[j] < values.size(1), "attend: slot out of range");
+  }
+  const Packed packed = repack(keys, values, slot, n_keys);
+  at::Tensor result = at::empty({heads, rows, dim}, q.options());
+  const int64_t groups = (rows + ROWS - 1) / ROWS;
+  at::parallel_for(0, heads * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      Rows chunk;
+      chunk.first = (item % groups) * ROWS;
+      chunk.count = int(std::min<int64_t>(ROWS, rows - chunk.first));
+      for (int r = 0; r < chunk.count; ++r) chunk.last_key[r] = n_keys - queries + (chunk.first + r) % queries;
+      attend_rows(q, packed, item / groups, chunk, float(scale), result);
+    }
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lora_serve_attention, m) {
+  m.def("supported() -> bool", &supported);
+  m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor slots, int queries, float scale) -> Tensor", &attend);
+}
+
+}  // namespace lora_serve_attention
