@@ -43,7 +43,7 @@ namespace lora_serve_attention {
 namespace {
 
 constexpr int KEYS = 16;   // keys per score tile: one vector of fp32 scores
-constexpr int BLOCK = 64;  // keys per softmax block
+constexpr int BLOCK = 128;  // keys per softmax block
 constexpr int TILES = BLOCK / KEYS;
 constexpr int ROWS = 8;    // query rows computed together (each key tile is read once for them)
 constexpr float LOG2E = 1.44269504088896341f;
@@ -132,21 +132,29 @@ struct Rows {
   int64_t last_key[ROWS];
 };
 
-// Scores of ROWS query rows against one block of keys: scores[r][k], fp32, scaled.
+// Scores of ROWS query rows against one block of keys: scores[r][k], fp32, scaled. Two tiles
+// at a time: 2 x ROWS independent sums keep the dot-product unit busy (its latency is longer
+// than ROWS of them take to issue).
 BF16_INLINE void block_scores(const uint32_t* const q[ROWS], const uint32_t* ktiles, int64_t pairs, float scale,
                               float scores[ROWS][BLOCK]) {
-  for (int t = 0; t < TILES; ++t) {
-    const uint32_t* tile = ktiles + t * pairs * KEYS;
-    __m512 acc[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+  for (int t = 0; t < TILES; t += 2) {
+    const uint32_t* tile0 = ktiles + t * pairs * KEYS;
+    const uint32_t* tile1 = tile0 + pairs * KEYS;
+    __m512 acc0[ROWS], acc1[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int64_t p = 0; p < pairs; ++p) {
-      const __m512bh k = (__m512bh)_mm512_loadu_si512(tile + p * KEYS);
+      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(tile0 + p * KEYS);
+      const __m512bh k1 = (__m512bh)_mm512_loadu_si512(tile1 + p * KEYS);
       for (int r = 0; r < ROWS; ++r) {
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(q[r][p])), k);
+        const __m512bh qr = (__m512bh)_mm512_set1_epi32(int(q[r][p]));
+        acc0[r] = _mm512_dpbf16_ps(acc0[r], qr, k0);
+        acc1[r] = _mm512_dpbf16_ps(acc1[r], qr, k1);
       }
     }
+    const __m512 factor = _mm512_set1_ps(scale);
     for (int r = 0; r < ROWS; ++r) {
-      _mm512_storeu_ps(scores[r] + t * KEYS, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+      _mm512_storeu_ps(scores[r] + t * KEYS, _mm512_mul_ps(acc0[r], factor));
+      _mm512_storeu_ps(scores[r] + (t + 1) * KEYS, _mm512_mul_ps(acc1[r], factor));
     }
   }
 }
@@ -182,10 +190,34 @@ BF16_INLINE void softmax_block(float* scores, int64_t last, float& max, float& s
   }
 }
 
-// out[r] += probs[r] @ values of the block, for ROWS rows.
+// out[r] += probs[r] @ values of the block, for ROWS rows: two chunks of 16 columns at a time
+// (2 x ROWS independent sums, as in block_scores), then the last chunk alone when D / 16 is odd.
 BF16_INLINE void block_values(const uint16_t probs[ROWS][BLOCK], const uint32_t* vpairs, int64_t dim,
                               float* out[ROWS]) {
-  for (int64_t c = 0; c < dim; c += KEYS) {
+  int64_t c = 0;
+  for (; c + 2 * KEYS <= dim; c += 2 * KEYS) {
+    __m512 acc0[ROWS], acc1[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      acc0[r] = _mm512_loadu_ps(out[r] + c);
+      acc1[r] = _mm512_loadu_ps(out[r] + c + KEYS);
+    }
+    for (int j = 0; j < BLOCK / 2; ++j) {
+      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vpairs + j * dim + c);
+      const __m512bh v1 = (__m512bh)_mm512_loadu_si512(vpairs + j * dim + c + KEYS);
+      for (int r = 0; r < ROWS; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, probs[r] + 2 * j, sizeof(pair));
+        const __m512bh pr = (__m512bh)_mm512_set1_epi32(int(pair));
+        acc0[r] = _mm512_dpbf16_ps(acc0[r], pr, v0);
+        acc1[r] = _mm512_dpbf16_ps(acc1[r], pr, v1);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      _mm512_storeu_ps(out[r] + c, acc0[r]);
+      _mm512_storeu_ps(out[r] + c + KEYS, acc1[r]);
+    }
+  }
+  if (c < dim) {
     __m512 acc[ROWS];
     for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_loadu_ps(out[r] + c);
     for (int j = 0; j < BLOCK / 2; ++j) {
