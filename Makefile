@@ -1,8 +1,8 @@
 # make serve: serve the default model (CPU, SmolLM2-135M-Instruct) with `serve run serve_config.yaml`
 # make test:  run the test suite
-# Both create .venv and install requirements.txt on first use (and build the CPU LoRA kernel,
+# Both create .venv and install requirements.txt on first use (and build the CPU kernels,
 # engine/csrc, into torch's extension cache); later runs skip the install unless
-# requirements.txt changed.
+# requirements.txt or a kernel's source changed.
 
 PYTHON ?= python3
 VENV := .venv
