@@ -6,8 +6,10 @@ actual earlier replies, plus a new user message of about M tokens (default 280; 
 a fixed corpus in an order of its own per user and turn, see bench/chat_text.py: users share
 no prefix beyond the system prompt). Requests stream, greedy (temperature 0), at most
 --max-tokens tokens (default 64; replies end at EOS or there). Measured per turn and user:
-TTFT (request sent -> first content chunk) and prompt tokens (the server's usage, else our
-tokenizer's count of the chat template).
+TTFT (request sent -> first content chunk), prompt tokens (the server's usage, else our
+tokenizer's count of the chat template) and, where the server reports them
+(`usage.prompt_tokens_details.cached_tokens`), the prompt tokens found in its prefix cache.
+`--workload shared-prefix` is issue #25's: every message repeats one background text.
 
 Systems, one after the other, each after one untimed warm-up request:
 

@@ -108,8 +108,10 @@ def stats(**fields) -> RequestStats:
 
 
 def test_ttft_is_tagged_cold_when_the_request_waited_for_its_adapter():
-    metrics = recording(RequestMetrics(LABELS), "requests", "ttft", "text_held", "tpot", "tokens", "prompt_tokens")
-    metrics.record("listed-a", "chat", 200, stats(adapter_load_s=0.6, first_text_held_s=0.05))
+    metrics = recording(RequestMetrics(LABELS), "requests", "ttft", "text_held", "tpot", "tokens", "prompt_tokens",
+                        "queue", "cached_tokens")
+    metrics.record("listed-a", "chat", 200, stats(adapter_load_s=0.6, first_text_held_s=0.05, queue_s=0.2,
+                                                  cached_prompt_tokens=8))
     metrics.record("listed-a", "chat", 200, stats())
     metrics.record("store/x", "chat", 200, stats(adapter_load_s=1.0))
     assert [tags for _, tags in metrics.ttft.calls] == [
@@ -119,6 +121,8 @@ def test_ttft_is_tagged_cold_when_the_request_waited_for_its_adapter():
     assert metrics.requests.calls[0] == (1, {"model": "listed-a", "endpoint": "chat", "status": "200"})
     assert metrics.prompt_tokens.calls[0] == (10, {"model": "listed-a"})
     assert metrics.text_held.calls == [(0.05, {"model": "listed-a"})]  # only where text was released
+    assert metrics.queue.calls == [(0.2, {"model": "listed-a"})]  # only where the request was admitted
+    assert metrics.cached_tokens.calls == [(8, {"model": "listed-a"})]  # Ray's counters refuse 0
 
 
 class FakeEngine:

@@ -64,7 +64,7 @@ def test_each_request_is_logged_with_its_numbers(client, request_log):
     while f"id={reply.id} " not in request_log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     line = [x for x in request_log.read_text().splitlines() if f"id={reply.id} " in x][-1]
-    for field in ("completion_tokens=5 ", "model=tiny", "endpoint=chat", "status=200", "prompt_tokens=", "latency=", "ttft=", "tokens_per_s="):
+    for field in ("completion_tokens=5 ", "model=tiny", "endpoint=chat", "status=200", "prompt_tokens=", "cached_tokens=", "latency=", "queue=", "ttft=", "tokens_per_s="):
         assert field in line
     assert "replica=" in line and "replica=-" not in line  # the replica's name, from the reply's ReplyEnd
 

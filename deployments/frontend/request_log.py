@@ -24,10 +24,11 @@ class RequestRecorder:
             self.log.info("id=%s model=%s endpoint=%s status=%d", finished.request_id, model, endpoint, status)
             return
         self.log.info(
-            "id=%s model=%s endpoint=%s status=%d prompt_tokens=%d completion_tokens=%d latency=%.3fs "
-            "ttft=%s tokens_per_s=%s dropped_messages=%d replica=%s stop_reason=%s",
-            finished.request_id, model, endpoint, status, stats.prompt_tokens, stats.completion_tokens,
-            stats.latency, _fmt(stats.time_to_first_token, "{:.3f}s"), _fmt(stats.tokens_per_second, "{:.1f}"),
+            "id=%s model=%s endpoint=%s status=%d prompt_tokens=%d cached_tokens=%d completion_tokens=%d "
+            "latency=%.3fs queue=%s ttft=%s tokens_per_s=%s dropped_messages=%d replica=%s stop_reason=%s",
+            finished.request_id, model, endpoint, status, stats.prompt_tokens, stats.cached_prompt_tokens,
+            stats.completion_tokens, stats.latency, _fmt(stats.queue_s, "{:.3f}s"),
+            _fmt(stats.time_to_first_token, "{:.3f}s"), _fmt(stats.tokens_per_second, "{:.1f}"),
             stats.dropped_messages, finished.replica or "-", stats.stop_reason or "-",
         )
 

@@ -122,6 +122,14 @@ class RequestMetrics:
             "llm_time_per_output_token_seconds", "Time per output token after the first.",
             TOKEN_BUCKETS, ("model",),
         )
+        self.queue = metrics.Histogram(
+            "llm_queue_seconds", "From a request's arrival at the engine to its admission (KV blocks given): "
+            "the part of time to first token spent waiting for other requests' work.",
+            LATENCY_BUCKETS, ("model",),
+        )
+        self.cached_tokens = metrics.Counter(
+            "llm_cached_prompt_tokens", "Prompt tokens of finished requests found in the prefix cache.", ("model",)
+        )
         self.tokens = metrics.Counter("llm_generated_tokens", "Generated tokens.", ("model",))
         self.prompt_tokens = metrics.Counter("llm_prompt_tokens", "Prompt tokens of finished requests.", ("model",))
 
@@ -132,6 +140,10 @@ class RequestMetrics:
             return
         self.tokens.inc(stats.completion_tokens, tags)
         self.prompt_tokens.inc(stats.prompt_tokens, tags)
+        if stats.cached_prompt_tokens:  # Ray's counters refuse 0
+            self.cached_tokens.inc(stats.cached_prompt_tokens, tags)
+        if stats.queue_s is not None:
+            self.queue.observe(stats.queue_s, tags)
         if stats.time_to_first_token is not None:
             self.ttft.observe(stats.time_to_first_token, {**tags, "adapter_load": adapter_load(stats)})
         if stats.first_text_held_s is not None:
