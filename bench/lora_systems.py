@@ -21,14 +21,19 @@ from collections import Counter, OrderedDict
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from bench.lora_outcomes import EngineSteps, Job, Outcome
 from bench.lora_phases import WARMUP_TOKENS, Clock
 from bench.lora_workload import TraceRequest
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
-from engine.request import GenerationRequest, RequestEnd
+from engine.request import GenerationRequest
+
+try:  # a stream ends with a RequestEnd since issue #27; the "before" checkout's with its last delta
+    from engine.request import RequestEnd
+except ImportError:
+    RequestEnd = None
 
 WARMUP_REQUESTS = 2
 
@@ -134,15 +139,15 @@ class EngineSystem:
         async with aclosing(stream):  # a cancelled request (cutoff) cancels its row
             async for item in stream:
                 now = clock()
-                if isinstance(item, RequestEnd):
-                    if item.failed:
+                if not is_request_end(item):  # a delta
+                    if item.token_ids and outcome.first_token is None:
+                        outcome.first_token = now
+                    outcome.tokens += len(item.token_ids)
+                if ends_stream(item):
+                    if failed(item):
                         outcome.error = item.error or "cancelled"
                     else:
                         outcome.finished = now
-                    continue
-                if item.token_ids and outcome.first_token is None:
-                    outcome.first_token = now
-                outcome.tokens += len(item.token_ids)
 
     async def cut(self) -> None:
         """Nothing to wait for: cancelling a request's task closes its stream, which cancels its row."""
@@ -156,6 +161,20 @@ class EngineSystem:
 
     async def close(self) -> None:
         await self.engine.close()
+
+
+def is_request_end(item: Any) -> bool:
+    return RequestEnd is not None and isinstance(item, RequestEnd)
+
+
+def ends_stream(item: Any) -> bool:
+    """The item ends its request's stream: a RequestEnd, or in engines before it a last delta."""
+    return is_request_end(item) or (RequestEnd is None and item.finish_reason is not None)
+
+
+def failed(item: Any) -> bool:
+    """An ending item says its request failed (an error or a cancellation)."""
+    return item.failed if is_request_end(item) else item.finish_reason in ("error", "cancelled")
 
 
 def open_engine_system(job: Job) -> EngineSystem:
