@@ -78,3 +78,19 @@ def test_prompt_windows_are_cut_from_the_corpus():
     assert prompt_window(corpus, 10, 91 + 5) == list(range(5, 15))  # 91 possible starts
     with pytest.raises(ValueError):
         prompt_window(corpus, 101, 0)
+
+
+def test_the_benchmark_reads_stream_ends_of_engines_before_and_after_request_end(monkeypatch):
+    """bench/lora_systems.py runs the current engine (streams end with a RequestEnd) and the
+    "before" checkout's (its last delta carries the finish)."""
+    from bench import lora_systems
+    from engine.request import ChoiceEnd, Delta, RequestEnd
+
+    ok, cancelled = RequestEnd([ChoiceEnd(0, "length")], None), RequestEnd([ChoiceEnd(0, "cancelled")], None, "gone")
+    last = Delta("x", token_ids=[1], finish_reason="stop")
+    assert lora_systems.ends_stream(ok) and not lora_systems.failed(ok) and lora_systems.failed(cancelled)
+    assert not lora_systems.ends_stream(last)  # with RequestEnd, a finishing delta is not the end
+    monkeypatch.setattr(lora_systems, "RequestEnd", None)  # an engine from before RequestEnd
+    assert lora_systems.ends_stream(last) and not lora_systems.failed(last)
+    assert lora_systems.failed(Delta("", finish_reason="error", error="boom"))
+    assert not lora_systems.ends_stream(Delta("x", token_ids=[2]))
