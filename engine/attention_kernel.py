@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.native_build import CSRC, load_library, versioned
+from engine.native_build import CSRC, kernel_wanted, load_library, versioned
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,8 @@ def load_kernel() -> AttendOp | None:
 def kernel_for(setting: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> AttendOp | None:
     """The op when `setting` ("auto" | "torch", EngineConfig.attention_kernel) allows it for
     a model on `device` in `dtype` with heads of `head_dim`; None means SDPA."""
-    if setting == "torch":
+    if not kernel_wanted(setting, "attention_kernel"):
         return None
-    if setting != "auto":
-        raise ValueError(f"attention_kernel must be 'auto' or 'torch', not {setting!r}")
     if device.type != "cpu" or dtype != torch.bfloat16 or head_dim % 16 or head_dim > MAX_HEAD_DIM:
         return None
     return load_kernel()

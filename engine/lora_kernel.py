@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from engine.native_build import CSRC, load_library, versioned
+from engine.native_build import CSRC, kernel_wanted, load_library, versioned
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,8 @@ def kernel_for(setting: str, device: torch.device, dtype: torch.dtype) -> LoraKe
     model on `device` in `dtype`; None means the torch path (logged with why when "auto"
     cannot use the kernel: a warning for a failed build, info for a GPU or another dtype,
     where torch ops are the plan)."""
-    if setting == "torch":
+    if not kernel_wanted(setting, "lora_kernel"):
         return None
-    if setting != "auto":
-        raise ValueError(f"lora_kernel must be 'auto' or 'torch', not {setting!r}")
     if device.type != "cpu" or dtype not in DTYPES:
         log.info("LoRA kernel not used for a %s model on %s: the torch path", dtype, device.type)
         return None

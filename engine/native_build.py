@@ -38,6 +38,14 @@ def versioned(name: str) -> str:
     return f"{name}_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}"
 
 
+def kernel_wanted(setting: str, field: str) -> bool:
+    """Whether an "auto" | "torch" kernel setting (EngineConfig `field`) asks for the kernel;
+    ValueError for any other value."""
+    if setting not in ("auto", "torch"):
+        raise ValueError(f"{field} must be 'auto' or 'torch', not {setting!r}")
+    return setting == "auto"
+
+
 def load_library(name: str, sources: tuple[Path, ...], what: str, build_directory: Path | None = None) -> bool:
     """Build (or load the cached build of) `sources` as the library `name`; False, with one
     warning naming `what` and why, when that fails. `build_directory`: default torch's."""

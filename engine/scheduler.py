@@ -72,6 +72,16 @@ class ScheduledChunk:
 
 
 @dataclass
+class Prefix:
+    """Where a waiting row would start: its prefix keys, the cached blocks it can reuse, and
+    (a fork) the running parent whose prompt blocks those are."""
+
+    keys: list[bytes]
+    cached: list[int]
+    parent: Row | None = None
+
+
+@dataclass
 class PrefixCacheStats:
     queried_tokens: int = 0
     hit_tokens: int = 0
@@ -131,9 +141,9 @@ class Scheduler:
             if self.can_admit is not None and not self.can_admit(row):
                 continue
             prefix = self._prefix(row)
-            if prefix is None or (row.num_tokens - len(prefix[1]) * self.blocks.block_size > budget and chunks):
+            if prefix is None or (row.num_tokens - len(prefix.cached) * self.blocks.block_size > budget and chunks):
                 break
-            if not self._admit(row, *prefix):
+            if not self._admit(row, prefix):
                 break
             self.waiting.remove(row)
             if self.fair:
@@ -200,7 +210,7 @@ class Scheduler:
 
     # ----- prefill -----------------------------------------------------------------------
 
-    def _prefix(self, row: Row) -> tuple[list[bytes], list[int]] | None:
+    def _prefix(self, row: Row) -> Prefix | None:
         """The prefix keys of `row`'s tokens and the cached blocks it can start from (a fork:
         its parent's prompt blocks); None while a fork's parent has not computed the prompt."""
         tokens = row.tokens
@@ -209,18 +219,18 @@ class Scheduler:
             if parent.num_computed < len(parent.request.prompt_ids):
                 return None
             keys = parent.block_keys[: (len(tokens) - 1) // self.blocks.block_size]
-            return keys, parent.table.blocks[: len(keys)]
+            return Prefix(keys, parent.table.blocks[: len(keys)], parent)
         keys = self.blocks.keys(tokens[: len(tokens) - 1], row.adapter_identity)  # >= 1 token to compute
-        return keys, [] if row.scoring_prompt else self.blocks.match(keys)  # cached tokens have no logits
+        return Prefix(keys, [] if row.scoring_prompt else self.blocks.match(keys))  # cached tokens have no logits
 
-    def _admit(self, row: Row, keys: list[bytes], cached: list[int]) -> bool:
-        """Give `row` its `cached` prefix blocks and blocks for the rest of its tokens; False
+    def _admit(self, row: Row, prefix: Prefix) -> bool:
+        """Give `row` its prefix's cached blocks and blocks for the rest of its tokens; False
         (and no change) when the blocks are not there, keeping one spare block per running row."""
         size = self.blocks.block_size
         tokens = row.tokens
-        parent = self._running_parent(row)
-        if parent is not None:  # a fork shares its parent's prompt logprobs with its blocks
-            row.prompt_logprobs = parent.prompt_logprobs
+        keys, cached = prefix.keys, prefix.cached
+        if prefix.parent is not None:  # a fork shares its parent's prompt logprobs with its blocks
+            row.prompt_logprobs = prefix.parent.prompt_logprobs
         self.blocks.hold(cached)
         needed = -(-len(tokens) // size) - len(cached)
         fresh = None
