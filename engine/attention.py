@@ -21,9 +21,11 @@ measurements behind each choice: bench/README.md, Design notes):
   SDPA over the whole context visits every masked block). Elsewhere (CUDA), one softmax
   over the runs' scores with an explicit causal mask.
 - on a CPU bf16 model with the attention kernel on (EngineConfig.attention_kernel, a CPU
-  with AVX-512 BF16), a prompt chunk of at least `KERNEL_MIN_QUERIES` tokens instead goes
-  whole to the kernel (engine/attention_kernel.py): its context's slots in order, one call
-  per layer, bf16 dot products at about three times SDPA's speed here, whatever the runs.
+  with AVX-512 BF16), every decode row instead goes to the kernel's `decode` (one call per
+  layer for all of them, whatever their context lengths and runs: it reads each row's slots
+  where they lie), and a prompt chunk of at least `KERNEL_MIN_QUERIES` tokens goes whole to
+  its `attend` (engine/attention_kernel.py): bf16 dot products at about three times SDPA's
+  speed here, one parallel region per layer instead of one per torch op.
 
 A conversation's context fragments as it grows: each turn's prompt takes its blocks at once,
 but reply blocks are taken one at a time, interleaved with other streams', and each run of
@@ -45,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PretrainedConfig
 
-from engine.attention_kernel import AttendOp
-from engine.kv_cache import SequenceLayout, ShortDecodes, StepLayout
+from engine.attention_kernel import AttendOp, AttentionKernel
+from engine.kv_cache import KernelDecodes, SequenceLayout, ShortDecodes, StepLayout
 
 ATTENTION_NAME = "lora_serve_paged"
 # Decode rows with at most this many context tokens are attended together on a gathered copy
@@ -108,15 +110,22 @@ def paged_attention(
     _, heads, _, dim = query.shape
     kv_heads = keys.shape[0]
     scale = scaling if scaling is not None else dim**-0.5
-    tokens = query[0].transpose(0, 1).contiguous()  # [T, heads, dim]: a token's heads side by side
+    tokens = query[0].transpose(0, 1)  # [T, heads, dim]: a token's heads side by side
+    decodes = kv_layout.kernel_decodes
+    if decodes is not None and decodes.rows == kv_layout.tokens:  # a decode-only step: one call
+        return attend_decodes(kv_layout.attention_kernel, tokens, keys, values, decodes, scale).unsqueeze(0), None
+    tokens = tokens.contiguous()
     out = tokens.new_empty(tokens.shape)
+    if decodes is not None:
+        q = tokens.index_select(0, decodes.positions)
+        out.index_copy_(0, decodes.positions, attend_decodes(kv_layout.attention_kernel, q, keys, values, decodes, scale))
     short = kv_layout.short_decodes
     if short is not None:
         out.index_copy_(0, short.positions, attend_short(tokens.index_select(0, short.positions), keys, values, short, scale))
     for seq in kv_layout.sequences:
         if seq.kernel_slots is not None:
             out[seq.q_start : seq.q_start + seq.q_len] = attend_kernel(
-                kv_layout.attention_kernel, tokens[seq.q_start : seq.q_start + seq.q_len], keys, values,
+                kv_layout.attention_kernel.attend, tokens[seq.q_start : seq.q_start + seq.q_len], keys, values,
                 seq.kernel_slots, scale)
             continue
         seq_keys, seq_values, runs = keys, values, seq.runs
@@ -135,6 +144,15 @@ def paged_attention(
             result = attend(q, seq_keys, seq_values, runs, scale).transpose(0, 1)
         out[seq.q_start : seq.q_start + seq.q_len] = result
     return out.unsqueeze(0), None
+
+
+def attend_decodes(
+    kernel: AttentionKernel, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, decodes: KernelDecodes,
+    scale: float,
+) -> torch.Tensor:
+    """One query per decode row [rows, heads, dim] (any strides, last dimension contiguous),
+    each over its own context, through the CPU bf16 kernel -> [rows, heads, dim]."""
+    return kernel.decode(q, keys, values, decodes.slots, decodes.offsets, scale)
 
 
 def attend_kernel(

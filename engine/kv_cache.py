@@ -29,7 +29,7 @@ import torch
 from transformers import PretrainedConfig
 
 if TYPE_CHECKING:
-    from engine.attention_kernel import AttendOp
+    from engine.attention_kernel import AttentionKernel
     from engine.config import EngineConfig
 
 
@@ -123,16 +123,40 @@ class ShortDecodes:
 
 
 @dataclass
+class KernelDecodes:
+    """Decode tokens the CPU attention kernel attends in one call per layer (any context
+    length): where their queries sit in the packed row, and their contexts' slots end to end
+    (row r's are `slots[offsets[r]:offsets[r + 1]]`)."""
+
+    positions: torch.Tensor  # [rows] query index in the packed row, increasing
+    slots: torch.Tensor  # [N] int32
+    offsets: torch.Tensor  # [rows + 1] int32
+
+    @classmethod
+    def build(cls, sequences: list[SequenceLayout]) -> KernelDecodes:
+        slots = torch.cat([seq.context_slots() for seq in sequences]).int()
+        lengths = torch.tensor([0] + [seq.context for seq in sequences])
+        positions = torch.tensor([seq.q_start for seq in sequences])
+        return cls(positions, slots, lengths.cumsum(0).int())
+
+    @property
+    def rows(self) -> int:
+        return self.positions.shape[0]
+
+
+@dataclass
 class StepLayout:
-    """Everything attention needs about one packed forward: the short decodes attended
-    together, and every other sequence (prompt chunks, long contexts) on its own."""
+    """Everything attention needs about one packed forward: the decodes attended together
+    (by the CPU kernel, or short ones by torch ops), and every other sequence (prompt chunks,
+    long contexts without the kernel) on its own."""
 
     cache: PagedKVCache
     write_slots: torch.Tensor  # [T] slot of each new token
     tokens: int  # T
     short_decodes: ShortDecodes | None
     sequences: list[SequenceLayout]
-    attention_kernel: AttendOp | None = None  # attends the sequences with kernel_slots
+    attention_kernel: AttentionKernel | None = None  # attends kernel_decodes and the sequences with kernel_slots
+    kernel_decodes: KernelDecodes | None = None
 
 
 class PagedKVCache:

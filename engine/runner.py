@@ -24,8 +24,8 @@ import torch
 from transformers import PreTrainedModel
 
 from engine.attention import KERNEL_MIN_QUERIES, SHORT_CONTEXT, should_gather, use_paged_attention
-from engine.attention_kernel import AttendOp
-from engine.kv_cache import PagedKVCache, SequenceLayout, ShortDecodes, StepLayout
+from engine.attention_kernel import AttentionKernel
+from engine.kv_cache import KernelDecodes, PagedKVCache, SequenceLayout, ShortDecodes, StepLayout
 from engine.logprobs import PromptSpan, prompt_positions
 from engine.lora import LoraLayers
 from engine.lora_plan import LoraStep, Placement, order_key
@@ -61,10 +61,11 @@ class ModelRunner:
 
     def __init__(
         self, model: PreTrainedModel, cache: PagedKVCache, lora: LoraLayers, placements: Mapping[str, Placement],
-        attention_kernel: AttendOp | None = None,
+        attention_kernel: AttentionKernel | None = None,
     ):
         """`placements`: each loaded adapter's rows, read at every step (its owner updates it
-        between steps); `attention_kernel`: the CPU bf16 kernel for prompt chunks, or None (SDPA)."""
+        between steps); `attention_kernel`: the CPU bf16 kernel for decode rows and prompt chunks,
+        or None (torch ops, SDPA)."""
         use_paged_attention(model)
         self.model = model
         self.cache = cache
@@ -133,9 +134,11 @@ class ModelRunner:
                     spans.append(PromptSpan(row, scored.start, len(scored)))
                     scoring += range(len(ids) - stop + scored.start, len(ids) - stop + scored.stop)
         device = self.device
-        short, others = [], []
+        kernel_decodes, short, others = [], [], []
         for seq in sequences:
-            if seq.q_len == 1 and seq.context <= SHORT_CONTEXT:
+            if self.attention_kernel is not None and seq.q_len == 1:
+                kernel_decodes.append(seq)
+            elif seq.q_len == 1 and seq.context <= SHORT_CONTEXT:
                 short.append(seq)
             elif self.attention_kernel is not None and seq.q_len >= KERNEL_MIN_QUERIES:
                 others.append(seq.with_kernel_slots())
@@ -144,6 +147,7 @@ class ModelRunner:
         layout = StepLayout(
             self.cache, torch.tensor(slots, device=device), len(ids),
             ShortDecodes.build(short, device) if short else None, others, self.attention_kernel,
+            KernelDecodes.build(kernel_decodes) if kernel_decodes else None,
         )
         return PackedStep(
             input_ids=torch.tensor([ids], device=device),

@@ -7,7 +7,9 @@
 // scores are exact fp32 sums of bf16 products, softmax is fp32, and the probabilities are
 // rounded to bf16 for the product with the values, whose sums are fp32 again.
 //
-// Op (schema in TORCH_LIBRARY below):
+// Ops (schemas in TORCH_LIBRARY below): `attend` for prompt chunks, `decode` for decode rows.
+//
+// attend:
 //   attend(q [H, M, D] bf16, keys [H, S, D] bf16, values [H, S, D] bf16, slots int32 [N],
 //          queries n, scale) -> out [H, M, D] bf16
 // H: KV heads; the query heads sharing a KV head are folded into M: row g * n + i is query i
@@ -23,7 +25,17 @@
 // scores for ROWS x BLOCK, the online softmax update, the probabilities times the values.
 // Blocks no row of the group may see (causal) are skipped.
 //
-// The op is compiled for AVX-512 BF16 (function target attributes); `supported()` says
+// decode(q [R, Hq, D] bf16, keys [H, S, D], values [H, S, D], slots int32 [N], offsets int32 [R + 1],
+//        scale) -> [R, Hq, D] bf16
+// One query token per row (a decode step's rows): row r's context is the keys in slots
+// slots[offsets[r]] .. slots[offsets[r + 1] - 1], in order, its own new key last, and it sees
+// all of them. Query heads h * G .. h * G + G - 1 (G = Hq / H) share KV head h. Each (row, KV
+// head) is a work item, in parallel: the G heads' scores one key at a time, read from its slot
+// (no repack: a decode row reads each key once), an fp32 softmax, then fp32 probabilities
+// times the values widened to fp32. One call per layer replaces the gather, two batched
+// matmuls and a softmax (or one SDPA call per long row), each a parallel region of its own.
+//
+// The ops are compiled for AVX-512 BF16 (function target attributes); `supported()` says
 // whether this CPU has it. Callers use another path when it does not (engine/attention.py).
 
 #include <ATen/Parallel.h>
@@ -105,11 +117,13 @@ Packed repack(const at::Tensor& keys, const at::Tensor& values, const int32_t* s
       const int64_t head = item / tiles, tile = item % tiles;
       uint32_t* kout = packed.keys.data() + (head * tiles + tile) * packed.pairs * KEYS;
       uint32_t* vout = packed.values.data() + (head * tiles + tile) * (KEYS / 2) * dim;
+      const uint16_t* kbase = slot_row(keys, head, 0);  // data_ptr checks the dtype: once, not per key
+      const uint16_t* vbase = slot_row(values, head, 0);
       for (int k = 0; k < KEYS; ++k) {
         const int64_t key = tile * KEYS + k;
         if (key >= n_keys) break;
-        const uint16_t* krow = slot_row(keys, head, slots[key]);
-        const uint16_t* vrow = slot_row(values, head, slots[key]);
+        const uint16_t* krow = kbase + slots[key] * keys.stride(1);
+        const uint16_t* vrow = vbase + slots[key] * values.stride(1);
         for (int64_t p = 0; p < packed.pairs; ++p) {
           kout[p * KEYS + k] = uint32_t(krow[2 * p]) | (uint32_t(krow[2 * p + 1]) << 16);
         }
@@ -272,31 +286,169 @@ BF16_TARGET void attend_rows(const at::Tensor& q, const Packed& packed, int64_t 
   }
 }
 
+// 16 bf16 -> 16 fp32 (a bf16 is the high half of its fp32).
+BF16_INLINE __m512 widen(const uint16_t* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// scores[0 .. n) <- exp(scores - max), returns their sum (fp32).
+BF16_INLINE float exponentiate(float* scores, int64_t n) {
+  __m512 top = _mm512_set1_ps(FLOOR);
+  for (int64_t j = 0; j < n; j += KEYS) {
+    const __mmask16 keep = n - j >= KEYS ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    top = _mm512_mask_max_ps(top, keep, top, _mm512_maskz_loadu_ps(keep, scores + j));
+  }
+  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += KEYS) {
+    const __mmask16 keep = n - j >= KEYS ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 p = _mm512_maskz_mov_ps(keep, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, scores + j), shift)));
+    total = _mm512_add_ps(total, p);
+    _mm512_mask_storeu_ps(scores + j, keep, p);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+// One decode row, one KV head: the contexts' keys and values and G of the query heads sharing
+// them (G <= 4: each key is loaded once for all of them).
+struct DecodeHeads {
+  const uint16_t* keys;    // the KV head's keys: key of slot s at keys + s * key_stride
+  const uint16_t* values;  // likewise
+  int64_t key_stride, value_stride;
+  int64_t head;
+  const int32_t* slots;
+  int64_t n;
+  int64_t dim;
+
+  DecodeHeads(const at::Tensor& k, const at::Tensor& v, int64_t head, const int32_t* slots, int64_t n)
+      : keys(slot_row(k, head, 0)), values(slot_row(v, head, 0)), key_stride(k.stride(1)), value_stride(v.stride(1)),
+        head(head), slots(slots), n(n), dim(k.size(2)) {}
+  const uint16_t* key(int64_t j) const { return keys + slots[j] * key_stride; }
+  const uint16_t* value(int64_t j) const { return values + slots[j] * value_stride; }
+};
+
+constexpr int PREFETCH = 8;  // keys ahead: slots are scattered in blocks, out of the prefetcher's view
+
+// scores[g * n + j] <- scale * (query g . key j), fp32 sums of bf16 products.
+template <int G>
+BF16_INLINE void decode_scores(const DecodeHeads& c, const uint16_t* const query[G], float scale, float* scores) {
+  const __mmask32 low = 0xFFFF;  // a head size of 16 mod 32 ends with half a vector
+  for (int64_t j = 0; j < c.n; ++j) {
+    if (j + PREFETCH < c.n) _mm_prefetch(reinterpret_cast<const char*>(c.key(j + PREFETCH)), _MM_HINT_T0);
+    const uint16_t* key = c.key(j);
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < c.dim; d += 2 * KEYS) {
+      const bool half = d + 2 * KEYS > c.dim;
+      const __m512bh k = (__m512bh)(half ? _mm512_maskz_loadu_epi16(low, key + d) : _mm512_loadu_si512(key + d));
+      for (int g = 0; g < G; ++g) {
+        const __m512bh q = (__m512bh)(half ? _mm512_maskz_loadu_epi16(low, query[g] + d) : _mm512_loadu_si512(query[g] + d));
+        acc[g] = _mm512_dpbf16_ps(acc[g], q, k);
+      }
+    }
+    for (int g = 0; g < G; ++g) scores[g * c.n + j] = _mm512_reduce_add_ps(acc[g]) * scale;
+  }
+}
+
+// dest[g][col .. col + 16 VECS) <- sum over j of probs[g * n + j] * value j, times inverse[g], as
+// bf16: each value row widened to fp32 once for the G heads.
+template <int G, int VECS>
+BF16_INLINE void decode_values(const DecodeHeads& c, const float* probs, const float inverse[G], int64_t col,
+                               uint16_t* const dest[G]) {
+  __m512 acc[G][VECS];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < VECS; ++i) acc[g][i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < c.n; ++j) {
+    if (j + PREFETCH < c.n) _mm_prefetch(reinterpret_cast<const char*>(c.value(j + PREFETCH) + col), _MM_HINT_T0);
+    const uint16_t* value = c.value(j) + col;
+    __m512 v[VECS];
+    for (int i = 0; i < VECS; ++i) v[i] = widen(value + i * KEYS);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(probs[g * c.n + j]);
+      for (int i = 0; i < VECS; ++i) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m512 scale = _mm512_set1_ps(inverse[g]);
+    for (int i = 0; i < VECS; ++i) {
+      const __m256bh out = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][i], scale));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dest[g] + col + i * KEYS), (__m256i)out);
+    }
+  }
+}
+
+template <int G>
+BF16_INLINE void decode_group(const DecodeHeads& c, const uint16_t* const query[G], float scale, uint16_t* const dest[G],
+                              float* scores) {
+  decode_scores<G>(c, query, scale, scores);
+  float inverse[G];
+  for (int g = 0; g < G; ++g) inverse[g] = 1.0f / exponentiate(scores + g * c.n, c.n);
+  int64_t col = 0;
+  for (; col + 4 * KEYS <= c.dim; col += 4 * KEYS) decode_values<G, 4>(c, scores, inverse, col, dest);
+  for (; col < c.dim; col += KEYS) decode_values<G, 1>(c, scores, inverse, col, dest);
+}
+
+// One decode row's query heads of KV head `head` over its n keys (see the file comment), up to
+// four heads at a time.
+BF16_TARGET void decode_item(const at::Tensor& q, const DecodeHeads& c, int64_t row, int64_t group, float scale,
+                             at::Tensor& result, std::vector<float>& scores) {
+  scores.resize(4 * c.n);
+  for (int64_t first = 0; first < group; first += 4) {
+    const uint16_t* query[4];
+    uint16_t* dest[4];
+    const int count = int(std::min<int64_t>(4, group - first));
+    for (int g = 0; g < count; ++g) {
+      const int64_t qhead = c.head * group + first + g;
+      query[g] = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()) + row * q.stride(0) + qhead * q.stride(1);
+      dest[g] = reinterpret_cast<uint16_t*>(result.data_ptr<at::BFloat16>()) + row * result.stride(0) +
+                qhead * result.stride(1);
+    }
+    switch (count) {
+      case 1: decode_group<1>(c, query, scale, dest, scores.data()); break;
+      case 2: decode_group<2>(c, query, scale, dest, scores.data()); break;
+      case 3: decode_group<3>(c, query, scale, dest, scores.data()); break;
+      default: decode_group<4>(c, query, scale, dest, scores.data()); break;
+    }
+  }
+}
+
 bool supported() {
   static const bool has = cpu_has_bf16();
   return has;
 }
 
+void check_tensors(const char* op, const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values) {
+  TORCH_CHECK(supported(), op, ": this CPU has no AVX-512 BF16");
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, op, ": q, keys, values must be 3-d");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
+                  values.scalar_type() == at::kBFloat16, op, ": bfloat16 tensors only");
+  TORCH_CHECK(q.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(), op, ": CPU tensors only");
+  const int64_t dim = q.size(2);
+  TORCH_CHECK(keys.size(2) == dim && values.size(2) == dim, op, ": q, keys, values need the same head size");
+  TORCH_CHECK(dim % KEYS == 0 && dim <= 512, op, ": the head size must be a multiple of 16, at most 512");
+  TORCH_CHECK(q.stride(2) == 1 && keys.stride(2) == 1 && values.stride(2) == 1, op, ": last dimension contiguous");
+}
+
+void check_slots(const char* op, const at::Tensor& slots, const at::Tensor& keys, const at::Tensor& values) {
+  TORCH_CHECK(slots.scalar_type() == at::kInt && slots.dim() == 1 && slots.is_contiguous(), op, ": slots int32 [N]");
+  const int32_t* slot = slots.data_ptr<int32_t>();
+  const int64_t limit = std::min(keys.size(1), values.size(1));
+  for (int64_t j = 0; j < slots.size(0); ++j) {
+    TORCH_CHECK(slot[j] >= 0 && slot[j] < limit, op, ": slot out of range");
+  }
+}
+
 at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& slots,
                   int64_t queries, double scale) {
-  TORCH_CHECK(supported(), "attend: this CPU has no AVX-512 BF16");
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "attend: q, keys, values must be 3-d");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
-                  values.scalar_type() == at::kBFloat16, "attend: bfloat16 tensors only");
-  TORCH_CHECK(q.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(), "attend: CPU tensors only");
+  check_tensors("attend", q, keys, values);
   const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2);
   TORCH_CHECK(keys.size(0) == heads && values.size(0) == heads, "attend: q, keys, values need the same KV heads");
-  TORCH_CHECK(keys.size(2) == dim && values.size(2) == dim, "attend: q, keys, values need the same head size");
-  TORCH_CHECK(dim % KEYS == 0 && dim <= 512, "attend: the head size must be a multiple of 16, at most 512");
-  TORCH_CHECK(q.stride(2) == 1 && keys.stride(2) == 1 && values.stride(2) == 1, "attend: last dimension contiguous");
-  TORCH_CHECK(slots.scalar_type() == at::kInt && slots.dim() == 1 && slots.is_contiguous(), "attend: slots int32 [N]");
+  check_slots("attend", slots, keys, values);
   const int64_t n_keys = slots.size(0);
   TORCH_CHECK(queries > 0 && queries <= n_keys && rows % queries == 0,
               "attend: queries must divide q's rows and be at most the context");
   const int32_t* slot = slots.data_ptr<int32_t>();
-  for (int64_t j = 0; j < n_keys; ++j) {
-    TORCH_CHECK(slot[j] >= 0 && slot[j] < keys.size(1) && slot[j] < values.size(1), "attend: slot out of range");
-  }
   const Packed packed = repack(keys, values, slot, n_keys);
   at::Tensor result = at::empty({heads, rows, dim}, q.options());
   const int64_t groups = (rows + ROWS - 1) / ROWS;
@@ -312,11 +464,40 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   return result;
 }
 
+at::Tensor decode(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& slots,
+                  const at::Tensor& offsets, double scale) {
+  check_tensors("decode", q, keys, values);
+  const int64_t rows = q.size(0), heads = keys.size(0);
+  TORCH_CHECK(values.size(0) == heads && q.size(1) % heads == 0,
+              "decode: keys and values need the same KV heads, a divisor of q's heads");
+  check_slots("decode", slots, keys, values);
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.is_contiguous() &&
+                  offsets.size(0) == rows + 1, "decode: offsets int32 [R + 1]");
+  const int32_t* offset = offsets.data_ptr<int32_t>();
+  TORCH_CHECK(offset[0] == 0 && offset[rows] == slots.size(0), "decode: offsets must run from 0 to N");
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(offset[r + 1] > offset[r], "decode: every row needs at least one key");
+  }
+  const int64_t group = q.size(1) / heads;
+  const int32_t* slot = slots.data_ptr<int32_t>();
+  at::Tensor result = at::empty({rows, q.size(1), q.size(2)}, q.options());
+  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / heads;
+      const DecodeHeads context(keys, values, item % heads, slot + offset[row], offset[row + 1] - offset[row]);
+      decode_item(q, context, row, group, float(scale), result, scores);
+    }
+  });
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lora_serve_attention, m) {
   m.def("supported() -> bool", &supported);
   m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor slots, int queries, float scale) -> Tensor", &attend);
+  m.def("decode(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor offsets, float scale) -> Tensor", &decode);
 }
 
 }  // namespace lora_serve_attention
