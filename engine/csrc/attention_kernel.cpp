@@ -104,6 +104,62 @@ const uint16_t* slot_row(const at::Tensor& cache, int64_t head, int32_t slot) {
          static_cast<int64_t>(slot) * cache.stride(1);
 }
 
+// A 16 x 16 transpose of 32-bit words: row i of the input becomes column i. Four stages:
+// words, pairs of words, then the 128-bit lanes as a 4 x 4 transpose of the four vectors that
+// hold columns 4L + c for each c.
+BF16_INLINE void transpose_16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  __m512i s[16];  // s[4n + c], lane L: column 4L + c of rows 4n .. 4n + 3
+  for (int n = 0; n < 16; n += 4) {
+    s[n] = _mm512_unpacklo_epi64(t[n], t[n + 2]);
+    s[n + 1] = _mm512_unpackhi_epi64(t[n], t[n + 2]);
+    s[n + 2] = _mm512_unpacklo_epi64(t[n + 1], t[n + 3]);
+    s[n + 3] = _mm512_unpackhi_epi64(t[n + 1], t[n + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x0 = _mm512_shuffle_i32x4(s[c], s[4 + c], 0x88), x1 = _mm512_shuffle_i32x4(s[c], s[4 + c], 0xDD);
+    const __m512i y0 = _mm512_shuffle_i32x4(s[8 + c], s[12 + c], 0x88);
+    const __m512i y1 = _mm512_shuffle_i32x4(s[8 + c], s[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    r[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
+// One tile of keys: out[p * KEYS + k] <- dims 2p, 2p + 1 of key row k (rows[k] null: zeros).
+BF16_TARGET void pack_key_tile(const uint16_t* const rows[KEYS], int64_t pairs, uint32_t* out) {
+  for (int64_t first = 0; first < pairs; first += KEYS) {
+    const int64_t count = std::min<int64_t>(KEYS, pairs - first);  // 16, or 8 for a head size of 16 mod 32
+    const __mmask16 keep = count == KEYS ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    __m512i words[KEYS];
+    for (int k = 0; k < KEYS; ++k) {
+      words[k] = rows[k] ? _mm512_maskz_loadu_epi32(keep, rows[k] + 2 * first) : _mm512_setzero_si512();
+    }
+    transpose_16x16(words);
+    for (int64_t p = 0; p < count; ++p) _mm512_storeu_si512(out + (first + p) * KEYS, words[p]);
+  }
+}
+
+// One pair of value rows: out[c] <- dim c of `even` (low half) and of `odd` (high half).
+BF16_TARGET void pack_value_pair(const uint16_t* even, const uint16_t* odd, int64_t dim, uint32_t* out) {
+  const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int64_t c = 0; c < dim; c += 2 * KEYS) {
+    const bool half = c + 2 * KEYS > dim;
+    const __mmask32 keep = half ? __mmask32(0xFFFF) : ~__mmask32(0);
+    const __m512i a = _mm512_maskz_loadu_epi16(keep, even + c);
+    const __m512i b = odd ? _mm512_maskz_loadu_epi16(keep, odd + c) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + c, _mm512_permutex2var_epi16(a, low, b));
+    if (!half) _mm512_storeu_si512(out + c + KEYS, _mm512_permutex2var_epi16(a, high, b));
+  }
+}
+
 Packed repack(const at::Tensor& keys, const at::Tensor& values, const int32_t* slots, int64_t n_keys) {
   const int64_t heads = keys.size(0), dim = keys.size(2);
   Packed packed;
@@ -115,25 +171,20 @@ Packed repack(const at::Tensor& keys, const at::Tensor& values, const int32_t* s
   at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t head = item / tiles, tile = item % tiles;
-      uint32_t* kout = packed.keys.data() + (head * tiles + tile) * packed.pairs * KEYS;
-      uint32_t* vout = packed.values.data() + (head * tiles + tile) * (KEYS / 2) * dim;
+      if (tile * KEYS >= n_keys) continue;  // padding: stays zero
       const uint16_t* kbase = slot_row(keys, head, 0);  // data_ptr checks the dtype: once, not per key
       const uint16_t* vbase = slot_row(values, head, 0);
+      const uint16_t* krows[KEYS];
+      const uint16_t* vrows[KEYS];
       for (int k = 0; k < KEYS; ++k) {
         const int64_t key = tile * KEYS + k;
-        if (key >= n_keys) break;
-        const uint16_t* krow = kbase + slots[key] * keys.stride(1);
-        const uint16_t* vrow = vbase + slots[key] * values.stride(1);
-        for (int64_t p = 0; p < packed.pairs; ++p) {
-          kout[p * KEYS + k] = uint32_t(krow[2 * p]) | (uint32_t(krow[2 * p + 1]) << 16);
-        }
-        // key pair k / 2 of this tile; dims in chunks of KEYS; the even key in the low half
-        uint32_t* vpair = vout + (k / 2) * dim;
-        const int shift = (k % 2) * 16;
-        for (int64_t c = 0; c < dim; ++c) {
-          vpair[(c / KEYS) * KEYS + c % KEYS] |= uint32_t(vrow[c]) << shift;
-        }
+        krows[k] = key < n_keys ? kbase + slots[key] * keys.stride(1) : nullptr;
+        vrows[k] = key < n_keys ? vbase + slots[key] * values.stride(1) : nullptr;
       }
+      pack_key_tile(krows, packed.pairs, packed.keys.data() + (head * tiles + tile) * packed.pairs * KEYS);
+      // key pair k / 2 of this tile: one word per dim, the even key in the low half
+      uint32_t* vout = packed.values.data() + (head * tiles + tile) * (KEYS / 2) * dim;
+      for (int k = 0; k < KEYS && vrows[k]; k += 2) pack_value_pair(vrows[k], vrows[k + 1], dim, vout + (k / 2) * dim);
     }
   });
   return packed;
