@@ -35,6 +35,9 @@
 // times the values widened to fp32. One call per layer replaces the gather, two batched
 // matmuls and a softmax (or one SDPA call per long row), each a parallel region of its own.
 //
+// Both ops hand their work items to torch's threads from a shared counter (parallel_items), so
+// a thread preempted by another process delays one item, not half of the call.
+//
 // The ops are compiled for AVX-512 BF16 (function target attributes); `supported()` says
 // whether this CPU has it. Callers use another path when it does not (engine/attention.py).
 
@@ -46,6 +49,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -98,6 +102,18 @@ struct Packed {
   std::vector<uint32_t> keys;    // [H][padded / KEYS][pairs][KEYS]: dims 2p, 2p+1 of key t*16+k
   std::vector<uint32_t> values;  // [H][padded / 2][D / KEYS][KEYS]: dim c of keys 2j, 2j+1
 };
+
+// fn(item) for items [0, n) on torch's threads, each thread taking the next item from a shared
+// counter when done with one, not a fixed share of the range (at::parallel_for's split): on a
+// host where other processes preempt one of the threads, that thread holds up only the item
+// it is on while the others take the rest, instead of its whole half of the work.
+template <typename Fn>
+void parallel_items(int64_t n, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t item = next.fetch_add(1); item < n; item = next.fetch_add(1)) fn(item);
+  });
+}
 
 const uint16_t* slot_row(const at::Tensor& cache, int64_t head, int32_t slot) {
   return reinterpret_cast<const uint16_t*>(cache.data_ptr<at::BFloat16>()) + head * cache.stride(0) +
@@ -168,10 +184,9 @@ Packed repack(const at::Tensor& keys, const at::Tensor& values, const int32_t* s
   const int64_t tiles = packed.padded / KEYS;
   packed.keys.assign(heads * packed.padded * packed.pairs, 0);
   packed.values.assign(heads * packed.padded * packed.pairs, 0);
-  at::parallel_for(0, heads * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
+  parallel_items(heads * tiles, [&](int64_t item) {
       const int64_t head = item / tiles, tile = item % tiles;
-      if (tile * KEYS >= n_keys) continue;  // padding: stays zero
+      if (tile * KEYS >= n_keys) return;  // padding: stays zero
       const uint16_t* kbase = slot_row(keys, head, 0);  // data_ptr checks the dtype: once, not per key
       const uint16_t* vbase = slot_row(values, head, 0);
       const uint16_t* krows[KEYS];
@@ -185,7 +200,6 @@ Packed repack(const at::Tensor& keys, const at::Tensor& values, const int32_t* s
       // key pair k / 2 of this tile: one word per dim, the even key in the low half
       uint32_t* vout = packed.values.data() + (head * tiles + tile) * (KEYS / 2) * dim;
       for (int k = 0; k < KEYS && vrows[k]; k += 2) pack_value_pair(vrows[k], vrows[k + 1], dim, vout + (k / 2) * dim);
-    }
   });
   return packed;
 }
@@ -503,14 +517,12 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   const Packed packed = repack(keys, values, slot, n_keys);
   at::Tensor result = at::empty({heads, rows, dim}, q.options());
   const int64_t groups = (rows + ROWS - 1) / ROWS;
-  at::parallel_for(0, heads * groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      Rows chunk;
-      chunk.first = (item % groups) * ROWS;
-      chunk.count = int(std::min<int64_t>(ROWS, rows - chunk.first));
-      for (int r = 0; r < chunk.count; ++r) chunk.last_key[r] = n_keys - queries + (chunk.first + r) % queries;
-      attend_rows(q, packed, item / groups, chunk, float(scale), result);
-    }
+  parallel_items(heads * groups, [&](int64_t item) {
+    Rows chunk;
+    chunk.first = (item % groups) * ROWS;
+    chunk.count = int(std::min<int64_t>(ROWS, rows - chunk.first));
+    for (int r = 0; r < chunk.count; ++r) chunk.last_key[r] = n_keys - queries + (chunk.first + r) % queries;
+    attend_rows(q, packed, item / groups, chunk, float(scale), result);
   });
   return result;
 }
@@ -532,13 +544,11 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   const int64_t group = q.size(1) / heads;
   const int32_t* slot = slots.data_ptr<int32_t>();
   at::Tensor result = at::empty({rows, q.size(1), q.size(2)}, q.options());
-  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t row = item / heads;
-      const DecodeHeads context(keys, values, item % heads, slot + offset[row], offset[row + 1] - offset[row]);
-      decode_item(q, context, row, group, float(scale), result, scores);
-    }
+  parallel_items(rows * heads, [&](int64_t item) {
+    thread_local std::vector<float> scores;  // a thread's scratch, kept between calls
+    const int64_t row = item / heads;
+    const DecodeHeads context(keys, values, item % heads, slot + offset[row], offset[row + 1] - offset[row]);
+    decode_item(q, context, row, group, float(scale), result, scores);
   });
   return result;
 }
