@@ -139,8 +139,9 @@ class EngineConfig(BaseModel):
     )
     attention_kernel: Literal["auto", "torch"] = Field(
         "auto",
-        description="How prompt chunks attend on a CPU bf16 model: auto = the AVX-512 BF16 kernel (engine/csrc, "
-        "built on first use; SDPA where the CPU lacks it); torch = SDPA always (engine/attention.py).",
+        description="How decode rows and prompt chunks attend on a CPU bf16 model: auto = the AVX-512 BF16 kernel "
+        "(engine/csrc, built on first use; torch ops and SDPA where the CPU lacks it); torch = torch ops and SDPA "
+        "always (engine/attention.py).",
     )
     fair_share: bool = Field(
         True, description="Admit waiting requests by least recent service per adapter and API key (VTC).",
