@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers import PretrainedConfig
 
@@ -134,10 +135,14 @@ class KernelDecodes:
 
     @classmethod
     def build(cls, sequences: list[SequenceLayout]) -> KernelDecodes:
-        slots = torch.cat([seq.context_slots() for seq in sequences]).int()
-        lengths = torch.tensor([0] + [seq.context for seq in sequences])
+        """The layout of `sequences` (decode rows, in packed order). Every run of every row is
+        expanded in a few numpy ops: an arange per run costs about 1 ms a step at 32 rows."""
+        runs = np.array([run for seq in sequences for run in seq.runs], dtype=np.int64)  # (first slot, tokens)
+        ends = runs[:, 1].cumsum()
+        slots = np.arange(ends[-1]) + np.repeat(runs[:, 0] - (ends - runs[:, 1]), runs[:, 1])
+        contexts = np.cumsum([0] + [seq.context for seq in sequences])
         positions = torch.tensor([seq.q_start for seq in sequences])
-        return cls(positions, slots, lengths.cumsum(0).int())
+        return cls(positions, torch.from_numpy(slots.astype(np.int32)), torch.from_numpy(contexts.astype(np.int32)))
 
     @property
     def rows(self) -> int:

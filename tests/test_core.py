@@ -7,7 +7,7 @@ import torch
 from engine.config import SamplingParams
 from engine.engine import Engine
 from engine.attention import attend, attend_runs, paged_attention, should_gather
-from engine.kv_cache import PagedKVCache, SequenceLayout, StepLayout
+from engine.kv_cache import KernelDecodes, PagedKVCache, SequenceLayout, StepLayout
 from engine.request import GenerationRequest
 from tests.tiny_models import LONG_TEXT, ids
 
@@ -228,6 +228,16 @@ def test_a_context_in_many_runs_is_gathered_and_attended_as_one():
     assert not should_gather(SequenceLayout(0, 5, [(96, 16), (8, 5)]), cpu)  # one earlier run, then its own
     assert not should_gather(SequenceLayout(0, 1, [(0, 600), (800, 600)]), cpu)  # 2 runs of 1,200 tokens
     assert should_gather(SequenceLayout(0, 1, [(i * 100, 50) for i in range(24)]), cpu)
+
+
+def test_kernel_decodes_lay_every_rows_context_end_to_end():
+    rows = [SequenceLayout(0, 1, [(96, 16), (8, 5)]), SequenceLayout(3, 1, [(40, 1)]),
+            SequenceLayout(7, 1, [(64, 3), (0, 2), (200, 4)])]
+    decodes = KernelDecodes.build(rows)
+    assert decodes.rows == 3 and decodes.positions.tolist() == [0, 3, 7]
+    assert decodes.slots.dtype == decodes.offsets.dtype == torch.int32
+    assert decodes.offsets.tolist() == [0, 21, 22, 31]
+    assert decodes.slots.tolist() == torch.cat([seq.context_slots() for seq in rows]).tolist()
 
 
 async def test_prepacked_bf16_weights_give_the_same_tokens(engine_config, adapter_dirs):
