@@ -1,4 +1,4 @@
-// Attention of a bf16 prompt chunk over its context on the CPU, with AVX-512 BF16 dot products.
+// Attention of bf16 prompt chunks and decode rows over their contexts on the CPU, with AVX-512 BF16 dot products.
 //
 // PyTorch's CPU flash kernel widens bf16 to fp32 and multiplies at the fp32 rate; this CPU's
 // bf16 dot product (vdpbf16ps: pairs of bf16 products summed into fp32) runs about four
