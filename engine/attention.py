@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PretrainedConfig
 
-from engine.attention_kernel import AttendOp, AttentionKernel
-from engine.kv_cache import KernelDecodes, SequenceLayout, ShortDecodes, StepLayout
+from engine.attention_kernel import AttendOp
+from engine.kv_cache import SequenceLayout, ShortDecodes, StepLayout
 
 ATTENTION_NAME = "lora_serve_paged"
 # Decode rows with at most this many context tokens are attended together on a gathered copy
@@ -111,21 +111,21 @@ def paged_attention(
     kv_heads = keys.shape[0]
     scale = scaling if scaling is not None else dim**-0.5
     tokens = query[0].transpose(0, 1)  # [T, heads, dim]: a token's heads side by side
-    decodes = kv_layout.kernel_decodes
+    decodes, kernel = kv_layout.kernel_decodes, kv_layout.attention_kernel
     if decodes is not None and decodes.rows == kv_layout.tokens:  # a decode-only step: one call
-        return attend_decodes(kv_layout.attention_kernel, tokens, keys, values, decodes, scale).unsqueeze(0), None
+        return kernel.decode(tokens, keys, values, decodes.slots, decodes.offsets, scale).unsqueeze(0), None
     tokens = tokens.contiguous()
     out = tokens.new_empty(tokens.shape)
     if decodes is not None:
         q = tokens.index_select(0, decodes.positions)
-        out.index_copy_(0, decodes.positions, attend_decodes(kv_layout.attention_kernel, q, keys, values, decodes, scale))
+        out.index_copy_(0, decodes.positions, kernel.decode(q, keys, values, decodes.slots, decodes.offsets, scale))
     short = kv_layout.short_decodes
     if short is not None:
         out.index_copy_(0, short.positions, attend_short(tokens.index_select(0, short.positions), keys, values, short, scale))
     for seq in kv_layout.sequences:
         if seq.kernel_slots is not None:
             out[seq.q_start : seq.q_start + seq.q_len] = attend_kernel(
-                kv_layout.attention_kernel.attend, tokens[seq.q_start : seq.q_start + seq.q_len], keys, values,
+                kernel.attend, tokens[seq.q_start : seq.q_start + seq.q_len], keys, values,
                 seq.kernel_slots, scale)
             continue
         seq_keys, seq_values, runs = keys, values, seq.runs
@@ -144,15 +144,6 @@ def paged_attention(
             result = attend(q, seq_keys, seq_values, runs, scale).transpose(0, 1)
         out[seq.q_start : seq.q_start + seq.q_len] = result
     return out.unsqueeze(0), None
-
-
-def attend_decodes(
-    kernel: AttentionKernel, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, decodes: KernelDecodes,
-    scale: float,
-) -> torch.Tensor:
-    """One query per decode row [rows, heads, dim] (any strides, last dimension contiguous),
-    each over its own context, through the CPU bf16 kernel -> [rows, heads, dim]."""
-    return kernel.decode(q, keys, values, decodes.slots, decodes.offsets, scale)
 
 
 def attend_kernel(
