@@ -211,15 +211,31 @@ def test_browser_chat_streams_a_reply_then_continue_and_summarize(page):
     wait_for(lambda: page.get_by_label("Context").input_value() != "" and not bot_texts(page))
 
 
+# Clicks Stop inside the page as soon as a reply shows text. Polling from the test and
+# Playwright's click (which waits for the button to be stable) took seconds on a busy machine,
+# while the page redrew the growing reply, long enough for the reply to finish first.
+CLICK_STOP_AT_FIRST_TEXT = """() => {
+    window.__stopClicked = false;
+    const observer = new MutationObserver(() => {
+        const bots = document.querySelectorAll('[data-testid="bot"]');
+        if (![...bots].some(bot => bot.innerText.trim())) return;
+        observer.disconnect();
+        document.querySelector("#stop-button").click();
+        window.__stopClicked = true;
+    });
+    observer.observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
 def stop_at_the_first_text(page):
     """Send a prompt whose reply runs to max_tokens, click Stop once its first text shows, wait
     until the engine holds no request; the engine's stats from before the send."""
     before = engine_stats()
+    page.evaluate(CLICK_STOP_AT_FIRST_TEXT)
     # The tiny model's greedy reply to this prompt runs all 2,000 tokens without an end (HF
     # generate; "Tell me everything" ends at 389), so only Stop can end it before max_tokens.
     send(page, "write write")
-    wait_for(lambda: any(text.strip() for text in bot_texts(page)))
-    page.locator("#stop-button").click()
+    wait_for(lambda: page.evaluate("window.__stopClicked"))
     wait_for(lambda: engine_stats().tracked_requests == 0, timeout_s=10)
     return before
 
