@@ -148,8 +148,11 @@ def send(page, text: str) -> None:
     page.locator("#message textarea").press("Enter")
 
 
+BOT_BUBBLES = '[data-testid="bot"]'
+
+
 def bot_texts(page) -> list[str]:
-    return page.locator('[data-testid="bot"]').all_inner_texts()
+    return page.locator(BOT_BUBBLES).all_inner_texts()
 
 
 def wait_for(condition, timeout_s: float = 30.0) -> None:
@@ -214,10 +217,10 @@ def test_browser_chat_streams_a_reply_then_continue_and_summarize(page):
 # Clicks Stop inside the page as soon as a reply shows text. Polling from the test and
 # Playwright's click (which waits for the button to be stable) took seconds on a busy machine,
 # while the page redrew the growing reply, long enough for the reply to finish first.
-CLICK_STOP_AT_FIRST_TEXT = """() => {
+CLICK_STOP_AT_FIRST_TEXT = """(botBubbles) => {
     window.__stopClicked = false;
     const observer = new MutationObserver(() => {
-        const bots = document.querySelectorAll('[data-testid="bot"]');
+        const bots = document.querySelectorAll(botBubbles);
         if (![...bots].some(bot => bot.innerText.trim())) return;
         observer.disconnect();
         document.querySelector("#stop-button").click();
@@ -231,7 +234,7 @@ def stop_at_the_first_text(page):
     """Send a prompt whose reply runs to max_tokens, click Stop once its first text shows, wait
     until the engine holds no request; the engine's stats from before the send."""
     before = engine_stats()
-    page.evaluate(CLICK_STOP_AT_FIRST_TEXT)
+    page.evaluate(CLICK_STOP_AT_FIRST_TEXT, BOT_BUBBLES)
     # The tiny model's greedy reply to this prompt runs all 2,000 tokens without an end (HF
     # generate; "Tell me everything" ends at 389), so only Stop can end it before max_tokens.
     send(page, "write write")
