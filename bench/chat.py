@@ -17,8 +17,14 @@ Systems, one after the other, each after one untimed warm-up request:
    with the args of serve_config.yaml. The LLM replica's prefix-cache counters
    (`prefix_cache_queries` / `prefix_cache_hits` of its engine stats, in tokens) are read
    before and after the users' turns when the engine has them.
-2. transformers-serve: `transformers serve --continuous-batching` on the same checkpoint,
+2. engine: the same engine with the same args in this process, called directly (no Ray, no
+   HTTP, no stream pacing): serve / engine is what the serving stack adds. Its counters too.
+3. transformers-serve: `transformers serve --continuous-batching` on the same checkpoint,
    dtype and device (bench/systems.py).
+
+For serve and engine the report also gives the engine's step counters over the turns (steps,
+seconds in steps, tokens a step), and for every system the last turn's requests in the order
+they were sent, with their TTFT: whether a user waited for another's prefill shows there.
 
     python -m bench.chat                                   # full run: 4 users x 8 turns
     python -m bench.chat --quick --plot /tmp/chat.png      # 1-2 minutes, to check the script
@@ -34,15 +40,13 @@ import argparse
 import asyncio
 import datetime
 import logging
-import math
 import platform
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any
 
-import httpx
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bench.chat_text import SHARED_SYSTEM_PROMPT, SYSTEM_PROMPT, shared_message
@@ -51,18 +55,16 @@ from bench.cli import (
     add_report_options,
     add_rounds_option,
     add_system_options,
-    figure,
     fmt,
-    label_axis,
-    median_cell,
     parse_with_quick,
     publish,
     round_orders,
     setup_logging,
 )
-from bench.client import Endpoint, RequestResult, measure, stream_chat
+from bench.chat_results import PrefixCache, SystemRun, Turn, plot, report
+from bench.client import Chunk, Endpoint, RequestFailed, measure, stream_chat
 from bench.cpu import CpuSnapshot
-from bench.percentiles import safe_percentile
+from bench.load import EngineSteps
 from bench.systems import (
     SERVE_CONFIG,
     TransformersServe,
@@ -75,90 +77,27 @@ from bench.systems import (
 from client.bodies import user_message
 from deployments.contract.settings import AppArgs
 from deployments.local import llm_handle
+from engine.config import SamplingParams
+from engine.engine import Engine, EngineStats
 from engine.loader import resolve_checkpoint
+from engine.prompt import ChatMessage
+from engine.request import RequestEnd
 
 log = logging.getLogger("bench.chat")
 
-SYSTEMS = ("serve", "transformers-serve")
+SYSTEMS = ("serve", "engine", "transformers-serve")
 FULL_DEFAULTS = {"users": 4, "turns": 8, "message_tokens": 280, "max_tokens": 64}
 QUICK_DEFAULTS = {"users": 2, "turns": 3, "message_tokens": 120, "max_tokens": 24}
-VS_TRANSFORMERS_TARGET = 0.3  # serve / transformers-serve TTFT p50 at the last turn: at most
-LAST_VS_FIRST_TARGET = 1.5  # serve's TTFT p50 at the last turn / at the first: at most (issue #25)
 WARMUP_TOKENS = 8
 MAX_LOGGED_ERRORS = 3
 
 WORKLOADS = {"corpus": (corpus_message, SYSTEM_PROMPT), "shared-prefix": (shared_message, SHARED_SYSTEM_PROMPT)}
 
 StatsReader = Callable[[], Awaitable[Any | None]]
-"""Reads a system's engine stats (an object with optional prefix_cache_* fields), or None."""
+"""Reads a system's engine stats (an object with optional prefix_cache_* and step fields), or None."""
 
-
-@dataclass(frozen=True)
-class Turn:
-    """One user's turn as the client measured it."""
-
-    user: int
-    turn: int  # from 0
-    result: RequestResult
-    prompt_tokens: int  # the server's usage count, else our tokenizer's
-
-
-@dataclass(frozen=True)
-class PrefixCache:
-    """Prompt tokens the engine looked up in its prefix cache, and those it found, over a span."""
-
-    queries: int
-    hits: int
-
-    @classmethod
-    def between(cls, before: Any, after: Any) -> PrefixCache | None:
-        """The counters' growth from `before` to `after`; None when the stats lack them."""
-        fields = ("prefix_cache_queries", "prefix_cache_hits")
-        if any(getattr(s, f, None) is None for s in (before, after) for f in fields):
-            return None
-        return cls(after.prefix_cache_queries - before.prefix_cache_queries,
-                   after.prefix_cache_hits - before.prefix_cache_hits)
-
-    def describe(self) -> str:
-        """One sentence for the report."""
-        share = f" ({100 * self.hits / self.queries:.0f}%)" if self.queries else ""
-        return f"{self.hits} of {self.queries} prompt tokens looked up were found in the prefix cache{share}"
-
-
-@dataclass(frozen=True)
-class SystemRun:
-    """Every turn of every user on one system."""
-
-    system: str
-    turns: tuple[Turn, ...]
-    wall: float
-    own_cores: float  # CPU cores this process tree (client, server) kept busy on average
-    other_cores: float  # CPU cores every other process kept busy on average
-    prefix_cache: PrefixCache | None = None
-
-    def of_turn(self, turn: int) -> list[Turn]:
-        return [t for t in self.turns if t.turn == turn]
-
-    def ok(self, turn: int) -> list[Turn]:
-        return [t for t in self.of_turn(turn) if t.result.error is None]
-
-    def ttft(self, turn: int, q: float) -> float:
-        """TTFT percentile over the users' successful requests of one turn."""
-        return safe_percentile([t.result.ttft for t in self.ok(turn) if t.result.ttft is not None], q)
-
-    def mean(self, turn: int, value: Callable[[Turn], float]) -> float:
-        ok = self.ok(turn)
-        return sum(value(t) for t in ok) / len(ok) if ok else math.nan
-
-    def cached_share(self, turn: int) -> float:
-        """Of one turn's prompt tokens, the share the server's usage reports as cached (NaN when it
-        reports none: transformers serve)."""
-        ok = [t for t in self.ok(turn) if t.result.cached_tokens is not None]
-        prompt = sum(t.prompt_tokens for t in ok)
-        return sum(t.result.cached_tokens or 0 for t in ok) / prompt if prompt else math.nan
-
-    def errors(self, turn: int) -> int:
-        return len(self.of_turn(turn)) - len(self.ok(turn))
+Send = Callable[[Sequence[dict[str, str]], int], AsyncIterator[Chunk]]
+"""Sends one chat (the messages so far) for a greedy reply of at most N tokens; yields its Chunks."""
 
 
 @dataclass(frozen=True)
@@ -239,18 +178,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ----- the conversations ----------------------------------------------------------------------
 
 
-async def chat_user(client: httpx.AsyncClient, endpoint: Endpoint, system: str, workload: Workload, user: int,
-                    max_tokens: int) -> list[Turn]:
-    """One user's turns in order, each sending the whole conversation so far; a failed turn ends the chat."""
+async def chat_user(send: Send, system: str, workload: Workload, user: int, max_tokens: int,
+                    start: float) -> list[Turn]:
+    """One user's turns in order, each sending the whole conversation so far; a failed turn ends
+    the chat. `start`: the perf_counter the turns' send times count from."""
     # A plain list, not client/conversation.py's Conversation: an empty reply is sent back as an
     # empty assistant message, and a Conversation cannot hold one (its "" reply means "not yet").
     chat = [{"role": "system", "content": workload.system_prompt}]
     turns: list[Turn] = []
     for turn, message in enumerate(workload.messages[user]):
         chat.append({"role": "user", "content": message})
-        result = await measure(stream_chat(client, endpoint, chat, max_tokens, ignore_eos=False))
+        sent_at = time.perf_counter() - start
+        result = await measure(send(chat, max_tokens))
         prompt_tokens = result.prompt_tokens if result.prompt_tokens is not None else workload.prompt_tokens(chat)
-        turns.append(Turn(user, turn, result, prompt_tokens))
+        turns.append(Turn(user, turn, result, prompt_tokens, sent_at))
         log.info("%s user %d turn %d: TTFT %s s, %d prompt tokens, %d reply tokens%s", system, user + 1,
                  turn + 1, fmt(result.ttft, 3), prompt_tokens, result.tokens,
                  f", failed: {result.error}" if result.error else "")
@@ -260,34 +201,45 @@ async def chat_user(client: httpx.AsyncClient, endpoint: Endpoint, system: str, 
     return turns
 
 
-async def warm_up(client: httpx.AsyncClient, endpoint: Endpoint) -> None:
+async def warm_up(send: Send) -> None:
     """One short untimed request (transformers serve sets up its batching on the first one)."""
-    result = await measure(stream_chat(client, endpoint, user_message("Say hello."), WARMUP_TOKENS, ignore_eos=False))
+    result = await measure(send(user_message("Say hello."), WARMUP_TOKENS))
     if result.error:
         raise RuntimeError(f"warm-up request failed: {result.error}")
 
 
 async def run_chats(endpoint: Endpoint, system: str, workload: Workload, args: argparse.Namespace,
                     read_stats: StatsReader | None = None) -> SystemRun:
-    """Warm up, then every user's conversation at once; prefix-cache growth when `read_stats` has it."""
-    users = len(workload.messages)
-    async with endpoint.client(users + 1, args.timeout) as client:
-        log.info("%s: warming up", system)
-        await warm_up(client, endpoint)
-        before = await read_stats() if read_stats else None
-        log.info("%s: %d users x %d turns", system, users, args.turns)
-        cpu = CpuSnapshot.take()
-        start = time.perf_counter()
-        per_user = await asyncio.gather(*(chat_user(client, endpoint, system, workload, u, args.max_tokens)
-                                          for u in range(users)))
-        wall = time.perf_counter() - start
-        own, other = CpuSnapshot.take().cores_since(cpu, wall)
-        after = await read_stats() if read_stats else None
+    """Every user's conversation with an OpenAI-compatible server (see `converse`)."""
+    async with endpoint.client(len(workload.messages) + 1, args.timeout) as client:
+        def send(chat: Sequence[dict[str, str]], max_tokens: int) -> AsyncIterator[Chunk]:
+            return stream_chat(client, endpoint, chat, max_tokens, ignore_eos=False)
+
+        return await converse(send, system, workload, args, read_stats)
+
+
+async def converse(send: Send, system: str, workload: Workload, args: argparse.Namespace,
+                   read_stats: StatsReader | None = None) -> SystemRun:
+    """Warm up, then every user's conversation at once; the growth of the engine's prefix-cache
+    and step counters when `read_stats` has them."""
+    log.info("%s: warming up", system)
+    await warm_up(send)
+    before = await read_stats() if read_stats else None
+    log.info("%s: %d users x %d turns", system, len(workload.messages), args.turns)
+    cpu = CpuSnapshot.take()
+    start = time.perf_counter()
+    per_user = await asyncio.gather(*(chat_user(send, system, workload, u, args.max_tokens, start)
+                                      for u in range(len(workload.messages))))
+    wall = time.perf_counter() - start
+    own, other = CpuSnapshot.take().cores_since(cpu, wall)
+    after = await read_stats() if read_stats else None
     turns = tuple(t for user_turns in per_user for t in user_turns)
     for turn in [t for t in turns if t.result.error][:MAX_LOGGED_ERRORS]:
         log.warning("%s user %d turn %d failed: %s", system, turn.user + 1, turn.turn + 1, turn.result.error)
     cache = PrefixCache.between(before, after) if before is not None and after is not None else None
-    return SystemRun(system, turns, wall, own, other, cache)
+    steps = EngineSteps.between(before, after) if isinstance(before, EngineStats) and \
+        isinstance(after, EngineStats) else None
+    return SystemRun(system, turns, wall, own, other, cache, steps)
 
 
 # ----- systems --------------------------------------------------------------------------------
@@ -309,6 +261,37 @@ def run_serve(values: dict[str, Any], workload: Workload, args: argparse.Namespa
         return asyncio.run(run_chats(our_endpoint(url, values), "serve", workload, args, replica_stats))
 
 
+async def engine_chat(engine: Engine, chat: Sequence[dict[str, str]], max_tokens: int) -> AsyncIterator[Chunk]:
+    """A Send to the engine in this process: a greedy chat request, a Chunk per delta with text,
+    then usage (prompt and cached tokens as our HTTP API reports them)."""
+    messages = [ChatMessage(m["role"], m["content"]) for m in chat]
+    request = engine.chat_request(messages, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    async for item in engine.submit(request):
+        if isinstance(item, RequestEnd):
+            if item.failed or item.stats is None:
+                raise RequestFailed(item.error or "the request was cancelled")
+            yield Chunk("usage", item.stats.completion_tokens, prompt_tokens=item.stats.prompt_tokens,
+                        cached_tokens=item.stats.cached_prompt_tokens)
+        elif item.text:
+            yield Chunk("content", len(item.token_ids), item.text)
+
+
+async def run_engine(values: dict[str, Any], workload: Workload, args: argparse.Namespace) -> SystemRun:
+    """The serve app's engine in this process, without Ray or HTTP: what the serving stack adds
+    to serve's figures is the difference."""
+    app = AppArgs.model_validate(values)
+    log.info("engine: loading %s in this process", app.model)
+    engine = Engine.from_config(app.engine_config(), preload=app.preloaded())
+
+    async def read_stats() -> EngineStats:
+        return engine.stats()
+
+    try:
+        return await converse(partial(engine_chat, engine), "engine", workload, args, read_stats)
+    finally:
+        await engine.close()
+
+
 def run_transformers_serve(spec: TransformersServe, workload: Workload, args: argparse.Namespace) -> SystemRun:
     """transformers serve --continuous-batching on the same checkpoint, stopped afterwards."""
     with transformers_serve(spec) as endpoint:
@@ -323,11 +306,6 @@ def load_tokenizer(values: dict[str, Any]) -> PreTrainedTokenizerBase:
 
 
 # ----- report ---------------------------------------------------------------------------------
-
-
-def ratio(numerator: float, denominator: float) -> float:
-    """numerator / denominator, NaN when either is missing or the denominator is 0."""
-    return numerator / denominator if denominator and not math.isnan(denominator) else math.nan
 
 
 def header(values: dict[str, Any], args: argparse.Namespace, workload: Workload, spec: TransformersServe) -> list[str]:
@@ -345,79 +323,9 @@ def header(values: dict[str, Any], args: argparse.Namespace, workload: Workload,
         "server's usage counts (our tokenizer's count of the chat template when absent), mean over the users",
         f"- serve: args of {args.config.name} (max_batch_size {values.get('max_batch_size')}), a private local Ray "
         "(2 CPUs), client in this process",
+        "- engine: the same engine and args in this process, called directly (no Ray, no HTTP, no stream pacing)",
         f"- transformers-serve: `{' '.join(spec.command('PORT'))}` with HF_HUB_OFFLINE=1, a subprocess",
     ]
-
-
-def system_table(run: SystemRun, turns: int, suffix: str = "") -> list[str]:
-    """One system's turns as markdown lines, and its prefix-cache use when known."""
-    lines = [
-        f"## {run.system}{suffix}",
-        "",
-        f"{len(run.turns)} requests in {run.wall:.1f} s; CPU cores busy on average: {run.own_cores:.2f} in this "
-        f"benchmark's process tree (client and server), {run.other_cores:.2f} in other processes (other work on "
-        "the machine: it skews the figures when well above 0).",
-        "",
-        "| turn | TTFT p50 s | TTFT max s | prompt tokens | cached % | reply tokens | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {t + 1} | {fmt(run.ttft(t, 50), 3)} | {fmt(run.ttft(t, 100), 3)} "
-        f"| {fmt(run.mean(t, lambda x: x.prompt_tokens), 0)} | {fmt(run.cached_share(t) * 100, 0)} "
-        f"| {fmt(run.mean(t, lambda x: x.result.tokens), 0)} | {run.errors(t)} |"
-        for t in range(turns)
-    ]
-    if run.prefix_cache is not None:
-        lines += ["", f"Prefix cache during the turns: {run.prefix_cache.describe()}."]
-    return lines
-
-
-def ratio_table(rounds: Sequence[dict[str, SystemRun]], turns: int) -> list[str]:
-    """The issue's targets: serve against transformers-serve at the last turn, serve's last turn
-    against its first; transformers-serve's own growth for reference. With several rounds, the
-    median of the rounds' ratios, then each round's."""
-    last = turns - 1
-    rows = [
-        (f"serve / transformers-serve, TTFT p50 at turn {turns}",
-         lambda runs: ratio(runs["serve"].ttft(last, 50), runs["transformers-serve"].ttft(last, 50)),
-         ("serve", "transformers-serve"), f"<= {VS_TRANSFORMERS_TARGET}"),
-        (f"serve, TTFT p50 turn {turns} / turn 1",
-         lambda runs: ratio(runs["serve"].ttft(last, 50), runs["serve"].ttft(0, 50)),
-         ("serve",), f"<= {LAST_VS_FIRST_TARGET:g}"),
-        (f"transformers-serve, TTFT p50 turn {turns} / turn 1",
-         lambda runs: ratio(runs["transformers-serve"].ttft(last, 50), runs["transformers-serve"].ttft(0, 50)),
-         ("transformers-serve",), "-"),
-    ]
-    title = "## Ratios" + (f" over {len(rounds)} rounds (median, then each round)" if len(rounds) > 1 else "")
-    lines = [title, "", "| ratio | value | target |", "|---|---:|---:|"]
-    for name, value, needs, target in rows:
-        per_round = [value(runs) if all(n in runs for n in needs) else math.nan for runs in rounds]
-        lines.append(f"| {name} | {median_cell(per_round)} | {target} |")
-    return lines
-
-
-def report(header_lines: list[str], rounds: Sequence[dict[str, SystemRun]], turns: int) -> str:
-    """The whole markdown report: every round's tables, then the ratios."""
-    lines = header_lines + [""]
-    for number, runs in enumerate(rounds, start=1):
-        for run in runs.values():
-            suffix = f" (round {number})" if len(rounds) > 1 else ""
-            lines += system_table(run, turns, suffix) + [""]
-    lines += ratio_table(rounds, turns)
-    return "\n".join(lines) + "\n"
-
-
-def plot(runs: dict[str, SystemRun], turns: int, path: Path) -> None:
-    """TTFT p50 and mean prompt tokens against the turn, one line per system."""
-    xs = list(range(1, turns + 1))
-    with figure(path) as (left, right):
-        for name, run in runs.items():
-            left.plot(xs, [run.ttft(t, 50) for t in range(turns)], marker="o", label=name)
-            right.plot(xs, [run.mean(t, lambda x: x.prompt_tokens) for t in range(turns)], marker="o", label=name)
-        for axis, title, unit in ((left, "TTFT p50", "seconds"), (right, "prompt tokens (mean)", "tokens")):
-            axis.set_xticks(xs)
-            axis.set_ylim(bottom=0)
-            label_axis(axis, title, "turn", unit)
 
 
 # ----- main -----------------------------------------------------------------------------------
@@ -434,6 +342,8 @@ def run(args: argparse.Namespace) -> str:
         for system in order:
             if system == "serve":
                 runs[system] = run_serve(values, workload, args)
+            elif system == "engine":
+                runs[system] = asyncio.run(run_engine(values, workload, args))
             else:
                 runs[system] = run_transformers_serve(spec, workload, args)
         rounds.append({system: runs[system] for system in args.systems})

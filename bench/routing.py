@@ -31,13 +31,12 @@ from ray.serve.config import RequestRouterConfig
 from bench.chat import (
     FULL_DEFAULTS,
     QUICK_DEFAULTS,
-    SystemRun,
     Workload,
     add_workload_options,
     load_tokenizer,
     run_chats,
-    system_table,
 )
+from bench.chat_results import SystemRun, system_table
 from bench.cli import (
     add_rounds_option,
     median_cell,
