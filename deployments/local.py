@@ -17,7 +17,7 @@ APP_NAME = "llm"
 # threads) at niceness 15, below its own daemons (GCS, raylet, agents) and below any client on
 # the machine at 0. Where the model computes on the CPU, every wake-up of those then preempts a
 # model thread, and its partner waits at the next OpenMP barrier. 0 runs workers like
-# everything else (see README, "Serving on CPU").
+# everything else (see README, "Scaling", the worker-priority item).
 WORKER_NICENESS = 0
 
 
