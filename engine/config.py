@@ -89,6 +89,12 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV of cached prompt prefixes (same tokens and adapter)."
     )
+    spare_core_rows: int = Field(
+        0, ge=0,
+        description="CPU, when the model's threads take every core: steps without prompt tokens and with at "
+        "most this many rows run on one torch thread fewer, leaving a core to the processes that carry the "
+        "streams (engine/step_threads.py; 0: every step on every thread).",
+    )
     max_waiting: int = Field(256, ge=1, description="Requests a replica's engine queues before answering 503.")
     max_input_tokens: int | None = Field(
         None, ge=1, description="Cap on prompt tokens; default: the model's context window."

@@ -6,6 +6,9 @@ One `step()` picks up arrivals and cancels, then makes three moves, as in nano-v
     out = self.runner.run(chunks)          # one packed forward over the KV cache (engine/runner.py)
     events += self.post.process(chunks, out)  # advance rows, key blocks, sample, retire (engine/postprocess.py)
 
+On a CPU with `spare_core_rows` set, a small decode-only step runs on one torch thread fewer
+(engine/step_threads.py), set just before its forward pass.
+
 The KV cache sizes itself (`PagedKVCache.for_engine`, engine/kv_cache.py); prefix keys are the
 block manager's (engine/blocks.py).
 
@@ -40,6 +43,7 @@ from engine.postprocess import Event, Postprocessor
 from engine.row import Row
 from engine.runner import ModelRunner
 from engine.scheduler import ScheduledChunk, Scheduler
+from engine.step_threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,7 @@ class EngineCore:
                                  attention_shape(loaded.model.config)[1]),
         )
         self.post = Postprocessor(self.scheduler, loaded.tokenizer)
+        self.threads = StepThreads.for_device(loaded.device, config.spare_core_rows)
         self._incoming: deque[Row] = deque()
         self._last_rows = 0
         self.counters = StepCounters()
@@ -135,6 +140,8 @@ class EngineCore:
         chunks = self._schedule()  # 1. schedule: which tokens of which rows
         if not chunks:
             return events
+        if self.threads is not None:
+            self.threads.apply(chunks)
         try:
             out = self.runner.run(chunks)  # 2. run: one packed forward pass
         except Exception as err:  # a failed pass fails its rows; the core goes on
