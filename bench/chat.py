@@ -237,8 +237,8 @@ async def converse(send: Send, system: str, workload: Workload, args: argparse.N
     for turn in [t for t in turns if t.result.error][:MAX_LOGGED_ERRORS]:
         log.warning("%s user %d turn %d failed: %s", system, turn.user + 1, turn.turn + 1, turn.result.error)
     cache = PrefixCache.between(before, after) if before is not None and after is not None else None
-    steps = EngineSteps.between(before, after) if isinstance(before, EngineStats) and \
-        isinstance(after, EngineStats) else None
+    engine_counted = isinstance(before, EngineStats) and isinstance(after, EngineStats)
+    steps = EngineSteps.between(before, after) if engine_counted else None
     return SystemRun(system, turns, wall, own, other, cache, steps)
 
 
