@@ -5,11 +5,12 @@ SmolLM2-135M: 340 ms on one thread, 185-205 ms on two, on the 2-core machine of 
 while a decode step of a few rows gains less (one row: 21-24 ms against 24-27). Where the
 processes that carry the streams (Serve's proxy and ingress, Ray's daemons, the client) share
 the replica's cores, a decode step also loses more than it gains: each of their wake-ups
-preempts a model thread, and its partner waits at the next barrier (served, one row took 31-55
-ms a step on two threads and 25-27 on one). So with `spare_core_rows` > 0, when the worker's
-threads take every core the process may use, a step without prompt tokens and with at most
-that many rows runs on one thread fewer, leaving a core to those processes; every other step
-(and every step where a core is already spare) runs on all the threads the worker started with.
+preempts a model thread, and its partner waits at the next barrier (served, a lone stream's
+steps took 27-55 ms on two threads and 23-36 on one; bench/README, "Small decode steps on one
+thread fewer"). So with `spare_core_rows` > 0, when the worker's threads take every core the
+process may use, a step without prompt tokens and with at most that many rows runs on one
+thread fewer, leaving a core to those processes; every other step (and every step where a
+core is already spare) runs on all the threads the worker started with.
 
 Thread: the engine core's worker thread. OpenMP's thread count belongs to the calling thread,
 so `apply` must run there (it reads the worker's count on its first call).
