@@ -49,6 +49,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from bench.chat_results import PrefixCache, SystemRun, Turn, plot, report
 from bench.chat_text import SHARED_SYSTEM_PROMPT, SYSTEM_PROMPT, shared_message
 from bench.chat_text import user_message as corpus_message
 from bench.cli import (
@@ -61,10 +62,10 @@ from bench.cli import (
     round_orders,
     setup_logging,
 )
-from bench.chat_results import PrefixCache, SystemRun, Turn, plot, report
-from bench.client import Chunk, Endpoint, RequestFailed, measure, stream_chat
+from bench.client import Chunk, Endpoint, measure, stream_chat
 from bench.cpu import CpuSnapshot
 from bench.load import EngineSteps
+from bench.serve_systems import engine_chunks
 from bench.systems import (
     SERVE_CONFIG,
     TransformersServe,
@@ -81,7 +82,6 @@ from engine.config import SamplingParams
 from engine.engine import Engine, EngineStats
 from engine.loader import resolve_checkpoint
 from engine.prompt import ChatMessage
-from engine.request import RequestEnd
 
 log = logging.getLogger("bench.chat")
 
@@ -262,18 +262,12 @@ def run_serve(values: dict[str, Any], workload: Workload, args: argparse.Namespa
 
 
 async def engine_chat(engine: Engine, chat: Sequence[dict[str, str]], max_tokens: int) -> AsyncIterator[Chunk]:
-    """A Send to the engine in this process: a greedy chat request, a Chunk per delta with text,
-    then usage (prompt and cached tokens as our HTTP API reports them)."""
+    """A Send to the engine in this process: a greedy chat request; like the HTTP stream, content
+    chunks only where a delta has text, then usage."""
     messages = [ChatMessage(m["role"], m["content"]) for m in chat]
-    request = engine.chat_request(messages, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    async for item in engine.submit(request):
-        if isinstance(item, RequestEnd):
-            if item.failed or item.stats is None:
-                raise RequestFailed(item.error or "the request was cancelled")
-            yield Chunk("usage", item.stats.completion_tokens, prompt_tokens=item.stats.prompt_tokens,
-                        cached_tokens=item.stats.cached_prompt_tokens)
-        elif item.text:
-            yield Chunk("content", len(item.token_ids), item.text)
+    async for chunk in engine_chunks(engine, messages, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
+        if chunk.kind == "usage" or chunk.text:
+            yield chunk
 
 
 async def run_engine(values: dict[str, Any], workload: Workload, args: argparse.Namespace) -> SystemRun:

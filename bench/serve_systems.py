@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -30,6 +30,7 @@ from bench.systems import (
 from client.bodies import user_message
 from deployments.contract.settings import AppArgs
 from deployments.local import llm_handle
+from engine.config import SamplingParams
 from engine.engine import Engine, EngineStats
 from engine.loader import load_model
 from engine.prompt import ChatMessage
@@ -51,16 +52,24 @@ async def measure_http(endpoint: Endpoint, system: str, args: argparse.Namespace
         return await run_levels(partial(question_stream, client, endpoint), system, args, probe)
 
 
-async def engine_stream(engine: Engine, question: str, max_tokens: int) -> AsyncIterator[Chunk]:
-    """Submit one chat request to the engine; yield a Chunk per delta with tokens, then usage."""
-    request = engine.chat_request([ChatMessage("user", question)], greedy(max_tokens))
+def engine_stream(engine: Engine, question: str, max_tokens: int) -> AsyncIterator[Chunk]:
+    """A Transport to the engine in this process: one question, exactly max_tokens tokens."""
+    return engine_chunks(engine, [ChatMessage("user", question)], greedy(max_tokens))
+
+
+async def engine_chunks(engine: Engine, messages: Sequence[ChatMessage],
+                        params: SamplingParams) -> AsyncIterator[Chunk]:
+    """Submit one chat request to the engine; yield a Chunk per delta with tokens (and its text),
+    then usage (with the prompt's and the cached tokens, as our HTTP API reports them)."""
+    request = engine.chat_request(list(messages), params)
     async for item in engine.submit(request):
         if isinstance(item, RequestEnd):
             if item.failed or item.stats is None:
                 raise RequestFailed(item.error or "the request was cancelled")
-            yield Chunk("usage", item.stats.completion_tokens)
+            yield Chunk("usage", item.stats.completion_tokens, prompt_tokens=item.stats.prompt_tokens,
+                        cached_tokens=item.stats.cached_prompt_tokens)
         elif item.token_ids:
-            yield Chunk("content", len(item.token_ids))
+            yield Chunk("content", len(item.token_ids), item.text)
 
 
 async def measure_engine(values: dict[str, Any], args: argparse.Namespace, system: str = "engine") -> list[LevelResult]:
