@@ -29,7 +29,7 @@ from typing import Literal
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
+import llguidance.numpy
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -86,7 +86,7 @@ class TokenConstraint:
             for eos in self.eos_ids:
                 words[index, eos // 32] |= np.uint32(1 << (eos % 32))
             return
-        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, index)
+        llguidance.numpy.fill_next_token_bitmask(self.matcher, bitmask.numpy(), index)
 
     @property
     def done(self) -> bool:
