@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.config import EngineConfig, SamplingParams
-from engine.constraints import Grammar
+from engine.grammar import Grammar
 from engine.engine import Engine
 from engine.prompt import ChatMessage
 

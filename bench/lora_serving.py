@@ -60,7 +60,8 @@ from bench.lora_workload import (
     prompt_window,
 )
 from engine.config import DEFAULT_MODEL
-from engine.loader import default_cache_dir, resolve_checkpoint
+from engine.config import default_cache_dir
+from engine.loader import resolve_checkpoint
 
 log = logging.getLogger("bench.lora_serving")
 

@@ -44,7 +44,7 @@ from fsspec.core import split_protocol, url_to_fs
 
 from engine.adapter_cache import CacheKey, DiskCache
 from engine.errors import AdapterNotFoundError, InvalidRequestError
-from engine.loader import default_cache_dir
+from engine.config import default_cache_dir
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi

@@ -6,15 +6,24 @@ so validation errors must be clear and early. Everything inside the engine reads
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, create_model, model_validator
 
-from engine.constraints import Grammar
+from engine.grammar import Grammar
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def default_cache_dir() -> Path:
+    """Where converted built-in models and downloaded adapters go unless the config says:
+    $LORA_SERVE_CACHE, else ~/.cache/lora-serve."""
+    return Path(os.environ.get("LORA_SERVE_CACHE", Path.home() / ".cache" / "lora-serve"))
+
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]

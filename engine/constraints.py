@@ -1,12 +1,13 @@
 """Structured output: grammars that constrain a row's next token, with llguidance.
 
-A request's `SamplingParams.grammar` (a JSON schema, or a Lark grammar for tool-call formats)
-is compiled once per distinct grammar (`GrammarCache`, LRU-bounded) against the model's
-tokenizer; each row gets its own `TokenConstraint` (an llguidance matcher: the parser state of
-what the row has produced). Every step, `mask_logits` sets the logits of tokens the grammar
-does not allow to -inf for the constrained rows only (rows without a grammar share the step
-untouched), and the sampler reports the chosen token back with `accept`. When the grammar is
-complete, only the end-of-sequence tokens are allowed, so a constrained reply ends by itself.
+A request's `SamplingParams.grammar` (engine/grammar.py: a JSON schema, or a Lark grammar for
+tool-call formats) is compiled once per distinct grammar (`GrammarCache`, LRU-bounded) against
+the model's tokenizer; each row gets its own `TokenConstraint` (an llguidance matcher: the
+parser state of what the row has produced). Every step, `mask_logits` sets the logits of tokens
+the grammar does not allow to -inf for the constrained rows only (rows without a grammar share
+the step untouched), and the sampler reports the chosen token back with `accept`. When the
+grammar is complete, only the end-of-sequence tokens are allowed, so a constrained reply ends by
+itself.
 
 Why llguidance (bench/README.md has the numbers): a mask for SmolLM2's 49k vocabulary costs
 about as much as xgrammar's (tens of microseconds) and 100x less than outlines-core's; a
@@ -21,54 +22,19 @@ row's `TokenConstraint` then belongs to the core's worker thread.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import llguidance
 import llguidance.hf
 import llguidance.numpy
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from engine.errors import InvalidRequestError
-
-GrammarKind = Literal["json_schema", "lark"]
-COMPACT_JSON = {"whitespace_flexible": False}
-"""JSON without free whitespace (`{"a":1}`): a weak model cannot pad a reply with blank lines
-until it hits max_tokens or the newline guard, cutting the JSON short."""
-
-
-class Grammar(BaseModel):
-    """What a reply must match: a JSON schema (as JSON text) or a Lark grammar (llguidance's
-    dialect, `%json {...}` embeds a schema)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: GrammarKind
-    source: str = Field(max_length=1 << 20)
-
-    @classmethod
-    def json_schema(cls, schema: dict) -> Grammar:
-        return cls(kind="json_schema", source=json.dumps(schema, sort_keys=True))
-
-
-def grammar_error(grammar: Grammar) -> str | None:
-    """Why llguidance refuses the grammar (an unsupported or invalid schema), or None."""
-    try:
-        return llguidance.LLMatcher.validate_grammar(_llguidance_grammar(grammar)) or None
-    except (ValueError, RuntimeError, TypeError) as err:
-        return str(err)
-
-
-def _llguidance_grammar(grammar: Grammar) -> str:
-    if grammar.kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(grammar.source, defaults=COMPACT_JSON)
-    return llguidance.LLMatcher.grammar_from_lark(grammar.source)
+from engine.grammar import Grammar, grammar_error, llguidance_grammar
 
 
 @dataclass
@@ -121,7 +87,7 @@ class GrammarCache:
             error = grammar_error(grammar)
             if error:
                 raise InvalidRequestError(f"the {grammar.kind.replace('_', ' ')} cannot be used: {error}")
-            compiled = _llguidance_grammar(grammar)
+            compiled = llguidance_grammar(grammar)
             self._compiled[grammar] = compiled
             if len(self._compiled) > self.size:
                 self._compiled.popitem(last=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.config import DEFAULT_MODEL, EngineConfig
+from engine.config import DEFAULT_MODEL, EngineConfig, default_cache_dir
 from engine.cpu_caches import bound_onednn_caches
 
 log = logging.getLogger(__name__)
@@ -66,10 +65,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LORA_SERVE_CACHE", Path.home() / ".cache" / "lora-serve"))
 
 
 def builtin_gguf_path(name: str) -> Path:

@@ -30,21 +30,12 @@ Thread: the engine core's worker thread.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-
-@dataclass
-class TokenLogprob:
-    """One token's logprob and the most likely tokens at its position (most likely first);
-    a prompt's first token has none (None)."""
-
-    token_id: int
-    token: str
-    logprob: float | None
-    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token id, token, logprob)
+from engine.request import TokenLogprob
 
 
 @dataclass

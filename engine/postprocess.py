@@ -28,7 +28,8 @@ from collections.abc import Iterable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from engine.logprobs import LogprobMaker, TokenLogprob
+from engine.logprobs import LogprobMaker
+from engine.request import TokenLogprob
 from engine.request import Delta, FinishReason
 from engine.row import Row
 from engine.runner import StepLogits

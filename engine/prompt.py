@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.template import TemplateEncoder
 from engine.tools import ToolCall, native_tools, tools_system_prompt
+
+if TYPE_CHECKING:  # a type only: the HTTP ingress and the chat page run without transformers
+    from transformers import PreTrainedTokenizerBase
 
 Role = Literal["system", "user", "assistant", "tool"]
 Tools = Sequence[dict[str, Any]]  # OpenAI tool definitions ({"type": "function", "function": {...}})

@@ -10,12 +10,22 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.config import SamplingParams
-from engine.logprobs import TokenLogprob
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 FAILED_FINISHES: frozenset[FinishReason] = frozenset({"error", "cancelled"})
 """A choice that finished so failed, and so did its request: the one definition, read through
 `Delta.failed` and `RequestEnd.failed`."""
+
+
+@dataclass
+class TokenLogprob:
+    """One token's logprob and the most likely tokens at its position (most likely first);
+    a prompt's first token has none (None)."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token id, token, logprob)
 
 
 def new_request_id() -> str:

@@ -29,7 +29,7 @@ from engine.config import RepetitionGuardConfig
 from engine.constraints import TokenConstraint
 from engine.detok import IncrementalDetokenizer, StopMatcher
 from engine.kv_cache import BlockTable
-from engine.logprobs import TokenLogprob
+from engine.request import TokenLogprob
 from engine.repetition import RepetitionGuard
 from engine.request import Delta, FinishReason, GenerationRequest, RequestStats
 from engine.sampling import RowSampler

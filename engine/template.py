@@ -26,9 +26,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # a type only: the HTTP ingress and the chat page run without transformers
+    from transformers import PreTrainedTokenizerBase
 
 _MARK = "\ue000{}\ue001"  # private-use characters around a message index
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from engine.config import SamplingParams
-from engine.constraints import Grammar
+from engine.grammar import Grammar
 from engine.errors import InvalidRequestError
 from engine.prompt import ChatMessage
 from engine.request import Delta

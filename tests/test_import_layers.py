@@ -10,11 +10,15 @@ replica/ sits over telemetry/, which sits over contract/ and routing/. contract/
 engine/ only; routing/ imports nothing from this project (Serve loads it in its controller and
 routers); app.py and local.py, which assemble the application, may import anything. engine/
 imports neither Ray nor the packages above it; client/ imports nothing of the server's.
+
+One check imports for real: the front ends' modules load without torch, transformers and peft.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,3 +265,21 @@ def test_an_import_up_the_layers_is_named(tmp_path):
         "deployments.flat belongs to no layer: put it in a package of ALLOWED (or in ASSEMBLY)",
         "engine/core.py:1: engine imports ray",
     ]
+
+
+FRONT_END_MODULES = ("deployments.http.ingress", "deployments.ui.page", "deployments.routing.router")
+MODEL_PACKAGES = ("torch", "transformers", "peft")
+
+
+def test_the_front_ends_load_without_the_model_packages():
+    """The ingress and chat page replicas (and the router they run) import neither torch,
+    transformers nor peft: they start in about a third of the time and memory of the LLM
+    replica, which matters when Serve starts them on a busy node. Imported for real, in a
+    fresh interpreter (this one has torch loaded)."""
+    code = ("import importlib, sys\n"
+            f"for name in {FRONT_END_MODULES!r}:\n"
+            "    importlib.import_module(name)\n"
+            f"print(sorted(p for p in {MODEL_PACKAGES!r} if p in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", f"the front ends loaded {done.stdout.strip()} (find who: python -X importtime)"

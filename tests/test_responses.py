@@ -21,7 +21,7 @@ from client.stream import event_data
 from deployments.contract.errors import ApiError
 from deployments.contract.messages import GenerateCall
 from deployments.http.api import ApiSettings, Finished, build_api
-from engine.logprobs import TokenLogprob
+from engine.request import TokenLogprob
 from engine.prompt import ChatMessage
 from engine.request import Delta
 from engine.tools import ToolCall

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.logprobs import TokenLogprob
+from engine.request import TokenLogprob
 from engine.request import Delta
 
 from deployments.http.logprob_format import chat_logprobs, completion_logprobs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.logprobs import TokenLogprob
+from engine.request import TokenLogprob
 
 from deployments.http.openai_format import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 

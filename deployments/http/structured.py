@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from engine.constraints import COMPACT_JSON, Grammar, grammar_error
+from engine.grammar import COMPACT_JSON, Grammar, grammar_error
 from engine.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
 
 from deployments.http.closed_schema import closed_schema

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from ray.serve import metrics
 
-from engine.engine import Engine, EngineStats
 from engine.request import RequestStats
 
 from deployments.telemetry.adapter_metrics import AdapterLabels, AdapterMetrics
+
+if TYPE_CHECKING:  # types only: the ingress imports this module without the engine (and torch)
+    from engine.engine import Engine, EngineStats
 
 log = logging.getLogger("ray.serve")
 
