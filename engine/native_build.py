@@ -12,6 +12,7 @@ Thread: any (torch serializes builds with a lock file).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -34,8 +35,12 @@ CFLAGS = ("-O3", "-Wno-psabi", *OPENMP)
 
 
 def versioned(name: str) -> str:
-    """`name` for this torch version (torch's cache is keyed by sources and flags, not by torch)."""
-    return f"{name}_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}"
+    """`name` for this torch version and this checkout. torch's cache keeps one build per name
+    and rebuilds it when the sources' paths or flags change, so two checkouts (or worktrees)
+    sharing one name would rebuild it in turn, a minute each; torch's version is not in its key."""
+    torch_version = re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
+    checkout = hashlib.sha256(str(CSRC).encode()).hexdigest()[:8]
+    return f"{name}_{torch_version}_{checkout}"
 
 
 def kernel_wanted(setting: str, field: str) -> bool:
