@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -77,13 +78,15 @@ async def test_demo_adapter_speaks_like_a_pirate_and_the_base_does_not():
         await engine.load_adapter("pirate", str(ROOT / "adapters" / "smollm2-pirate"))
         params = SamplingParams(temperature=0, max_tokens=40)
 
+        async def reply(question: str, adapter: str | None) -> str:
+            request = engine.chat_request([ChatMessage("user", question)], params, adapter)
+            return "".join([d.text async for d in engine.submit(request) if isinstance(d, Delta)]).lower()
+
         async def pirate_share(adapter: str | None) -> float:
-            hits = 0
-            for question in HELD_OUT:  # none of these is in data/pirate.jsonl
-                request = engine.chat_request([ChatMessage("user", question)], params, adapter)
-                text = "".join([d.text async for d in engine.submit(request) if isinstance(d, Delta)]).lower()
-                hits += any(marker in text for marker in PIRATE_MARKERS)
-            return hits / len(HELD_OUT)
+            """Share of the held-out questions (none is in data/pirate.jsonl) answered like a
+            pirate; the questions go in together, as one batch."""
+            texts = await asyncio.gather(*(reply(question, adapter) for question in HELD_OUT))
+            return sum(any(marker in text for marker in PIRATE_MARKERS) for text in texts) / len(HELD_OUT)
 
         assert await pirate_share("pirate") >= 0.75
         assert await pirate_share(None) <= 0.125
