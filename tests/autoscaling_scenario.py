@@ -4,11 +4,12 @@ It runs in its own process because a process can join only one Ray cluster, and 
 tests share a local one. The cluster has a CPU head node and two fake GPU nodes; the app is
 deployed from a Serve config (the path `serve deploy` takes) whose LLMServer section is the
 one in serve_config.yaml with the tiny model and short autoscaling delays. Two phases on the
-same cluster (starting one costs a minute here):
+same cluster (a cluster with its first replicas takes about half a minute to start here):
 
 1. Autoscaling: heavy load until the policy runs 2 replicas, then one client while it goes
    back to 1.
-2. Conversations: the config again with 2 fixed replicas; several multi-turn chats (each
+2. Conversations: the config again with the LLM deployment held at 2 replicas (a lightweight
+   update, fixed_replicas_config: one replica starts); several multi-turn chats (each
    turn re-sends the whole history and a new message), the prefix-cache counters of both
    replicas read before and after the later turns; then the replica that served the first
    conversation is killed and every conversation takes one more turn.
@@ -76,12 +77,14 @@ def scenario_config(model_dir: str, port: int, request_log: str) -> dict:
 
 
 def fixed_replicas_config(config: dict, replicas: int) -> dict:
-    """`config` with the LLM deployment at `replicas` replicas, without autoscaling (a
-    lightweight update: the running replica stays, with its prefix cache)."""
+    """`config` with the LLM deployment held at `replicas` replicas by its autoscaling bounds.
+    A lightweight update: the running replica stays, with its prefix cache, and only the
+    missing ones start. (Dropping `autoscaling_config` for `num_replicas` would not be one:
+    Serve's code version of an app includes its autoscaling policies, so every replica of both
+    deployments would restart.)"""
     config = json.loads(json.dumps(config))
     llm = next(d for d in config["applications"][0]["deployments"] if d["name"] == "LLMServer")
-    del llm["autoscaling_config"]
-    llm["num_replicas"] = replicas
+    llm["autoscaling_config"].update(min_replicas=replicas, initial_replicas=replicas, max_replicas=replicas)
     return config
 
 
