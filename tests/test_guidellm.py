@@ -5,6 +5,7 @@ every request with `stream_options.continuous_usage_stats` (vLLM's extension) an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,9 @@ import sys
 from tests.serve_fixtures import SERVED_MODEL
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+RUN_TIMEOUT_S = 100  # a 5 s benchmark; alone, with guidellm's start-up, it takes 20-45 s here
+
+log = logging.getLogger(__name__)
 
 
 def guidellm_run(url: str, tokenizer: str, report: str, seconds: int = 5) -> subprocess.CompletedProcess:
@@ -25,12 +29,24 @@ def guidellm_run(url: str, tokenizer: str, report: str, seconds: int = 5) -> sub
         "--output", f"kind=json,path={report}",
         "--disable-console-interactive",
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **OFFLINE})
+    return subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env={**os.environ, **OFFLINE})
+
+
+def guidellm_run_once_more_if_it_hangs(url: str, tokenizer: str, report: str) -> subprocess.CompletedProcess:
+    """guidellm's run, started again once if it hangs. guidellm itself sometimes stops before
+    its report (vllm-project/guidellm#431, #1152, open): in one clean-clone run here it sat
+    for five minutes after our server had answered each of its requests (the request log: all
+    200 but the two cut at the duration limit, 499) and wrote nothing. A second hang fails."""
+    try:
+        return guidellm_run(url, tokenizer, report)
+    except subprocess.TimeoutExpired as hang:
+        log.warning("guidellm hung for %d s, once more; its output: %s", RUN_TIMEOUT_S, (hang.stderr or b"")[-2000:])
+        return guidellm_run(url, tokenizer, report)
 
 
 def test_guidellm_streaming_benchmark_completes_requests_without_errors(served, tiny_model_dir, tmp_path):
     report = tmp_path / "benchmarks.json"
-    run = guidellm_run(served, str(tiny_model_dir), str(report))
+    run = guidellm_run_once_more_if_it_hangs(served, str(tiny_model_dir), str(report))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     metrics = json.loads(report.read_text())["benchmarks"][0]["metrics"]
     totals = metrics["request_totals"]
