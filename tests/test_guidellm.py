@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -29,7 +30,22 @@ def guidellm_run(url: str, tokenizer: str, report: str, seconds: int = 5) -> sub
         "--output", f"kind=json,path={report}",
         "--disable-console-interactive",
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env={**os.environ, **OFFLINE})
+    return run_as_a_group(command, {**os.environ, **OFFLINE}, RUN_TIMEOUT_S)
+
+
+def run_as_a_group(command: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess:
+    """`command` in a process group of its own; on timeout the whole group is killed (guidellm's
+    worker processes outlive a killed main process otherwise) and TimeoutExpired carries what
+    it printed."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(command, timeout_s, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def guidellm_run_once_more_if_it_hangs(url: str, tokenizer: str, report: str) -> subprocess.CompletedProcess:
@@ -40,7 +56,7 @@ def guidellm_run_once_more_if_it_hangs(url: str, tokenizer: str, report: str) ->
     try:
         return guidellm_run(url, tokenizer, report)
     except subprocess.TimeoutExpired as hang:
-        log.warning("guidellm hung for %d s, once more; its output: %s", RUN_TIMEOUT_S, (hang.stderr or b"")[-2000:])
+        log.warning("guidellm hung for %d s, once more; its output: %s", RUN_TIMEOUT_S, (hang.stderr or "")[-2000:])
         return guidellm_run(url, tokenizer, report)
 
 
