@@ -44,15 +44,15 @@ class TokenConstraint:
     matcher: llguidance.LLMatcher
     eos_ids: tuple[int, ...]
 
-    def fill(self, bitmask: torch.Tensor, index: int) -> None:
+    def fill(self, bitmask: np.ndarray, index: int) -> None:
         """Write the allowed tokens into row `index` of an int32 bitmask [rows, words]."""
         if self.matcher.is_error() or self.matcher.is_stopped():
-            words = bitmask.numpy().view(np.uint32)  # nothing more to say: only the end is allowed
+            words = bitmask.view(np.uint32)  # nothing more to say: only the end is allowed
             words[index] = 0
             for eos in self.eos_ids:
                 words[index, eos // 32] |= np.uint32(1 << (eos % 32))
             return
-        llguidance.numpy.fill_next_token_bitmask(self.matcher, bitmask.numpy(), index)
+        llguidance.numpy.fill_next_token_bitmask(self.matcher, bitmask, index)
 
     @property
     def done(self) -> bool:
@@ -101,10 +101,10 @@ def mask_logits(logits: torch.Tensor, constraints: Sequence[TokenConstraint | No
     if not rows:
         return
     vocab = logits.shape[-1]
-    bitmask = torch.zeros(len(rows), (vocab + 31) // 32, dtype=torch.int32)
+    bitmask = np.zeros((len(rows), (vocab + 31) // 32), dtype=np.int32)
     for j, i in enumerate(rows):
         constraints[i].fill(bitmask, j)
-    allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab]
+    allowed = np.unpackbits(bitmask.view(np.uint8), axis=-1, bitorder="little")[:, :vocab]
     forbidden = torch.from_numpy(allowed == 0).to(logits.device)
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
